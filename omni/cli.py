@@ -1,0 +1,104 @@
+"""The `omni` command line: synth, train, schedule, eval."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EPILOG = """examples:
+  omni synth --out runs/quickstart/synth
+  omni train stages/tiny/2_sft.yaml --out runs/sft data.manifest=runs/quickstart/synth/manifest.yaml steps=50
+  omni schedule stages/tiny/schedule.yaml --out runs/quickstart data.manifest=runs/quickstart/synth/manifest.yaml
+  omni eval runs/quickstart/final --data runs/quickstart/synth/manifest.yaml --out runs/quickstart
+"""
+
+
+def _synth(args) -> None:
+    from omni.data.synth import SynthConfig, write_corpus
+
+    cfg = SynthConfig(out_dir=args.out, train_per_task=args.train_per_task,
+                      val_per_task=args.val_per_task, seed=args.seed)
+    path = write_corpus(cfg, progress=not args.quiet)
+    print(f"manifest: {path}")
+
+
+def _train(args) -> None:
+    from omni.train.config import load_stage
+    from omni.train.trainer import train_stage
+
+    cfg = load_stage(args.config, args.overrides)
+    if cfg.init_from == "previous":
+        sys.exit(f"{args.config}: init_from: previous only works inside `omni schedule`; "
+                 "pass init_from=PATH/TO/final")
+    print(f"final model: {train_stage(cfg, args.out, progress=not args.quiet)}")
+
+
+def _schedule(args) -> None:
+    from omni.train.schedule import run_schedule
+
+    print(f"final model: {run_schedule(args.schedule, args.out, args.overrides, progress=not args.quiet)}")
+
+
+def _eval(args) -> None:
+    from omni.eval import evaluate, format_table, write_results
+
+    datasets = args.datasets.split(",") if args.datasets else None
+    results = evaluate(args.model, args.data, split=args.split, datasets=datasets, limit=args.limit,
+                       batch_size=args.batch_size, progress=not args.quiet)
+    print(format_table(results))
+    if args.out:
+        print(f"wrote {write_results(results, args.out)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omni", description="Train, evaluate and serve an omni-modal LLM (Baichuan-Omni recipe).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write the tiny synthetic multimodal corpus (shards + manifest)")
+    p.add_argument("--out", required=True, help="output folder (shards/ and manifest.yaml)")
+    p.add_argument("--train-per-task", type=int, default=2000)
+    p.add_argument("--val-per-task", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
+
+    overrides_help = "dotted key=value overrides of the stage YAML, e.g. optim.lr=1e-4 steps=100"
+    p = sub.add_parser("train", help="run one stage from its YAML config")
+    p.add_argument("config", help="stage YAML, e.g. stages/tiny/2_sft.yaml")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--out", required=True, help="stage output folder; the model lands in OUT/final")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("schedule", help="run a list of stages, each from the previous one's model")
+    p.add_argument("schedule", help="schedule YAML, e.g. stages/tiny/schedule.yaml")
+    p.add_argument("overrides", nargs="*", help=overrides_help + " (applied to every stage)")
+    p.add_argument("--out", required=True, help="run folder; one subfolder per stage, final model in OUT/final")
+    p.set_defaults(func=_schedule)
+
+    p = sub.add_parser("eval", help="held-out accuracy per modality vs chance and blanked media")
+    p.add_argument("model", help="model folder (a stage's final/)")
+    p.add_argument("--data", required=True, help="manifest YAML")
+    p.add_argument("--split", default="val")
+    p.add_argument("--datasets", help="comma-separated dataset names (default: the whole split)")
+    p.add_argument("--limit", type=int, help="at most this many samples per dataset")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", help="folder for eval.json")
+    p.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from omni.config import ConfigError
+
+    try:
+        args.func(args)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+
+if __name__ == "__main__":
+    main()

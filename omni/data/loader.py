@@ -1,0 +1,157 @@
+"""WebDataset streams -> processed examples, with bad samples skipped, counted and reported.
+
+Training reads each dataset as resampled shards (webdataset's own ResampledShards, so a stream
+never ends and nodes/workers draw independently), shuffles in a buffer and mixes datasets by
+weight. Evaluation reads a split once, in order. A sample that cannot be decoded or processed
+is skipped with its key and shard in the log; too many of them stop the run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import webdataset as wds
+from PIL import Image
+
+from encoders import load_audio
+from omni.data.manifest import DatasetEntry
+from omni.errors import SampleError
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {
+    "image": ("jpg", "jpeg", "png", "webp"),
+    "video": ("mp4", "webm"),
+    "audio": ("wav", "flac", "mp3"),
+}
+
+
+class TooManyBadSamples(RuntimeError):
+    pass
+
+
+@dataclass
+class SkipCounter:
+    """Counts good and skipped samples; raises once the skipped fraction passes `max_fraction`."""
+    max_fraction: float = 0.01
+    min_seen: int = 200              # don't judge the rate on the first few samples
+    good: int = 0
+    skipped: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def ok(self) -> None:
+        self.good += 1
+
+    def skip(self, where: str, err: Exception) -> None:
+        self.skipped += 1
+        msg = f"skipped {where}: {err}"
+        if len(self.reasons) < 20:
+            self.reasons.append(msg)
+        log.warning(msg)
+        seen = self.good + self.skipped
+        if seen >= self.min_seen and self.skipped / seen > self.max_fraction:
+            raise TooManyBadSamples(
+                f"{self.skipped} of {seen} samples skipped (> {self.max_fraction:.1%}); first reasons:\n  "
+                + "\n  ".join(self.reasons)
+            )
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset handler: a corrupt shard/member is counted and the stream goes on."""
+        self.skip("shard read", exn)
+        return True
+
+
+def _where(raw: dict) -> str:
+    return f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
+
+
+def decode_sample(raw: dict) -> tuple[dict, list[dict], dict[str, list]]:
+    """Raw tar members -> (meta json, messages, media by modality in index order)."""
+    if "json" not in raw:
+        raise SampleError(f"{_where(raw)}: missing the required 'json' member")
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SampleError(f"{_where(raw)}: field 'json' is not valid JSON ({e})") from None
+    messages = meta.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise SampleError(f"{_where(raw)}: field 'json.messages' must be a list of {{role, content}}")
+    media: dict[str, list] = {}
+    for modality, exts in EXTENSIONS.items():
+        found = []
+        for key, value in raw.items():
+            stem, _, ext = key.rpartition(".") if "." in key else ("", "", key)
+            if ext.lower() in exts:
+                index = int(stem) if stem.isdigit() else 0
+                found.append((index, key, value))
+        for _, key, value in sorted(found):
+            try:
+                if modality == "image":
+                    item = Image.open(io.BytesIO(value)).convert("RGB")
+                elif modality == "audio":
+                    item = load_audio(value)
+                else:
+                    item = value  # video bytes; frames are sampled by the processor
+            except Exception as e:  # noqa: BLE001 - any decoder failure means a bad member
+                raise SampleError(f"{_where(raw)}: field '{key}' does not decode ({e})") from None
+            media.setdefault(modality, []).append(item)
+    return meta, messages, media
+
+
+def training_stream(entries: list[DatasetEntry], weights: list[float], seed: int,
+                    shuffle_buffer: int, counter: SkipCounter) -> Iterator[dict]:
+    """Endless raw samples mixed by weight, deterministic for a given seed."""
+    pipes = []
+    for i, entry in enumerate(entries):
+        pipes.append(wds.DataPipeline(
+            wds.ResampledShards(entry.urls, seed=seed * 1000 + i, deterministic=True),
+            wds.tarfile_to_samples(handler=counter.handler),
+            wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 1000 + i)),
+        ))
+    rng = random.Random(seed)
+    iters = [iter(p) for p in pipes]
+    total = sum(weights)
+    probs = [w / total for w in weights]
+    while True:
+        k = rng.choices(range(len(iters)), probs)[0]
+        yield next(iters[k])
+
+
+def split_stream(entry: DatasetEntry, counter: SkipCounter) -> Iterator[dict]:
+    """Every sample of one dataset once, in shard order (evaluation)."""
+    return iter(wds.DataPipeline(
+        wds.SimpleShardList(entry.urls),
+        wds.tarfile_to_samples(handler=counter.handler),
+    ))
+
+
+class ExampleStream:
+    """Raw samples -> processed examples; counts raw samples consumed so a resume can skip them."""
+
+    def __init__(self, raw: Iterator[dict], process, counter: SkipCounter):
+        self.raw, self.process, self.counter = raw, process, counter
+        self.consumed = 0
+
+    def skip(self, n: int) -> None:
+        """Advance past `n` raw samples without decoding them (exact resume)."""
+        for _ in range(n):
+            next(self.raw)
+            self.consumed += 1
+
+    def take(self, k: int) -> list:
+        out = []
+        while len(out) < k:
+            raw = next(self.raw)
+            self.consumed += 1
+            try:
+                meta, messages, media = decode_sample(raw)
+                out.append(self.process(messages, media))
+            except Exception as e:  # noqa: BLE001 - counted, reported with key+shard, rate-limited
+                self.counter.skip(_where(raw), e)
+                continue
+            self.counter.ok()
+        return out

@@ -1,0 +1,95 @@
+"""Held-out accuracy per modality, next to chance and to the same model with its media blanked.
+
+The blanked control replaces every medium with an empty one of the same size (zero pixels,
+silence), so token counts are unchanged and any accuracy above chance must come from text
+priors; the gap between the two columns is what the media contribute.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from omni.data.loader import SkipCounter, decode_sample, split_stream
+from omni.data.manifest import load_manifest
+from omni.model import OmniModel
+from omni.processor import OmniProcessor, collate
+
+EVAL_FILE = "eval.json"
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().replace(" .", ".").split()).strip(" .")
+
+
+def _answer(meta: dict, messages: list[dict]) -> str:
+    if "answer" in meta:
+        return meta["answer"]
+    return messages[-1]["content"]
+
+
+@torch.no_grad()
+def accuracy(model, processor, tokenizer, samples, blank: bool, batch_size: int, max_new_tokens: int,
+             desc: str = "", progress: bool = True) -> float:
+    correct = 0
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = samples[i: i + batch_size]
+        examples = [processor(prompt, media, add_generation_prompt=True, blank=blank)
+                    for prompt, media, _ in chunk]
+        batch = collate(examples, tokenizer.pad_token_id, left_pad=True)
+        new = model.generate(batch.input_ids, batch.attention_mask, batch.media,
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        for ids, (_, _, answer) in zip(new, chunk):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            correct += _normalise(text) == _normalise(answer)
+    return correct / max(1, len(samples))
+
+
+def evaluate(model_dir: str | Path, manifest_path: str | Path, split: str = "val",
+             datasets: list[str] | None = None, limit: int | None = None, batch_size: int = 32,
+             max_new_tokens: int = 8, progress: bool = True) -> dict:
+    """Accuracy table keyed by modality ("image", "video", "audio", "image+audio", "text")."""
+    model, tokenizer = OmniModel.from_pretrained(model_dir)
+    model.eval()
+    processor = OmniProcessor(tokenizer, model)
+    entries = load_manifest(manifest_path).select(split, datasets)
+    keys = ["+".join(e.modalities) or "text" for e in entries]
+    results = {}
+    for entry, key in zip(entries, keys):
+        if keys.count(key) > 1:
+            key = entry.name
+        counter = SkipCounter(max_fraction=0.5, min_seen=10)
+        samples = []
+        for raw in split_stream(entry, counter):
+            meta, messages, media = decode_sample(raw)
+            prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+            samples.append((prompt, media, _answer(meta, messages)))
+            if limit and len(samples) >= limit:
+                break
+        answers = {_normalise(a) for _, _, a in samples}
+        row = {"task": entry.task or entry.name, "n": len(samples),
+               "chance": 1.0 / max(1, len(answers))}
+        for blank in (False, True):
+            acc = accuracy(model, processor, tokenizer, samples, blank, batch_size, max_new_tokens,
+                           desc=f"{key}{' (blanked)' if blank else ''}", progress=progress)
+            row["blanked_accuracy" if blank else "accuracy"] = acc
+        results[key] = row
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'modality':<14}{'task':<22}{'n':>6}{'accuracy':>10}{'blanked':>10}{'chance':>9}"]
+    for key, r in results.items():
+        lines.append(f"{key:<14}{r['task']:<22}{r['n']:>6}{r['accuracy']:>10.3f}"
+                     f"{r['blanked_accuracy']:>10.3f}{r['chance']:>9.3f}")
+    return "\n".join(lines)
+
+
+def write_results(results: dict, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / EVAL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    return path

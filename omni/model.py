@@ -1,0 +1,157 @@
+"""OmniModel: encoders -> projectors -> causal LLM, the Baichuan-Omni composition.
+
+Architectural choices, all set by the preset (omni/presets.py):
+- LLM: any transformers AutoModelForCausalLM (Qwen2-7B in the 7B preset, a 2-layer Qwen2 in tiny),
+  fed `inputs_embeds` so no model class is patched or subclassed.
+- Image: open_clip tower patch tokens -> 2x2 pool + 2-layer MLP projector.
+- Video: frames sampled by the processor (1 fps, capped) through the *same* image tower, then a
+  separate video projector; a video's tokens are its frames' tokens in time order.
+- Audio: whisper encoder over 30 s log-mel windows (50 frames/s) -> Conv-GMLP projector
+  (stride 4 -> 12.5 tokens/s); only the tokens covering real audio are kept.
+- Fusion: each modality's tokens are scattered into that modality's placeholder positions
+  (omni/fusion.py); counts must match exactly.
+Labels at media and prompt positions are -100 (set by the processor).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from encoders import AudioEncoder, ImageEncoder
+from omni.batch import MediaBatch
+from omni.fusion import scatter_features
+from omni.presets import MODALITIES, ModelConfig, model_config_from_dict, model_config_to_dict
+from omni.tokenizer import load_tokenizer, placeholder_ids
+from projectors import build_projector
+
+WEIGHTS = "model.safetensors"
+CONFIG = "omni_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def build_llm(cfg: ModelConfig, pretrained: bool) -> nn.Module:
+    """The causal LM: pretrained weights by name/dir, or random init from the preset's sizes."""
+    llm_cfg = cfg.llm
+    if pretrained and llm_cfg.pretrained:
+        return AutoModelForCausalLM.from_pretrained(
+            llm_cfg.pretrained, attn_implementation=llm_cfg.attn_implementation, dtype=torch.float32
+        )
+    kwargs = dict(llm_cfg.hf_config)
+    hf_cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=llm_cfg.attn_implementation)
+
+
+class OmniModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: nn.Module, token_ids: dict[str, int], pretrained: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.llm = llm
+        self.token_ids = dict(token_ids)
+        image_cfg, audio_cfg = cfg.image, cfg.audio
+        if not pretrained:  # towers stay random-init unless the preset's weights are wanted
+            image_cfg = dataclasses.replace(image_cfg, pretrained=None)
+            audio_cfg = dataclasses.replace(audio_cfg, checkpoint=None)
+        self.encoders = nn.ModuleDict({"image": ImageEncoder(image_cfg), "audio": AudioEncoder(audio_cfg)})
+        hidden = llm.config.hidden_size
+        in_dims = {"image": self.encoders["image"].out_dim, "video": self.encoders["image"].out_dim,
+                   "audio": self.encoders["audio"].out_dim}
+        self.projectors = nn.ModuleDict({
+            m: build_projector(cfg.projectors[m].kind, in_dim=in_dims[m], out_dim=hidden,
+                               **cfg.projectors[m].options)
+            for m in MODALITIES
+        })
+
+    # ---- construction and persistence -------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, tokenizer=None, pretrained: bool = True) -> tuple["OmniModel", object]:
+        """Model + tokenizer for a preset; `pretrained` loads the preset's published weights."""
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+        llm = build_llm(cfg, pretrained)
+        if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
+            llm.resize_token_embeddings(len(tokenizer))
+        return cls(cfg, llm, placeholder_ids(tokenizer), pretrained=pretrained), tokenizer
+
+    def save_pretrained(self, out_dir: str | Path, tokenizer) -> None:
+        """Write weights (safetensors), config and tokenizer into `out_dir` (callers make it atomic)."""
+        from safetensors.torch import save_model
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(out_dir / WEIGHTS))
+        meta = {"model": model_config_to_dict(self.config), "token_ids": self.token_ids,
+                "llm_config": self.llm.config.to_dict()}
+        (out_dir / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
+        tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> tuple["OmniModel", object]:
+        """Load a model written by `save_pretrained` (a stage's `final/` folder)."""
+        from safetensors.torch import load_model
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        if not (model_dir / CONFIG).is_file() or not (model_dir / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{model_dir}: not an omni model folder (needs {CONFIG} and {WEIGHTS})")
+        meta = json.loads((model_dir / CONFIG).read_text())
+        cfg = model_config_from_dict(meta["model"])
+        llm_cfg = dict(meta["llm_config"])
+        hf_cfg = AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg)
+        llm = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=cfg.llm.attn_implementation)
+        model = cls(cfg, llm, meta["token_ids"], pretrained=False)
+        load_model(model, str(model_dir / WEIGHTS))
+        tokenizer = AutoTokenizer.from_pretrained(model_dir / TOKENIZER_DIR)
+        return model, tokenizer
+
+    # ---- token arithmetic shared with the processor ---------------------------------
+    def image_tokens(self) -> int:
+        return self.projectors["image"].num_tokens(self.encoders["image"].num_patches)
+
+    def video_tokens(self, frames: int) -> int:
+        return frames * self.projectors["video"].num_tokens(self.encoders["image"].num_patches)
+
+    def audio_window_tokens(self, valid_frames: int) -> int:
+        return self.projectors["audio"].num_tokens(valid_frames)
+
+    # ---- forward ------------------------------------------------------------------------
+    def encode(self, modality: str, media: MediaBatch) -> torch.Tensor:
+        """Projected tokens of every medium of `modality` in the batch, flattened to [n, D]."""
+        if modality == "image":
+            feats = self.projectors["image"](self.encoders["image"](media.image))
+            return feats.reshape(-1, feats.shape[-1])
+        if modality == "video":
+            feats = self.projectors["video"](self.encoders["image"](media.video))
+            return feats.reshape(-1, feats.shape[-1])
+        if modality == "audio":
+            feats = self.projectors["audio"](self.encoders["audio"](media.audio))
+            keep = [feats[w, : self.audio_window_tokens(v)] for w, v in enumerate(media.audio_valid)]
+            return torch.cat(keep)
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+
+    def embed(self, input_ids: torch.Tensor, media: MediaBatch | None) -> torch.Tensor:
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        media = media or MediaBatch()
+        for modality in MODALITIES:
+            tensor = getattr(media, modality)
+            if tensor is None:
+                features = embeds.new_zeros(0, embeds.shape[-1])
+            else:
+                features = self.encode(modality, media)
+            embeds = scatter_features(embeds, input_ids, self.token_ids[modality], features, modality)
+        return embeds
+
+    def forward(self, input_ids, attention_mask=None, labels=None, media: MediaBatch | None = None,
+                position_ids=None):
+        embeds = self.embed(input_ids, media)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                        position_ids=position_ids)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, media: MediaBatch | None = None, **kwargs):
+        """Greedy/sampled continuation; returns only the new token ids (left-padded prompts)."""
+        embeds = self.embed(input_ids, media)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)

@@ -1,0 +1,114 @@
+"""Model presets: the 7B model and its tiny twin come from one builder and differ by numbers only.
+
+Both use the same classes (open_clip vision tower, whisper audio encoder, 2x2-pool MLP and
+Conv-GMLP projectors, a Qwen2-style causal LM), the same special tokens and chat template,
+and the same patch-to-token arithmetic.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from encoders import AudioTowerConfig, ImageTowerConfig, VideoSamplingConfig
+from omni.config import ConfigError, apply_overrides, from_dict, to_dict
+from omni.tokenizer import TINY_TOKENIZER
+
+MODALITIES = ("image", "video", "audio")
+
+
+@dataclass
+class LLMConfig:
+    hf_config: dict[str, Any]           # transformers config kwargs incl. model_type (random init / meta)
+    pretrained: str | None = None       # HF name or dir: weights (and config) via from_pretrained
+    attn_implementation: str = "sdpa"   # "flash_attention_2" on GPU when installed
+
+
+@dataclass
+class ProjectorConfig:
+    kind: str                           # a name in projectors.build_projector: "mlp", "conv_gmlp"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    llm: LLMConfig
+    image: ImageTowerConfig
+    audio: AudioTowerConfig
+    video: VideoSamplingConfig
+    projectors: dict[str, ProjectorConfig]  # one per modality in MODALITIES
+    tokenizer: str                      # "synth-wordlevel" (offline tiny) or an HF name/dir
+
+    def __post_init__(self):
+        missing = [m for m in MODALITIES if m not in self.projectors]
+        if missing:
+            raise ConfigError(f"projectors: missing entries for {missing}")
+
+
+_QWEN2_7B = dict(  # Qwen2-7B's published config
+    model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+    max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+_SIZES: dict[str, dict[str, Any]] = {
+    "7b": dict(
+        llm=dict(hf_config=_QWEN2_7B, pretrained="Qwen/Qwen2-7B"),
+        image=dict(open_clip_model="ViT-SO400M-14-SigLIP-384", pretrained="webli"),
+        audio=dict(n_mels=128, n_ctx=1500, n_state=1280, n_head=20, n_layer=32, checkpoint="large-v3"),
+        video=dict(fps=1.0, max_frames=48),
+        conv_stride=4,
+        tokenizer="Qwen/Qwen2-7B",
+    ),
+    "tiny": dict(
+        llm=dict(hf_config=dict(
+            model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=512,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+        )),
+        image=dict(vision_cfg=dict(image_size=32, patch_size=4, width=128, layers=2, head_width=32)),
+        audio=dict(n_mels=80, n_ctx=50, n_state=128, n_head=4, n_layer=2),
+        video=dict(fps=1.0, max_frames=4),
+        conv_stride=4,
+        tokenizer=TINY_TOKENIZER,
+    ),
+}
+
+PRESETS = tuple(_SIZES)
+
+
+def _preset_dict(name: str) -> dict:
+    if name not in _SIZES:
+        raise ConfigError(f"preset {name!r} is unknown; choose one of {list(_SIZES)}")
+    s = copy.deepcopy(_SIZES[name])
+    stride = s.pop("conv_stride")
+    return dict(
+        name=name,
+        llm=s["llm"],
+        image=s["image"],
+        audio=s["audio"],
+        video=s["video"],
+        projectors={
+            "image": {"kind": "mlp", "options": {"pool": True}},
+            "video": {"kind": "mlp", "options": {"pool": True}},
+            "audio": {"kind": "conv_gmlp", "options": {"stride": stride}},
+        },
+        tokenizer=s["tokenizer"],
+    )
+
+
+def build_preset(name: str, overrides: list[str] = ()) -> ModelConfig:
+    """The named preset with dotted `key=value` overrides (e.g. llm.hf_config.num_hidden_layers=1)."""
+    data = apply_overrides(_preset_dict(name), list(overrides), where=f"preset {name} overrides")
+    return from_dict(ModelConfig, data, where=f"preset {name}")
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    return from_dict(ModelConfig, data, where="omni_config.json")
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    return to_dict(cfg)

@@ -1,0 +1,120 @@
+"""Stage and schedule configs: a stage is data (YAML), not code.
+
+Stages differ only by these fields: what trains (globs), on which data mixture, for how
+long, with which optimiser settings. `stages/7b/*.yaml` and `stages/tiny/*.yaml` are twins
+with the same keys; `tests/unit/test_configs.py` loads every one of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from omni.config import ConfigError, load_config
+
+ENGINES = ("ddp",)  # single process here; multi-process engines plug in by name
+
+
+@dataclass
+class DataConfig:
+    manifest: str                       # data_manifests-style YAML (urls relative to it)
+    datasets: dict[str, float] = field(default_factory=dict)  # name -> weight; empty: whole split
+    split: str = "train"
+    shuffle_buffer: int = 500
+    max_bad_fraction: float = 0.01      # skipped-sample rate above which training stops
+
+    def __post_init__(self):
+        if any(w <= 0 for w in self.datasets.values()):
+            raise ConfigError(f"data.datasets: weights must be > 0, got {self.datasets}")
+        if not 0 <= self.max_bad_fraction < 1:
+            raise ConfigError("data.max_bad_fraction must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    lr_groups: dict[str, float] = field(default_factory=dict)  # param-name glob -> lr; first match wins
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0              # 0 disables clipping
+
+    def __post_init__(self):
+        if self.lr <= 0 or any(v <= 0 for v in self.lr_groups.values()):
+            raise ConfigError("optim: learning rates must be > 0")
+        if len(self.betas) != 2:
+            raise ConfigError("optim.betas: expected two numbers")
+
+
+@dataclass
+class BatchConfig:
+    micro_batch: int = 8                # samples per forward/backward
+    grad_accum: int = 1                 # micro-batches per optimizer step
+
+    def __post_init__(self):
+        if self.micro_batch < 1 or self.grad_accum < 1:
+            raise ConfigError("batch.micro_batch and batch.grad_accum must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0                   # steps between resumable checkpoints; 0: only the final model
+    keep: int = 2                       # newest resumable checkpoints kept
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10                  # steps between console/JSONL metric lines
+
+
+@dataclass
+class StageConfig:
+    name: str
+    preset: str                         # model preset: "tiny" or "7b" (omni.presets)
+    trainable: list[str]                # globs over parameter names, e.g. "projectors.image.*"
+    data: DataConfig
+    steps: int
+    init_from: str | None = None        # "previous" (schedule fills it), a model dir, or None: preset init
+    model_overrides: list[str] = field(default_factory=list)  # dotted key=value on the preset
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    engine: str = "ddp"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.trainable:
+            raise ConfigError("trainable: list at least one parameter glob (e.g. 'projectors.*')")
+        if self.steps < 1:
+            raise ConfigError("steps must be >= 1")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: {self.engine!r} is not available; choose one of {list(ENGINES)}")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str
+    stages: list[str]                   # stage YAML paths, relative to the schedule file, in order
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ConfigError("stages: list at least one stage file")
+
+
+def load_stage(path: str | Path, overrides: list[str] = ()) -> StageConfig:
+    return load_config(StageConfig, path, overrides)
+
+
+def load_schedule(path: str | Path) -> tuple[ScheduleConfig, list[Path]]:
+    """The schedule and its stage files resolved against the schedule's folder."""
+    path = Path(path)
+    sched = load_config(ScheduleConfig, path)
+    files = [(path.parent / s) for s in sched.stages]
+    for f in files:
+        if not f.is_file():
+            raise ConfigError(f"{path}: stage file {f} does not exist")
+    return sched, files

@@ -1,0 +1,63 @@
+"""What trains, at which learning rate, on which schedule.
+
+Trainable parameters are chosen by globs over parameter names (a stage's `trainable` list);
+everything else is frozen (requires_grad=False) and never handed to the optimizer.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import torch
+from torch import nn
+
+from omni.config import ConfigError
+from omni.train.config import OptimConfig
+
+
+def set_trainable(model: nn.Module, globs: list[str]) -> list[str]:
+    """Freeze all parameters, then unfreeze those matching any glob; returns trainable names."""
+    names = [n for n, _ in model.named_parameters()]
+    unused = [g for g in globs if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+    if unused:
+        prefixes = sorted({".".join(n.split(".")[:2]) for n in names})
+        raise ConfigError(f"trainable: glob(s) {unused} match no parameter; parameter prefixes: {prefixes}")
+    chosen = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(fnmatch.fnmatchcase(name, g) for g in globs))
+        if p.requires_grad:
+            chosen.append(name)
+    return chosen
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with one group per (lr, decay) pair; lr from the first matching `lr_groups` glob."""
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = next((v for g, v in cfg.lr_groups.items() if fnmatch.fnmatchcase(name, g)), cfg.lr)
+        decay = p.ndim >= 2  # no weight decay on biases and norm scales
+        groups.setdefault((lr, decay), []).append(p)
+    if not groups:
+        raise ConfigError("no trainable parameters: check the stage's `trainable` globs")
+    param_groups = [
+        {"params": ps, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (lr, decay), ps in groups.items()
+    ]
+    return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas))
+
+
+def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
+    """Linear warmup to 1, then cosine to `min_lr_ratio` (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))

@@ -1,0 +1,125 @@
+"""The one training loop every stage uses: config in, `final/` model folder out.
+
+Single process on CPU or one GPU. Per step: `grad_accum` micro-batches, gradient clipping,
+AdamW with per-group learning rates, warmup + cosine. Console progress bar plus a JSONL metrics
+file; resumable checkpoints every `checkpoint.interval` steps; the final model is written
+atomically to `<out>/final/`, the folder the next stage's `init_from` points at.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from omni.config import ConfigError, to_dict
+from omni.data.loader import ExampleStream, SkipCounter, training_stream
+from omni.data.manifest import load_manifest
+from omni.model import OmniModel
+from omni.presets import build_preset
+from omni.processor import OmniProcessor, collate
+from omni.train.checkpoint import latest_resumable, load_resumable, save_model_dir, save_resumable
+from omni.train.config import StageConfig
+from omni.train.optim import build_optimizer, build_scheduler, set_trainable
+
+log = logging.getLogger(__name__)
+FINAL = "final"
+METRICS = "metrics.jsonl"
+
+
+def init_model(cfg: StageConfig):
+    """The stage's starting point: a previous stage's output, or the preset (pretrained parts)."""
+    if cfg.init_from:
+        if cfg.model_overrides:
+            raise ConfigError("model_overrides apply to a fresh preset only; drop them or init_from")
+        return OmniModel.from_pretrained(cfg.init_from)
+    return OmniModel.from_config(build_preset(cfg.preset, cfg.model_overrides))
+
+
+def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True) -> Path:
+    """Run one stage into `out_dir`; resumes from its newest checkpoint if there is one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("this build trains in a single process; launch without torchrun or with --nproc-per-node 1")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "stage.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    model, tokenizer = init_model(cfg)
+    trainable = set_trainable(model, cfg.trainable)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    processor = OmniProcessor(tokenizer, model)
+
+    manifest = load_manifest(cfg.data.manifest)
+    entries = manifest.select(cfg.data.split, list(cfg.data.datasets) or None)
+    weights = [cfg.data.datasets.get(e.name, e.weight) for e in entries]
+    counter = SkipCounter(max_fraction=cfg.data.max_bad_fraction)
+    stream = ExampleStream(
+        training_stream(entries, weights, cfg.seed, cfg.data.shuffle_buffer, counter), processor, counter
+    )
+
+    step = 0
+    ckpt_root = out_dir / "checkpoints"
+    resume = latest_resumable(ckpt_root)
+    if resume is not None:
+        step, consumed = load_resumable(resume, model, optimizer, scheduler)
+        stream.skip(consumed)
+        log.info("resumed %s from %s at step %d", cfg.name, resume, step)
+
+    log.info("stage %s: %d/%d parameters trainable (%s ...), %d steps of %dx%d samples",
+             cfg.name, n_train, n_all, ", ".join(trainable[:3]), cfg.steps, cfg.batch.micro_batch,
+             cfg.batch.grad_accum)
+    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) \
+        if cfg.precision == "bf16" else nullcontext()
+    pad_id = tokenizer.pad_token_id
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
+    t0, window_loss, window_n = time.time(), 0.0, 0
+    with open(out_dir / METRICS, "a") as metrics:
+        while step < cfg.steps:
+            total = 0.0
+            for _ in range(cfg.batch.grad_accum):
+                batch = collate(stream.take(cfg.batch.micro_batch), pad_id)
+                with autocast:
+                    out = model(batch.input_ids, batch.attention_mask, batch.labels, batch.media)
+                (out.loss / cfg.batch.grad_accum).backward()
+                total += out.loss.item() / cfg.batch.grad_accum
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_loss, window_n = window_loss + total, window_n + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3f}")
+            if step % cfg.log.interval == 0 or step == cfg.steps:
+                row = {"stage": cfg.name, "step": step, "loss": window_loss / window_n,
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "samples": stream.consumed, "skipped": counter.skipped,
+                       "elapsed_s": round(time.time() - t0, 2)}
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                window_loss, window_n = 0.0, 0
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.steps:
+                save_resumable(model, tokenizer, optimizer, scheduler, step, stream.consumed,
+                               ckpt_root, cfg.checkpoint.keep)
+    bar.close()
+    if counter.skipped:
+        log.warning("stage %s skipped %d bad samples of %d", cfg.name, counter.skipped,
+                    counter.skipped + counter.good)
+    final = save_model_dir(model, tokenizer, out_dir / FINAL)
+    log.info("stage %s done in %.1f s -> %s", cfg.name, time.time() - t0, final)
+    return final

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny models and a tiny synthetic corpus, built once per session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from omni.model import OmniModel
+    from omni.presets import build_preset
+
+    torch.manual_seed(0)
+    return OmniModel.from_config(build_preset("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A small synthetic corpus (shards + manifest) shared by the data/training tests."""
+    from omni.data.synth import SynthConfig, write_corpus
+
+    out = tmp_path_factory.mktemp("synth")
+    return write_corpus(SynthConfig(out_dir=str(out), train_per_task=48, val_per_task=12,
+                                    samples_per_shard=24), progress=False)
