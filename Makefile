@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 OUT    ?= runs/quickstart
+# the question-answering val sets, one per modality (captions are alignment data)
+EVAL_SETS = image_colour,video_colour_change,audio_note,image_audio_side,text_arith
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.omni-installed
 
@@ -19,7 +21,7 @@ $(STAMP): requirements.lock pyproject.toml
 quickstart: setup
 	$(BIN)/omni synth --out $(OUT)/synth
 	$(BIN)/omni schedule stages/tiny/schedule.yaml --out $(OUT) data.manifest=$(OUT)/synth/manifest.yaml
-	$(BIN)/omni eval $(OUT)/final --data $(OUT)/synth/manifest.yaml --out $(OUT)
+	$(BIN)/omni eval $(OUT)/final --data $(OUT)/synth/manifest.yaml --out $(OUT) --datasets $(EVAL_SETS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -25,7 +25,13 @@ SAMPLE_RATE = whisper.audio.SAMPLE_RATE  # 16000
 HOP = whisper.audio.HOP_LENGTH  # 160 samples = 10 ms per mel frame
 
 # our config field -> whisper ModelDimensions field
-_DIMS = {"n_mels": "n_mels", "n_ctx": "n_audio_ctx", "n_state": "n_audio_state", "n_head": "n_audio_head", "n_layer": "n_audio_layer"}
+_DIMS = {
+    "n_mels": "n_mels",
+    "n_ctx": "n_audio_ctx",
+    "n_state": "n_audio_state",
+    "n_head": "n_audio_head",
+    "n_layer": "n_audio_layer",
+}
 
 
 @dataclass
@@ -45,11 +51,15 @@ class AudioTowerConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"AudioTowerConfig: {name} must be a positive int, got {value!r}")
         if self.n_mels not in (80, 128):
-            raise ValueError(f"AudioTowerConfig: n_mels must be 80 or 128 (whisper ships only those mel filters), got {self.n_mels}")
+            raise ValueError(
+                f"AudioTowerConfig: n_mels must be 80 or 128 (whisper ships only those mel filters), got {self.n_mels}"
+            )
         if self.n_state % self.n_head:
             raise ValueError(f"AudioTowerConfig: n_state {self.n_state} must be divisible by n_head {self.n_head}")
         if self.checkpoint is not None and not isinstance(self.checkpoint, str):
-            raise ValueError(f"AudioTowerConfig: checkpoint must be a path or whisper model name, got {self.checkpoint!r}")
+            raise ValueError(
+                f"AudioTowerConfig: checkpoint must be a path or whisper model name, got {self.checkpoint!r}"
+            )
 
 
 def _resolve_checkpoint(checkpoint: str) -> str:
@@ -69,7 +79,9 @@ def _load_encoder_state(cfg: AudioTowerConfig) -> dict[str, torch.Tensor]:
     path = _resolve_checkpoint(cfg.checkpoint)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
-        raise ValueError(f"whisper checkpoint {path}: expected a dict with 'dims' and 'model_state_dict' (openai-whisper format)")
+        raise ValueError(
+            f"whisper checkpoint {path}: expected a dict with 'dims' and 'model_state_dict' (openai-whisper format)"
+        )
     ours = asdict(cfg)
     wrong = {k: (ours[k], ckpt["dims"].get(w)) for k, w in _DIMS.items() if ckpt["dims"].get(w) != ours[k]}
     if wrong:
@@ -89,6 +101,11 @@ class AudioEncoder(nn.Module):
         self.cfg = cfg
         self.encoder = whisper.model.AudioEncoder(cfg.n_mels, cfg.n_ctx, cfg.n_state, cfg.n_head, cfg.n_layer)
         if cfg.checkpoint is not None:
+            if torch.get_default_device().type == "meta":
+                raise ValueError(
+                    f"AudioEncoder: cannot load checkpoint {cfg.checkpoint!r} on the meta device; build on a real "
+                    "device (or build with checkpoint=None on meta and load weights after materialising)"
+                )
             self.encoder.load_state_dict(_load_encoder_state(cfg), strict=True)
         self.out_dim = cfg.n_state
         self.window_samples = cfg.n_ctx * 2 * HOP  # 480000 = 30 s for large-v3

@@ -45,8 +45,8 @@ class ImageTowerConfig:
         if (self.open_clip_model is None) == (self.vision_cfg is None):
             raise ValueError(
                 "ImageTowerConfig: set exactly one of open_clip_model (a name from open_clip.list_models()) "
-                f"or vision_cfg (a dict of open_clip CLIPVisionCfg fields); got open_clip_model={self.open_clip_model!r}, "
-                f"vision_cfg={self.vision_cfg!r}"
+                "or vision_cfg (a dict of open_clip CLIPVisionCfg fields); "
+                f"got open_clip_model={self.open_clip_model!r}, vision_cfg={self.vision_cfg!r}"
             )
         if self.open_clip_model is not None and self.open_clip_model not in open_clip.list_models():
             raise ValueError(
@@ -68,18 +68,14 @@ class ImageTowerConfig:
                 )
 
 
-def _default_device() -> torch.device:
-    """The ambient device, so ``with torch.device("meta"):`` builds without allocating."""
-    return torch.get_default_device()
-
-
 def _registered_preprocess(name: str) -> dict:
     """Preprocessing shared by all of ``name``'s registered pretrained tags ({} if they disagree).
 
     open_clip only applies a tag's mean/std/resize mode when weights come from that tag; a
     random-init or local-file SigLIP would silently get OpenAI's CLIP normalisation instead.
     """
-    cfgs = [{k: get_pretrained_cfg(name, tag).get(k) for k in _PREPROCESS_FIELDS} for tag in list_pretrained_tags_by_model(name)]
+    tags = list_pretrained_tags_by_model(name)
+    cfgs = [{k: get_pretrained_cfg(name, tag).get(k) for k in _PREPROCESS_FIELDS} for tag in tags]
     if not cfgs or any(c != cfgs[0] for c in cfgs):
         return {}
     return {k: v for k, v in cfgs[0].items() if v is not None}
@@ -87,9 +83,9 @@ def _registered_preprocess(name: str) -> dict:
 
 def _build_visual(cfg: ImageTowerConfig) -> tuple[nn.Module, dict]:
     """Returns the open_clip visual module and its preprocess cfg dict (PreprocessCfg fields)."""
-    device = _default_device()
+    device = torch.get_default_device()  # honours `with torch.device("meta"):`
     if cfg.vision_cfg is not None:
-        vision_cfg = {**cfg.vision_cfg, "output_tokens": True}
+        vision_cfg = {**cfg.vision_cfg, "output_tokens": True, "timm_model_pretrained": False}
         width = vision_cfg.get("width", CLIPVisionCfg.width)
         visual = _build_vision_tower(embed_dim=width, vision_cfg=vision_cfg)
         return visual, merge_preprocess_dict(PreprocessCfg(), {})
@@ -103,6 +99,11 @@ def _build_visual(cfg: ImageTowerConfig) -> tuple[nn.Module, dict]:
         visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, model_cfg.get("quick_gelu", False))
         return visual, merge_preprocess_dict(PreprocessCfg(), overlay)
 
+    if device.type == "meta":
+        raise ValueError(
+            f"ImageEncoder: cannot load pretrained={cfg.pretrained!r} on the meta device; build on a real device "
+            "(or build with pretrained=None on meta and load weights after materialising)"
+        )
     # Weights: open_clip's factory resolves the tag/file and loads the full CLIP state dict; keep .visual.
     model = open_clip.create_model(
         name,
@@ -135,9 +136,11 @@ class ImageEncoder(nn.Module):
         if isinstance(visual, TimmModel):
             trunk = visual.trunk
             if not (hasattr(trunk, "num_prefix_tokens") and hasattr(trunk, "patch_embed")):
-                raise ValueError(f"ImageEncoder: {source}'s timm trunk {type(trunk).__name__} is not a ViT with patch tokens")
+                raise ValueError(
+                    f"ImageEncoder: {source}'s timm trunk {type(trunk).__name__} is not a ViT with patch tokens"
+                )
             if getattr(trunk, "patch_drop", None) is not None and not isinstance(trunk.patch_drop, nn.Identity):
-                raise ValueError(f"ImageEncoder: {source} uses patch dropout, which changes the token count; disable it")
+                raise ValueError(f"ImageEncoder: {source} uses patch dropout, which changes the token count")
             trunk.reset_classifier(0, global_pool="")  # removes the MAP/attention head and classifier
             visual.head = nn.Sequential()  # open_clip's projection head, unused for patch tokens
             if tuple(trunk.patch_embed.img_size) != tuple(visual.image_size):
@@ -155,7 +158,7 @@ class ImageEncoder(nn.Module):
                     "final_ln_after_pool=False so its tokens are the normalised patch tokens"
                 )
             if not isinstance(visual.patch_dropout, nn.Identity):
-                raise ValueError(f"ImageEncoder: {source} uses patch_dropout, which changes the token count; set it to 0")
+                raise ValueError(f"ImageEncoder: {source} uses patch_dropout, which changes the token count")
             visual.output_tokens = True
             visual.proj = None  # contrastive projection, unused for patch tokens
             self._num_prefix_tokens = 0  # open_clip strips the class token itself
@@ -182,7 +185,8 @@ class ImageEncoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         expected = (3, self.image_size, self.image_size)
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
-            raise ValueError(f"ImageEncoder: expected pixels [N, {', '.join(map(str, expected))}], got {tuple(pixels.shape)}")
+            shape = ", ".join(map(str, expected))
+            raise ValueError(f"ImageEncoder: expected pixels [N, {shape}], got {tuple(pixels.shape)}")
         pixels = pixels.to(next(self.parameters()).dtype)
         if isinstance(self.visual, TimmModel):
             tokens = self.visual.trunk.forward_features(pixels)[:, self._num_prefix_tokens :]

@@ -17,6 +17,10 @@ from PIL import Image
 
 _EPS = 1e-6  # absorbs float error so t_k landing exactly on a frame boundary picks that frame
 
+# decord 0.6 seems to infer channels from FFmpeg's padded row size: some narrow widths (8, 16, 24,
+# 48, 72 px seen) decode as 4-12 "channels" and get_batch fails (github.com/dmlc/decord/issues/336).
+_DECORD_HINT = " (decord mis-decodes some narrow frame widths, e.g. 16/24/48/72 px: dmlc/decord#336)"
+
 
 @dataclass
 class VideoSamplingConfig:
@@ -44,7 +48,8 @@ def sample_frame_indices(num_frames: int, native_fps: float, fps: float, max_fra
         raise ValueError(f"sample_frame_indices: num_frames must be >= 1, got {num_frames}")
     if not native_fps > 0 or not fps > 0 or max_frames < 1:
         raise ValueError(
-            f"sample_frame_indices: need native_fps > 0, fps > 0, max_frames >= 1; got {native_fps}, {fps}, {max_frames}"
+            "sample_frame_indices: need native_fps > 0, fps > 0, max_frames >= 1; "
+            f"got {native_fps}, {fps}, {max_frames}"
         )
     duration = num_frames / native_fps
     count = max(1, math.ceil(duration * fps - _EPS))  # number of k with k / fps < duration
@@ -66,10 +71,14 @@ def read_video_frames(source: bytes | str | os.PathLike, cfg: VideoSamplingConfi
     name = _describe(source)
     try:
         uri = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else os.fspath(source)
-        reader = decord.VideoReader(uri, ctx=decord.cpu(0), num_threads=1)
+        reader = decord.VideoReader(uri, ctx=decord.cpu(0), num_threads=1)  # parallelism comes from loader workers
         num_frames, native_fps = len(reader), float(reader.get_avg_fps())
         indices = sample_frame_indices(num_frames, native_fps, cfg.fps, cfg.max_frames)
         batch = reader.get_batch(indices).asnumpy()
     except (decord.DECORDError, RuntimeError, AssertionError, ValueError, OSError) as e:
-        raise ValueError(f"read_video_frames: cannot read video {name}: {e}") from e
+        hint = _DECORD_HINT if "DECORDArrayCopyFromTo" in str(e) else ""
+        raise ValueError(f"read_video_frames: cannot read video {name}: {e}{hint}") from e
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+        shape = tuple(batch.shape)
+        raise ValueError(f"read_video_frames: decord returned frames of shape {shape} for {name}" + _DECORD_HINT)
     return [Image.fromarray(frame) for frame in batch]

@@ -71,7 +71,8 @@ def test_mlp_without_pool_is_llava_projector():
     for t in (1, 7, 729):
         assert proj.num_tokens(t) == t
     x = torch.randn(2, 7, 6)
-    expected = F.linear(F.gelu(F.linear(x, proj.linear_1.weight, proj.linear_1.bias)), proj.linear_2.weight, proj.linear_2.bias)
+    hidden = F.gelu(F.linear(x, proj.linear_1.weight, proj.linear_1.bias))
+    expected = F.linear(hidden, proj.linear_2.weight, proj.linear_2.bias)
     torch.testing.assert_close(proj(x), expected)
 
 
