@@ -1,0 +1,53 @@
+"""The 7B preset is the published model: instantiate it on the meta device and count parameters."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omni.model import OmniModel, build_llm
+from omni.presets import build_preset
+
+# Published sizes of the parts (parameters):
+# Qwen2-7B: 7.62B (model card). SigLIP So400m/14 vision tower: 428M ("Getting ViT in Shape",
+# SoViT-400m/14), of which 15.2M is the attention-pooling (MAP) head that patch-token features
+# never use, so the tower we keep is 413M. Whisper large-v3 encoder: 635M, the encoder half of
+# the 1.55B model.
+PUBLISHED = {"llm": 7.62e9, "image_tower": 428e6 - 15.2e6, "audio_tower": 635e6}
+
+
+@pytest.fixture(scope="module")
+def model_7b():
+    cfg = build_preset("7b")
+    with torch.device("meta"):
+        llm = build_llm(cfg, pretrained=False)
+        return OmniModel(cfg, llm, token_ids={"image": 1, "video": 2, "audio": 3}, pretrained=False)
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_7b_parts_match_published_sizes(model_7b):
+    counts = {"llm": _count(model_7b.llm), "image_tower": _count(model_7b.encoders["image"]),
+              "audio_tower": _count(model_7b.encoders["audio"])}
+    for part, published in PUBLISHED.items():
+        assert abs(counts[part] - published) / published < 0.02, (part, counts[part], published)
+    assert all(p.device.type == "meta" for p in model_7b.parameters())
+
+
+def test_7b_token_arithmetic_matches_the_paper(model_7b):
+    image = model_7b.encoders["image"]
+    assert (image.image_size, image.grid_size, image.num_patches) == (384, 27, 729)
+    assert model_7b.image_tokens() == 182                      # 729 patches pooled 2x2
+    audio = model_7b.encoders["audio"]
+    assert audio.valid_frames(audio.window_samples) == 1500   # 30 s window at 50 frames/s
+    assert model_7b.audio_window_tokens(1500) / 30 == 12.5    # stride-4 Conv-GMLP: 12.5 tokens/s
+    assert model_7b.video_tokens(48) == 48 * 182
+    assert model_7b.config.video.fps == 1.0 and model_7b.config.video.max_frames == 48
+
+
+def test_tiny_and_7b_share_llm_and_projector_classes(model_7b, tiny_model):
+    tiny, _ = tiny_model
+    assert type(model_7b.llm) is type(tiny.llm)
+    for m in ("image", "video", "audio"):
+        assert type(model_7b.projectors[m]) is type(tiny.projectors[m])
