@@ -11,6 +11,15 @@ What ``forward`` returns, [N, grid_size**2, out_dim], row-major over the patch g
   * timm trunks (named models such as "ViT-SO400M-14-SigLIP-384"):
     ``trunk.forward_features(x)`` (which ends with the trunk's final norm for SigLIP) with the
     trunk's prefix tokens (class/register tokens, none for SigLIP) removed.
+  * ``feature_layer=k`` (an int; default None = the two rules above): the raw output of
+    transformer block k instead (0-based, Python-style negative indices: -1 = last block,
+    -2 = penultimate), without the final norm, prefix tokens removed. This is the LLaVA
+    convention (``vision_feature_layer`` over CLIP's hidden states, which skip
+    ``post_layernorm``). Both tower kinds read it through open_clip's own
+    ``forward_intermediates``; the blocks after k and the final norm are pruned at build time
+    (open_clip's / timm's ``prune_intermediate_layers``), since nothing would use them.
+    Note HF's index counts the embeddings as hidden state 0, so HF ``vision_feature_layer``
+    k >= 1 is our k - 1; negative indices agree.
 Parameters follow open_clip's names under ``visual.``, so open_clip checkpoints map onto them.
 """
 
@@ -40,8 +49,15 @@ class ImageTowerConfig:
     open_clip_model: str | None = None  # open_clip registry name, e.g. "ViT-SO400M-14-SigLIP-384"
     pretrained: str | None = None  # open_clip pretrained tag ("webli") or local weights file; None = random init
     vision_cfg: dict | None = None  # open_clip CLIPVisionCfg fields, e.g. {"image_size": 32, "patch_size": 4, ...}
+    feature_layer: int | None = None  # None: final-normalised tokens; k: raw output of block k (-2 = LLaVA-1.5)
 
     def __post_init__(self) -> None:
+        if self.feature_layer is not None and (
+            isinstance(self.feature_layer, bool) or not isinstance(self.feature_layer, int)
+        ):
+            raise ValueError(
+                f"ImageTowerConfig: feature_layer must be an int block index (e.g. -2) or None, got {self.feature_layer!r}"
+            )
         if (self.open_clip_model is None) == (self.vision_cfg is None):
             raise ValueError(
                 "ImageTowerConfig: set exactly one of open_clip_model (a name from open_clip.list_models()) "
@@ -170,6 +186,7 @@ class ImageEncoder(nn.Module):
                 "(open_clip VisionTransformer or timm ViT) have patch tokens"
             )
         self.visual = visual
+        self._feature_block = None if cfg.feature_layer is None else self._prune_after(cfg.feature_layer, source)
         self.image_size = _square(size, "image size", source)
         self.grid_size = _square(grid, "patch grid", source)
         self.num_patches = self.grid_size**2
@@ -188,8 +205,33 @@ class ImageEncoder(nn.Module):
             shape = ", ".join(map(str, expected))
             raise ValueError(f"ImageEncoder: expected pixels [N, {shape}], got {tuple(pixels.shape)}")
         pixels = pixels.to(next(self.parameters()).dtype)
+        if self._feature_block is not None:
+            # open_clip's intermediates API (TimmModel delegates to timm's): block output, prefix tokens split off
+            out = self.visual.forward_intermediates(
+                pixels,
+                indices=[self._feature_block],
+                normalize_intermediates=False,
+                intermediates_only=True,
+                output_fmt="NLC",
+            )
+            return out["image_intermediates"][0]
         if isinstance(self.visual, TimmModel):
             tokens = self.visual.trunk.forward_features(pixels)[:, self._num_prefix_tokens :]
         else:
             _, tokens = self.visual(pixels)
         return tokens
+
+    def _prune_after(self, feature_layer: int, source: str) -> int:
+        """Drop the blocks after ``feature_layer`` and the final norm; returns the absolute block index."""
+        timm_tower = isinstance(self.visual, TimmModel)
+        blocks = len(self.visual.trunk.blocks) if timm_tower else len(self.visual.transformer.resblocks)
+        if not -blocks <= feature_layer < blocks:
+            raise ValueError(
+                f"ImageEncoder: feature_layer {feature_layer} is out of range for {source}, which has {blocks} "
+                f"blocks; use {-blocks}..{blocks - 1} (-1 = last block, -2 = penultimate)"
+            )
+        if timm_tower:
+            (index,) = self.visual.trunk.prune_intermediate_layers([feature_layer], prune_norm=True, prune_head=True)
+        else:
+            (index,) = self.visual.prune_intermediate_layers([feature_layer], prune_norm=True, prune_head=True)
+        return int(index)

@@ -17,8 +17,8 @@ Tasks (answers are lowercase words from the fixed lists below; every question ne
                          (16 frames at 4 fps; change at 1.2-2.8 s, so at 1 fps t=0 shows A, t=3 B)
     audio_note           "<audio> Which note is played?"          -> "do"
     audio_caption        "<audio> Transcribe the audio."          -> "a do tone"
-    image_audio_side     "<image> <audio> The tone points to a side. ..." -> colour on that side
-                         (220 Hz tone = left shape, 880 Hz = right shape)
+    image_audio_side     "<image> <audio> A high tone means the top, ..." -> colour there
+                         (880 Hz tone = top shape, 220 Hz = bottom shape)
     text_arith           "What is two plus three?"                -> "five"   (no media)
 
 Colour and pitch are the only things to learn: they are learned fast from almost any features,
@@ -33,7 +33,6 @@ The same config writes byte-identical shards (tar mtime 0, bit-exact mp4 muxing)
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import itertools
@@ -41,7 +40,7 @@ import json
 import math
 import re
 import wave
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -66,8 +65,8 @@ SHAPES = ("circle", "square", "triangle")
 # Labels only: pitches are spaced 4-5 semitones apart (>= 2 whisper mel filters), not solfege.
 NOTES = ("do", "re", "mi", "fa", "sol")
 NOTE_HZ = {"do": 262.0, "re": 349.0, "mi": 440.0, "fa": 587.0, "sol": 740.0}
-SIDES = ("left", "right")
-SIDE_HZ = {"left": 220.0, "right": 880.0}
+SIDES = ("top", "bottom")
+SIDE_HZ = {"top": 880.0, "bottom": 220.0}  # a high tone points up, a low tone down
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
 SAMPLE_RATE = 16_000
@@ -82,7 +81,7 @@ PROMPTS = {
     "video_colour_change": "<video> What colour does the shape turn into?",
     "audio_note": "<audio> Which note is played?",
     "audio_caption": "<audio> Transcribe the audio.",
-    "image_audio_side": "<image> <audio> The tone points to a side. What colour is the shape on that side?",
+    "image_audio_side": "<image> <audio> A high tone means the top, a low tone the bottom. What colour is the shape there?",
     "text_arith": "What is {a} plus {b}?",
 }
 TASKS = list(PROMPTS)
@@ -320,13 +319,13 @@ def _gen_audio_caption(rng, cfg):
 
 def _gen_image_audio_side(rng, cfg):
     size, half = cfg.image_size, cfg.image_size // 2
-    colours = [COLOURS[i] for i in rng.choice(len(COLOURS), 2, replace=False)]  # left, right
+    colours = [COLOURS[i] for i in rng.choice(len(COLOURS), 2, replace=False)]  # top, bottom
     pixels, layout = _background(rng, size), []
     for colour, side in zip(colours, SIDES):
         shape = SHAPES[rng.integers(len(SHAPES))]
         # a 1 px gap either side of the centre line keeps each shape inside its half
-        s, _, y0 = _place(rng, size, 0.28, 0.42)
-        x0 = int(rng.integers(0, half - s)) if side == "left" else int(rng.integers(half + 1, size - s + 1))
+        s, x0, _ = _place(rng, size, 0.34, 0.46)
+        y0 = int(rng.integers(0, half - s)) if side == "top" else int(rng.integers(half + 1, size - s + 1))
         pixels[_shape_mask(shape, size, x0, y0, s)] = _rgb(rng, colour)
         layout += [colour, shape, s, x0, y0]
     side = SIDES[rng.integers(2)]
@@ -439,25 +438,3 @@ def write_corpus(cfg: SynthConfig, progress: bool = True) -> Path:
     spec = {"name": "synth", "datasets": entries}
     manifest.write_text(yaml.safe_dump(spec, sort_keys=False, default_flow_style=None))
     return manifest
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """`python -m omni.data.synth --out-dir data/synth`: flags mirror SynthConfig's fields."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = SynthConfig(out_dir="")
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if name == "out_dir":
-            parser.add_argument(flag, required=True)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
-    parser.add_argument("--no-progress", action="store_true")
-    args = vars(parser.parse_args(argv))
-    progress = not args.pop("no_progress")
-    manifest = write_corpus(SynthConfig(**args), progress=progress)
-    print(manifest)
-    return manifest
-
-
-if __name__ == "__main__":
-    main()

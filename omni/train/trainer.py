@@ -112,6 +112,8 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True) ->
                        "elapsed_s": round(time.time() - t0, 2)}
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+                if not progress:  # the bar shows the loss; without it, a console line
+                    log.info("%s step %d/%d loss %.4f lr %.2e", cfg.name, step, cfg.steps, row["loss"], row["lr"])
                 window_loss, window_n = 0.0, 0
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.steps:
                 save_resumable(model, tokenizer, optimizer, scheduler, step, stream.consumed,

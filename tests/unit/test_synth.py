@@ -143,11 +143,12 @@ def test_cross_task_answer_is_the_colour_on_the_tone_side(corpus):
         side = min(synth.SIDE_HZ, key=lambda k: abs(synth.SIDE_HZ[k] - hz))
         assert abs(synth.SIDE_HZ[side] - hz) < 3
         image = png(s)
-        left, right = dominant_colour(image[:, :16]), dominant_colour(image[:, 16:])
-        assert left != right
-        assert meta(s)["answer"] == (left if side == "left" else right)
+        top, bottom = dominant_colour(image[:16]), dominant_colour(image[16:])
+        assert top != bottom
+        assert meta(s)["answer"] == (top if side == "top" else bottom)
+        assert synth.SIDE_HZ["top"] > synth.SIDE_HZ["bottom"]  # a high tone points up
         answers[side] += 1
-    assert set(answers) == {"left", "right"}
+    assert set(answers) == {"top", "bottom"}
 
 
 def test_text_arith_sums(corpus):

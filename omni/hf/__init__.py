@@ -1,0 +1,1 @@
+"""Adapters between omni and Hugging Face transformers models (configs and state-dict key maps)."""
