@@ -3,6 +3,7 @@
 Leaf package: never imports ``omni``; ``omni`` composes these.
 """
 
+from encoders.anyres import AnyResConfig, anyres_tiles, candidate_grids, num_tiles, select_grid
 from encoders.audio import HOP, SAMPLE_RATE, AudioEncoder, AudioTowerConfig, load_audio
 from encoders.image import ImageEncoder, ImageTowerConfig
 from encoders.video import VideoSamplingConfig, read_video_frames, sample_frame_indices
@@ -10,12 +11,17 @@ from encoders.video import VideoSamplingConfig, read_video_frames, sample_frame_
 __all__ = [
     "HOP",
     "SAMPLE_RATE",
+    "AnyResConfig",
     "AudioEncoder",
     "AudioTowerConfig",
     "ImageEncoder",
     "ImageTowerConfig",
     "VideoSamplingConfig",
+    "anyres_tiles",
+    "candidate_grids",
     "load_audio",
+    "num_tiles",
     "read_video_frames",
     "sample_frame_indices",
+    "select_grid",
 ]

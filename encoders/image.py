@@ -56,7 +56,8 @@ class ImageTowerConfig:
             isinstance(self.feature_layer, bool) or not isinstance(self.feature_layer, int)
         ):
             raise ValueError(
-                f"ImageTowerConfig: feature_layer must be an int block index (e.g. -2) or None, got {self.feature_layer!r}"
+                "ImageTowerConfig: feature_layer must be an int block index (e.g. -2) or None, "
+                f"got {self.feature_layer!r}"
             )
         if (self.open_clip_model is None) == (self.vision_cfg is None):
             raise ValueError(

@@ -8,7 +8,8 @@ import torch
 
 @dataclass
 class MediaBatch:
-    image: torch.Tensor | None = None           # [n_images, 3, S, S]
+    image: torch.Tensor | None = None           # [total_tiles, 3, S, S]; each image's tiles consecutive
+    image_tiles: list[int] = field(default_factory=list)    # tiles per image (AnyRes), in order
     video: torch.Tensor | None = None           # [total_frames, 3, S, S]; each video's frames consecutive
     video_frames: list[int] = field(default_factory=list)   # frames per video, in order
     audio: torch.Tensor | None = None           # [n_windows, n_mels, 2*n_ctx] whisper log-mel windows
@@ -19,7 +20,7 @@ class MediaBatch:
 
     def to(self, device) -> "MediaBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return MediaBatch(move(self.image), move(self.video), list(self.video_frames),
+        return MediaBatch(move(self.image), list(self.image_tiles), move(self.video), list(self.video_frames),
                           move(self.audio), list(self.audio_valid))
 
     @staticmethod
@@ -30,6 +31,7 @@ class MediaBatch:
             return torch.cat(ts) if ts else None
         return MediaBatch(
             image=cat("image"),
+            image_tiles=[t for m in items for t in m.image_tiles],
             video=cat("video"),
             video_frames=[f for m in items for f in m.video_frames],
             audio=cat("audio"),

@@ -62,6 +62,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         kt, vt = args if args else (Any, Any)
         return {_convert(k, kt, where): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -23,6 +23,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from encoders import AudioEncoder, ImageEncoder
+from omni.baichuan2 import max_z_loss, use_norm_head
+from omni.config import ConfigError, apply_overrides
 from omni.batch import MediaBatch
 from omni.fusion import scatter_features
 from omni.presets import MODALITIES, ModelConfig, model_config_from_dict, model_config_to_dict
@@ -51,6 +53,8 @@ class OmniModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.llm = llm
+        if cfg.llm.norm_head:
+            use_norm_head(llm)
         self.token_ids = dict(token_ids)
         image_cfg, audio_cfg = cfg.image, cfg.audio
         if not pretrained:  # towers stay random-init unless the preset's weights are wanted
@@ -89,8 +93,10 @@ class OmniModel(nn.Module):
         tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> tuple["OmniModel", object]:
-        """Load a model written by `save_pretrained` (a stage's `final/` folder)."""
+    def from_pretrained(cls, model_dir: str | Path, overrides: list[str] = ()) -> tuple["OmniModel", object]:
+        """Load a model written by `save_pretrained` (a stage's `final/` folder). `overrides`
+        (dotted key=value on the model config) switch options that keep the weights' shapes,
+        e.g. `llm.norm_head=true`, `llm.max_z_loss=2e-4`, `video.max_frames=8`."""
         from safetensors.torch import load_model
         from transformers import AutoTokenizer
 
@@ -98,12 +104,19 @@ class OmniModel(nn.Module):
         if not (model_dir / CONFIG).is_file() or not (model_dir / WEIGHTS).is_file():
             raise FileNotFoundError(f"{model_dir}: not an omni model folder (needs {CONFIG} and {WEIGHTS})")
         meta = json.loads((model_dir / CONFIG).read_text())
-        cfg = model_config_from_dict(meta["model"])
+        if any(o.startswith(("llm.hf_config", "llm.pretrained")) for o in overrides):
+            raise ConfigError(f"{model_dir}: the LLM's architecture is fixed once trained; "
+                              "drop llm.hf_config/llm.pretrained overrides")
+        where = f"{model_dir / CONFIG} with overrides"
+        cfg = model_config_from_dict(apply_overrides(meta["model"], list(overrides), where=where))
         llm_cfg = dict(meta["llm_config"])
         hf_cfg = AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg)
         llm = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=cfg.llm.attn_implementation)
         model = cls(cfg, llm, meta["token_ids"], pretrained=False)
-        load_model(model, str(model_dir / WEIGHTS))
+        try:
+            load_model(model, str(model_dir / WEIGHTS))
+        except RuntimeError as e:
+            raise ConfigError(f"{model_dir}: weights do not fit the model config{' after overrides ' + str(list(overrides)) if overrides else ''}: {e}") from None
         tokenizer = AutoTokenizer.from_pretrained(model_dir / TOKENIZER_DIR)
         return model, tokenizer
 
@@ -147,8 +160,11 @@ class OmniModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None, media: MediaBatch | None = None,
                 position_ids=None):
         embeds = self.embed(input_ids, media)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
-                        position_ids=position_ids)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                       position_ids=position_ids)
+        if labels is not None and self.config.llm.max_z_loss > 0:
+            out.loss = out.loss + max_z_loss(out.logits, labels, self.config.llm.max_z_loss)
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, media: MediaBatch | None = None, **kwargs):

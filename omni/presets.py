@@ -10,7 +10,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from encoders import AudioTowerConfig, ImageTowerConfig, VideoSamplingConfig
+from encoders import AnyResConfig, AudioTowerConfig, ImageTowerConfig, VideoSamplingConfig
 from omni.config import ConfigError, apply_overrides, from_dict, to_dict
 from omni.tokenizer import TINY_TOKENIZER
 
@@ -22,6 +22,12 @@ class LLMConfig:
     hf_config: dict[str, Any]           # transformers config kwargs incl. model_type (random init / meta)
     pretrained: str | None = None       # HF name or dir: weights (and config) via from_pretrained
     attn_implementation: str = "sdpa"   # "flash_attention_2" on GPU when installed
+    norm_head: bool = False             # Baichuan 2 NormHead (omni/baichuan2.py)
+    max_z_loss: float = 0.0             # Baichuan 2 max-z loss coefficient (2e-4 in the report); 0: off
+
+    def __post_init__(self):
+        if self.max_z_loss < 0:
+            raise ConfigError("llm.max_z_loss must be >= 0 (Baichuan 2 uses 2e-4)")
 
 
 @dataclass
@@ -39,6 +45,7 @@ class ModelConfig:
     video: VideoSamplingConfig
     projectors: dict[str, ProjectorConfig]  # one per modality in MODALITIES
     tokenizer: str                      # "synth-wordlevel" (offline tiny) or an HF name/dir
+    anyres: AnyResConfig = field(default_factory=AnyResConfig)  # image tiling; max_tiles 0: one tile
 
     def __post_init__(self):
         missing = [m for m in MODALITIES if m not in self.projectors]
@@ -59,6 +66,7 @@ _SIZES: dict[str, dict[str, Any]] = {
         image=dict(open_clip_model="ViT-SO400M-14-SigLIP-384", pretrained="webli"),
         audio=dict(n_mels=128, n_ctx=1500, n_state=1280, n_head=20, n_layer=32, checkpoint="large-v3"),
         video=dict(fps=1.0, max_frames=48),
+        anyres=dict(max_tiles=9, thumbnail=True),  # LLaVA-OneVision style: up to 3x3 tiles + thumbnail
         conv_stride=4,
         tokenizer="Qwen/Qwen2-7B",
     ),
@@ -72,6 +80,7 @@ _SIZES: dict[str, dict[str, Any]] = {
         image=dict(vision_cfg=dict(image_size=32, patch_size=4, width=128, layers=2, head_width=32)),
         audio=dict(n_mels=80, n_ctx=50, n_state=128, n_head=4, n_layer=2),
         video=dict(fps=1.0, max_frames=4),
+        anyres=dict(max_tiles=0),  # one 32-px tile; `anyres.max_tiles=4` turns tiling on
         conv_stride=4,
         tokenizer=TINY_TOKENIZER,
     ),
@@ -97,6 +106,7 @@ def _preset_dict(name: str) -> dict:
             "audio": {"kind": "conv_gmlp", "options": {"stride": stride}},
         },
         tokenizer=s["tokenizer"],
+        anyres=s["anyres"],
     )
 
 

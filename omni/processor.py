@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from encoders import read_video_frames
+from encoders import anyres_tiles, read_video_frames
 from omni.batch import MediaBatch
 from omni.errors import SampleError
 from omni.model import OmniModel
@@ -36,6 +36,7 @@ class OmniProcessor:
         self.image_encoder = model.encoders["image"]
         self.audio_encoder = model.encoders["audio"]
         self.video_cfg = model.config.video
+        self.anyres = model.config.anyres
         self.image_tokens = model.image_tokens()
         self.video_tokens = model.video_tokens
         self.audio_window_tokens = model.audio_window_tokens
@@ -44,8 +45,14 @@ class OmniProcessor:
 
     # ---- media ----------------------------------------------------------------------------
     def _images(self, images: list[Image.Image], blank: bool):
-        pixels = self.image_encoder.preprocess([im.convert("RGB") for im in images])
-        return torch.zeros_like(pixels) if blank else pixels
+        """AnyRes: each image becomes [thumbnail] + grid tiles, each tile through the tower."""
+        tiles, counts = [], []
+        for im in images:
+            parts, _ = anyres_tiles(im.convert("RGB"), self.image_encoder.image_size, self.anyres)
+            tiles.extend(parts)
+            counts.append(len(parts))
+        pixels = self.image_encoder.preprocess(tiles)
+        return (torch.zeros_like(pixels) if blank else pixels), counts
 
     def _videos(self, videos: list, blank: bool):
         frames, counts = [], []
@@ -90,8 +97,8 @@ class OmniProcessor:
         batch = MediaBatch()
         counts: dict[str, list[int]] = {}
         if "image" in media:
-            batch.image = self._images(media["image"], blank)
-            counts["image"] = [self.image_tokens] * len(media["image"])
+            batch.image, batch.image_tiles = self._images(media["image"], blank)
+            counts["image"] = [self.image_tokens * t for t in batch.image_tiles]
         if "video" in media:
             batch.video, batch.video_frames = self._videos(media["video"], blank)
             counts["video"] = [self.video_tokens(f) for f in batch.video_frames]

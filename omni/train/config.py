@@ -77,7 +77,7 @@ class StageConfig:
     data: DataConfig
     steps: int
     init_from: str | None = None        # "previous" (schedule fills it), a model dir, or None: preset init
-    model_overrides: list[str] = field(default_factory=list)  # dotted key=value on the preset
+    model_overrides: list[str] = field(default_factory=list)  # dotted key=value on the model config
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     engine: str = "ddp"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from omni.config import ConfigError, to_dict
+from omni.config import to_dict
 from omni.data.loader import ExampleStream, SkipCounter, training_stream
 from omni.data.manifest import load_manifest
 from omni.model import OmniModel
@@ -37,9 +37,7 @@ METRICS = "metrics.jsonl"
 def init_model(cfg: StageConfig):
     """The stage's starting point: a previous stage's output, or the preset (pretrained parts)."""
     if cfg.init_from:
-        if cfg.model_overrides:
-            raise ConfigError("model_overrides apply to a fresh preset only; drop them or init_from")
-        return OmniModel.from_pretrained(cfg.init_from)
+        return OmniModel.from_pretrained(cfg.init_from, cfg.model_overrides)
     return OmniModel.from_config(build_preset(cfg.preset, cfg.model_overrides))
 
 

@@ -84,3 +84,8 @@ def test_preset_overrides_and_unknown_preset():
     assert cfg.llm.hf_config["num_hidden_layers"] == 1
     with pytest.raises(ConfigError, match="preset"):
         build_preset("13b")
+
+
+def test_exponent_without_dot_is_a_number():
+    cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml", ["optim.lr=1e-4"])
+    assert cfg.optim.lr == 1e-4

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from omni.model import OmniModel, build_llm
-from omni.presets import build_preset
+from omni.model_table import meta_model
 
 # Published sizes of the parts (parameters):
 # Qwen2-7B: 7.62B (model card). SigLIP So400m/14 vision tower: 428M ("Getting ViT in Shape",
@@ -17,10 +15,7 @@ PUBLISHED = {"llm": 7.62e9, "image_tower": 428e6 - 15.2e6, "audio_tower": 635e6}
 
 @pytest.fixture(scope="module")
 def model_7b():
-    cfg = build_preset("7b")
-    with torch.device("meta"):
-        llm = build_llm(cfg, pretrained=False)
-        return OmniModel(cfg, llm, token_ids={"image": 1, "video": 2, "audio": 3}, pretrained=False)
+    return meta_model("7b")
 
 
 def _count(module) -> int:
