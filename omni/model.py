@@ -160,8 +160,10 @@ class OmniModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None, media: MediaBatch | None = None,
                 position_ids=None):
         embeds = self.embed(input_ids, media)
+        # no KV cache in a training/scoring forward: with one, transformers would not turn packed
+        # position ids into a per-sample mask
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
-                       position_ids=position_ids)
+                       position_ids=position_ids, use_cache=False)
         if labels is not None and self.config.llm.max_z_loss > 0:
             out.loss = out.loss + max_z_loss(out.logits, labels, self.config.llm.max_z_loss)
         return out

@@ -130,14 +130,16 @@ class OmniProcessor:
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor       # [B, L]
-    attention_mask: torch.Tensor  # [B, L]
-    labels: torch.Tensor          # [B, L]
+    input_ids: torch.Tensor               # [B, L]
+    attention_mask: torch.Tensor | None   # [B, L]; None for packed rows (isolation via position_ids)
+    labels: torch.Tensor                  # [B, L]
     media: MediaBatch
+    position_ids: torch.Tensor | None = None  # [B, L]; restart at 0 for each packed sample
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.media.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(self.input_ids.to(device), move(self.attention_mask), self.labels.to(device),
+                     self.media.to(device), move(self.position_ids))
 
 
 def collate(examples: list[Example], pad_id: int, left_pad: bool = False) -> Batch:

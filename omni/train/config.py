@@ -52,10 +52,13 @@ class OptimConfig:
 class BatchConfig:
     micro_batch: int = 8                # samples per forward/backward
     grad_accum: int = 1                 # micro-batches per optimizer step
+    tokens_per_pack: int = 0            # > 0: pack each micro-batch's samples into rows of this many tokens
 
     def __post_init__(self):
         if self.micro_batch < 1 or self.grad_accum < 1:
             raise ConfigError("batch.micro_batch and batch.grad_accum must be >= 1")
+        if self.tokens_per_pack < 0:
+            raise ConfigError("batch.tokens_per_pack must be >= 0 (0: no packing)")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from omni.data.loader import ExampleStream, SkipCounter, training_stream
 from omni.data.manifest import load_manifest
 from omni.model import OmniModel
 from omni.presets import build_preset
+from omni.packing import collate_packed
 from omni.processor import OmniProcessor, collate
 from omni.train.checkpoint import latest_resumable, load_resumable, save_model_dir, save_resumable
 from omni.train.config import StageConfig
@@ -84,16 +85,23 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True) ->
     pad_id = tokenizer.pad_token_id
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
-    t0, window_loss, window_n = time.time(), 0.0, 0
+    t0, window_loss, window_fill, window_n = time.time(), 0.0, 0.0, 0
     with open(out_dir / METRICS, "a") as metrics:
         while step < cfg.steps:
             total = 0.0
             for _ in range(cfg.batch.grad_accum):
-                batch = collate(stream.take(cfg.batch.micro_batch), pad_id)
+                examples = stream.take(cfg.batch.micro_batch)
+                if cfg.batch.tokens_per_pack:
+                    batch, fill = collate_packed(examples, cfg.batch.tokens_per_pack, pad_id)
+                else:
+                    batch = collate(examples, pad_id)
+                    fill = float(batch.attention_mask.float().mean())
                 with autocast:
-                    out = model(batch.input_ids, batch.attention_mask, batch.labels, batch.media)
+                    out = model(batch.input_ids, batch.attention_mask, batch.labels, batch.media,
+                                position_ids=batch.position_ids)
                 (out.loss / cfg.batch.grad_accum).backward()
                 total += out.loss.item() / cfg.batch.grad_accum
+                window_fill += fill / cfg.batch.grad_accum
             params = [p for g in optimizer.param_groups for p in g["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
             optimizer.step()
@@ -105,6 +113,7 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True) ->
             bar.set_postfix(loss=f"{total:.3f}")
             if step % cfg.log.interval == 0 or step == cfg.steps:
                 row = {"stage": cfg.name, "step": step, "loss": window_loss / window_n,
+                       "fill": round(window_fill / window_n, 4),  # real tokens / batch tokens
                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                        "samples": stream.consumed, "skipped": counter.skipped,
                        "elapsed_s": round(time.time() - t0, 2)}
@@ -112,7 +121,7 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True) ->
                 metrics.flush()
                 if not progress:  # the bar shows the loss; without it, a console line
                     log.info("%s step %d/%d loss %.4f lr %.2e", cfg.name, step, cfg.steps, row["loss"], row["lr"])
-                window_loss, window_n = 0.0, 0
+                window_loss, window_fill, window_n = 0.0, 0.0, 0
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.steps:
                 save_resumable(model, tokenizer, optimizer, scheduler, step, stream.consumed,
                                ckpt_root, cfg.checkpoint.keep)

@@ -85,3 +85,10 @@ def test_cli_help_and_clear_config_errors(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "omni.cli", "train", str(ROOT / "stages/tiny/2_sft.yaml"),
                           "--out", str(tmp_path), "optim.lrr=1"], capture_output=True, text=True)
     assert bad.returncode != 0 and "optim" in bad.stderr and "lrr" in bad.stderr
+
+
+def test_packed_stage_trains_and_reports_fill(tmp_path, tiny_corpus):
+    cfg = _stage("2_sft.yaml", tiny_corpus, "init_from=null", "steps=2", "batch.tokens_per_pack=200")
+    train_stage(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0.3 < r["fill"] <= 1 and r["loss"] > 0 for r in rows)
