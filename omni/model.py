@@ -36,16 +36,26 @@ CONFIG = "omni_config.json"
 TOKENIZER_DIR = "tokenizer"
 
 
+def attention_backend(requested: str) -> str:
+    """"auto": FlashAttention-2 on a GPU where flash-attn is installed, else PyTorch SDPA."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def build_llm(cfg: ModelConfig, pretrained: bool) -> nn.Module:
     """The causal LM: pretrained weights by name/dir, or random init from the preset's sizes."""
     llm_cfg = cfg.llm
+    attn = attention_backend(llm_cfg.attn_implementation)
     if pretrained and llm_cfg.pretrained:
-        return AutoModelForCausalLM.from_pretrained(
-            llm_cfg.pretrained, attn_implementation=llm_cfg.attn_implementation, dtype=torch.float32
-        )
+        return AutoModelForCausalLM.from_pretrained(llm_cfg.pretrained, attn_implementation=attn, dtype=torch.float32)
     kwargs = dict(llm_cfg.hf_config)
     hf_cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=llm_cfg.attn_implementation)
+    return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn)
 
 
 class OmniModel(nn.Module):
@@ -111,7 +121,7 @@ class OmniModel(nn.Module):
         cfg = model_config_from_dict(apply_overrides(meta["model"], list(overrides), where=where))
         llm_cfg = dict(meta["llm_config"])
         hf_cfg = AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg)
-        llm = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=cfg.llm.attn_implementation)
+        llm = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attention_backend(cfg.llm.attn_implementation))
         model = cls(cfg, llm, meta["token_ids"], pretrained=False)
         try:
             load_model(model, str(model_dir / WEIGHTS))
@@ -119,6 +129,11 @@ class OmniModel(nn.Module):
             raise ConfigError(f"{model_dir}: weights do not fit the model config{' after overrides ' + str(list(overrides)) if overrides else ''}: {e}") from None
         tokenizer = AutoTokenizer.from_pretrained(model_dir / TOKENIZER_DIR)
         return model, tokenizer
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute activations in backward: the LLM via transformers, the vision tower via open_clip."""
+        self.llm.activation_checkpointing_enable({"use_reentrant": False})
+        self.encoders["image"].visual.set_grad_checkpointing(True)
 
     # ---- token arithmetic shared with the processor ---------------------------------
     def image_tokens(self) -> int:

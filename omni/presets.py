@@ -21,7 +21,7 @@ MODALITIES = ("image", "video", "audio")
 class LLMConfig:
     hf_config: dict[str, Any]           # transformers config kwargs incl. model_type (random init / meta)
     pretrained: str | None = None       # HF name or dir: weights (and config) via from_pretrained
-    attn_implementation: str = "sdpa"   # "flash_attention_2" on GPU when installed
+    attn_implementation: str = "auto"   # auto: flash_attention_2 on a GPU with flash-attn, else sdpa
     norm_head: bool = False             # Baichuan 2 NormHead (omni/baichuan2.py)
     max_z_loss: float = 0.0             # Baichuan 2 max-z loss coefficient (2e-4 in the report); 0: off
 

@@ -85,6 +85,7 @@ class StageConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     engine: str = "ddp"
     precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False  # recompute LLM and vision-tower activations in backward
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     seed: int = 0

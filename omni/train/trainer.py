@@ -55,6 +55,8 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True) ->
 
     model, tokenizer = init_model(cfg)
     trainable = set_trainable(model, cfg.trainable)
+    if cfg.activation_checkpointing:
+        model.enable_activation_checkpointing()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, cfg.optim)

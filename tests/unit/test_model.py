@@ -149,3 +149,25 @@ def test_save_and_load_roundtrip(tmp_path, model_and_processor):
         torch.testing.assert_close(model(ex.input_ids[None], media=ex.media).logits,
                                    loaded(ex.input_ids[None], media=ex.media).logits, rtol=0, atol=0)
     assert tok2.get_vocab() == tok.get_vocab()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from omni.model import OmniModel
+    from omni.presets import build_preset
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, tok = OmniModel.from_config(build_preset("tiny"))
+        model.train()
+        if checkpointing:
+            model.enable_activation_checkpointing()
+        proc = OmniProcessor(tok, model)
+        batch = collate([proc(_chat("<image> what colour is the shape?", "red"), {"image": [_img(RED)]}),
+                         proc(_chat("<image> what colour is the shape?", "green"), {"image": [_img(GREEN)]})],
+                        tok.pad_token_id)
+        model(batch.input_ids, batch.attention_mask, batch.labels, batch.media).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("encoders.image") for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5)
