@@ -1,4 +1,4 @@
-"""The `omni` command line: synth, train, schedule, eval."""
+"""The `omni` command line: synth, train, schedule, eval, chat."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ EPILOG = """examples:
   omni train stages/tiny/2_sft.yaml --out runs/sft data.manifest=runs/quickstart/synth/manifest.yaml steps=50
   omni schedule stages/tiny/schedule.yaml --out runs/quickstart data.manifest=runs/quickstart/synth/manifest.yaml
   omni eval runs/quickstart/final --data runs/quickstart/synth/manifest.yaml --out runs/quickstart
+  omni chat runs/quickstart/final --image shape.png --audio tone.wav
 """
 
 
@@ -50,6 +51,46 @@ def _eval(args) -> None:
         print(f"wrote {write_results(results, args.out)}")
 
 
+def _chat(args) -> None:
+    from omni.inference import load_media, stream_answer
+    from omni.model import OmniModel
+    from omni.processor import OmniProcessor
+    from omni.tokenizer import PLACEHOLDERS
+
+    model, tokenizer = OmniModel.from_pretrained(args.model)
+    model.eval()
+    processor = OmniProcessor(tokenizer, model)
+    media = load_media(args.image, args.video, args.audio)
+    history: list[dict] = []
+    prompts = [args.prompt] if args.prompt else None
+    while True:
+        if prompts is not None:
+            if not prompts:
+                return
+            text = prompts.pop()
+        else:
+            try:
+                text = input("you> ").strip()
+            except EOFError:
+                return
+            if text in ("/quit", "/exit"):
+                return
+            if not text:
+                continue
+        if not history:  # media belong to the first turn; add placeholders the user left out
+            missing = "".join(f"{PLACEHOLDERS[m]} " * (len(v) - text.count(PLACEHOLDERS[m])) for m, v in media.items())
+            text = missing + text
+        history.append({"role": "user", "content": text})
+        if prompts is None:
+            print("omni> ", end="", flush=True)
+        answer = ""
+        for piece in stream_answer(model, tokenizer, processor, history, media, args.max_new_tokens):
+            answer += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": answer.strip()})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omni", description="Train, evaluate and serve an omni-modal LLM (Baichuan-Omni recipe).",
@@ -86,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", help="folder for eval.json")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("chat", help="talk to a model in the terminal; the answer streams token by token")
+    p.add_argument("model", help="model folder (a stage's final/)")
+    p.add_argument("--image", action="append", default=[], help="image file for the first turn (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video file for the first turn (repeatable)")
+    p.add_argument("--audio", action="append", default=[], help="audio file for the first turn (repeatable)")
+    p.add_argument("--prompt", help="answer this one prompt and exit (default: interactive, /quit to leave)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=_chat)
     return parser
 
 
