@@ -91,6 +91,15 @@ def _chat(args) -> None:
         history.append({"role": "assistant", "content": answer.strip()})
 
 
+def _plan(args) -> None:
+    from omni.plan import plan_stage
+    from omni.train.config import load_stage
+
+    cfg = load_stage(args.config, args.overrides)
+    print(f"{cfg.name}: {args.gpus} x {args.gpu_mem:g} GiB, engine {args.engine}")
+    print(plan_stage(cfg, args.gpus, args.gpu_mem, args.engine, args.seq_len).table())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omni", description="Train, evaluate and serve an omni-modal LLM (Baichuan-Omni recipe).",
@@ -127,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", help="folder for eval.json")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("plan", help="per-GPU memory of a stage on N GPUs, before you launch it")
+    p.add_argument("config", help="stage YAML, e.g. stages/7b/2_sft.yaml")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
+    p.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU (default 80, an H100/A100-80G)")
+    p.add_argument("--engine", default="fsdp2", choices=["ddp", "zero2", "zero3", "fsdp2"],
+                   help="what is sharded: ddp nothing, zero2 grads+optimizer, zero3/fsdp2 everything")
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sample when the stage does not pack")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("chat", help="talk to a model in the terminal; the answer streams token by token")
     p.add_argument("model", help="model folder (a stage's final/)")

@@ -1,0 +1,105 @@
+"""Per-GPU memory plan for a stage, before launching it: will it fit on N GPUs of M GiB?
+
+Accounting (bytes; P = all parameters, T = trainable ones, N = data-parallel GPUs):
+- weights: 2 bytes/param in bf16 (4 in fp32), for every parameter, frozen ones included;
+- gradients: the same width per trainable parameter;
+- optimizer: AdamW's two fp32 moments (8 bytes) per trainable parameter, plus an fp32 master copy
+  (4 bytes) under bf16 mixed precision: the 16 bytes/param of ZeRO's accounting with the weights;
+- sharding: ddp replicates everything; ZeRO-2 shards gradients and optimizer state; ZeRO-3 and
+  FSDP2 also shard the weights (each across N);
+- activations of one micro-batch, per transformer (LLM over its tokens, vision tower over its tiles,
+  audio tower over its windows): s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit (Korthikanti et al.
+  2022, "Reducing Activation Recomputation", no sequence parallelism; the 5*a*s/h score term only
+  for eager attention), or 2*s*b*h per layer plus one full layer with activation checkpointing;
+  doubled in fp32;
+- logits: b*s*V*4 bytes (the fp32 logits the loss reads).
+It is an estimate (no allocator fragmentation, no temporary buffers): keep ~10% headroom.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from omni.model_table import meta_model
+from omni.train.config import StageConfig
+
+GIB = 1024 ** 3
+SHARDING = {  # what is divided by N: (weights, gradients, optimizer)
+    "ddp": (False, False, False),
+    "zero2": (False, True, True),
+    "zero3": (True, True, True),
+    "fsdp2": (True, True, True),
+}
+
+
+@dataclass
+class Plan:
+    rows: list[tuple[str, float]]   # (component, GiB per GPU)
+    gpu_gib: float
+
+    @property
+    def total(self) -> float:
+        return sum(v for _, v in self.rows)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= 0.9 * self.gpu_gib
+
+    def table(self) -> str:
+        lines = [f"{"component":<40}{'GiB/GPU':>10}"]
+        lines += [f"{name:<40}{gib:>10.2f}" for name, gib in self.rows]
+        lines.append(f"{"total":<40}{self.total:>10.2f}")
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(f"{verdict} in {self.gpu_gib:g} GiB (90% usable)")
+        return "\n".join(lines)
+
+
+def transformer_activation_bytes(tokens: int, batch: int, hidden: int, heads: int, layers: int,
+                                 checkpointing: bool, bytes_per_value: int, attention_scores: bool) -> float:
+    """Korthikanti et al. per-layer activation memory, scaled from 16-bit to the given width.
+    Fused attention kernels (FlashAttention, SDPA's memory-efficient path) never store the
+    a*s*s score matrix, so its 5*a*s/h term counts only for eager attention."""
+    scores = 5 * heads * tokens / hidden if attention_scores else 0
+    full_layer = tokens * batch * hidden * (34 + scores) * bytes_per_value / 2
+    if checkpointing:
+        return layers * 2 * tokens * batch * hidden * bytes_per_value / 2 + full_layer
+    return layers * full_layer
+
+
+def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str, seq_len: int) -> Plan:
+    if engine not in SHARDING:
+        raise ValueError(f"engine {engine!r}: choose one of {list(SHARDING)}")
+    if gpus < 1 or gpu_gib <= 0:
+        raise ValueError("need gpus >= 1 and gpu memory > 0")
+    model = meta_model(cfg.preset)
+    names = {n: p.numel() for n, p in model.named_parameters()}
+    trainable = sum(n for name, n in names.items() if any(fnmatch.fnmatchcase(name, g) for g in cfg.trainable))
+    total = sum(names.values())
+    width = 2 if cfg.precision == "bf16" else 4
+    master = 4 if cfg.precision == "bf16" else 0
+    shard_w, shard_g, shard_o = (gpus if s else 1 for s in SHARDING[engine])
+
+    llm = model.llm.config
+    tokens = cfg.batch.tokens_per_pack or seq_len
+    b, ckpt = cfg.batch.micro_batch if not cfg.batch.tokens_per_pack else 1, cfg.activation_checkpointing
+    image = model.encoders["image"]
+    vis_blocks = [m for m in image.modules() if type(m).__name__ in ("ResidualAttentionBlock", "Block")]
+    vis_heads = next(getattr(m, "num_heads") for m in image.modules() if hasattr(m, "num_heads"))
+    audio = model.encoders["audio"].encoder
+    eager = model.config.llm.attn_implementation == "eager"
+    act = transformer_activation_bytes(tokens, b, llm.hidden_size, llm.num_attention_heads,
+                                       llm.num_hidden_layers, ckpt, width, eager)
+    cfg_tiles = max(1, model.config.anyres.max_tiles + int(model.config.anyres.thumbnail))
+    tiles = b * cfg_tiles
+    act += transformer_activation_bytes(image.num_patches, tiles, image.out_dim, vis_heads,
+                                        len(vis_blocks), ckpt, width, eager)
+    act += transformer_activation_bytes(audio.positional_embedding.shape[0], b, model.encoders["audio"].out_dim,
+                                        audio.blocks[0].attn.n_head, len(audio.blocks), ckpt, width, eager)
+    rows = [
+        ("weights", total * width / shard_w / GIB),
+        ("gradients", trainable * width / shard_g / GIB),
+        ("optimizer (AdamW" + (" + fp32 master)" if master else ")"), trainable * (8 + master) / shard_o / GIB),
+        (f"activations (b={b}, {tokens} tok, {cfg_tiles} tiles)", act / GIB),
+        ("logits (fp32)", b * tokens * llm.vocab_size * 4 / GIB),
+    ]
+    return Plan(rows, gpu_gib)
