@@ -46,9 +46,9 @@ class Plan:
         return self.total <= 0.9 * self.gpu_gib
 
     def table(self) -> str:
-        lines = [f"{"component":<40}{'GiB/GPU':>10}"]
+        lines = [f"{'component':<40}{'GiB/GPU':>10}"]
         lines += [f"{name:<40}{gib:>10.2f}" for name, gib in self.rows]
-        lines.append(f"{"total":<40}{self.total:>10.2f}")
+        lines.append(f"{'total':<40}{self.total:>10.2f}")
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"{verdict} in {self.gpu_gib:g} GiB (90% usable)")
         return "\n".join(lines)
