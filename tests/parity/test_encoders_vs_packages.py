@@ -38,6 +38,7 @@ from encoders import (
     read_video_frames,
     sample_frame_indices,
 )
+from tests.helpers import write_mp4
 
 TINY_VISION = {"image_size": 32, "patch_size": 4, "width": 64, "layers": 3, "head_width": 32}
 TINY_TEXT = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
@@ -192,20 +193,6 @@ def test_audio_features_equal_whisper_on_its_own_log_mel(tmp_path, check_close):
 # ---------------------------------------------------------------- video
 
 
-def _write_mp4(path, num_frames: int, rate, width: int = 32, height: int = 32) -> None:
-    """mpeg4/yuv420p clip whose frames get brighter one by one (width >= 32: dmlc/decord#336)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(num_frames):
-            level = 16 + (219 * i) // max(1, num_frames - 1)
-            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), level, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def _expected_from_decord(reader: decord.VideoReader, fps: float, max_frames: int) -> tuple[list[int], bool]:
     """The documented rule, evaluated on the frame times decord reports: the frame on screen at
     t_k = k / fps for every t_k before the end of the last frame; beyond max_frames, max_frames
@@ -237,7 +224,7 @@ def _expected_from_decord(reader: decord.VideoReader, fps: float, max_frames: in
 )
 def test_sampled_frames_follow_the_rule_on_decord_timestamps(tmp_path, num_frames, rate, fps, max_frames, size):
     path = tmp_path / "clip.mp4"
-    _write_mp4(path, num_frames, rate, *size)
+    write_mp4(path, num_frames, rate, *size)
     reader = decord.VideoReader(str(path), num_threads=1)
     assert len(reader) == num_frames
     expected, capped = _expected_from_decord(reader, fps, max_frames)

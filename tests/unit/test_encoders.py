@@ -24,6 +24,7 @@ from encoders import (
     read_video_frames,
     sample_frame_indices,
 )
+from tests.helpers import write_mp4
 
 TINY_VISION = {"image_size": 32, "patch_size": 4, "width": 64, "layers": 2, "head_width": 32}
 TINY_TEXT = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
@@ -207,23 +208,9 @@ def test_sample_frame_indices_rejects_bad_input():
         sample_frame_indices(10, 0.0, 1.0, 4)
 
 
-def _write_mp4(path, num_frames: int, rate, width: int, height: int) -> None:
-    """mpeg4/yuv420p clip whose frames get brighter one by one."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(num_frames):
-            level = 16 + (219 * i) // max(1, num_frames - 1)
-            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), level, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def test_read_video_frames_caps_uniformly(tmp_path):
     path = tmp_path / "long.mp4"
-    _write_mp4(path, 60, 4, 32, 32)  # 15 s at 4 fps: 1 fps would give 15 frames
+    write_mp4(path, 60, 4, 32, 32)  # 15 s at 4 fps: 1 fps would give 15 frames
     frames = read_video_frames(path, VideoSamplingConfig(fps=1.0, max_frames=4))
     assert len(frames) == 4
     levels = [int(np.asarray(f).mean()) for f in frames]
@@ -237,7 +224,7 @@ def test_read_video_frames_names_unreadable_source(tmp_path):
     with pytest.raises(ValueError, match="missing.mp4"):
         read_video_frames(missing, VideoSamplingConfig())
     narrow = tmp_path / "narrow.mp4"  # decord bug: 16 px wide frames come back with 6 "channels"
-    _write_mp4(narrow, 3, 3, 16, 16)
+    write_mp4(narrow, 3, 3, 16, 16)
     with pytest.raises(ValueError, match=r"narrow.mp4.*dmlc/decord#336"):
         read_video_frames(narrow, VideoSamplingConfig())
     empty = tmp_path / "empty.mp4"
@@ -373,6 +360,6 @@ def test_load_audio_names_unreadable_source(tmp_path):
     with pytest.raises(ValueError, match="missing.wav"):
         load_audio(tmp_path / "missing.wav")
     video = tmp_path / "silent.mp4"
-    _write_mp4(video, 2, 2, 32, 32)
+    write_mp4(video, 2, 2, 32, 32)
     with pytest.raises(ValueError, match="silent.mp4.*no audio stream"):
         load_audio(video)
