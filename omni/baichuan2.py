@@ -40,10 +40,13 @@ def use_norm_head(llm) -> None:
         llm.set_output_embeddings(NormHead.from_linear(head))
 
 
-def max_z_loss(logits: torch.Tensor, labels: torch.Tensor, coef: float) -> torch.Tensor:
-    """coef * mean over labelled next-token positions of (max logit)^2."""
+def max_z_loss(logits: torch.Tensor, labels: torch.Tensor, coef: float,
+               num_items: float | None = None) -> torch.Tensor:
+    """coef * (max logit)^2 averaged over labelled next-token positions (or summed and divided
+    by `num_items`, the same normaliser as the cross-entropy it is added to)."""
     predicting = labels[:, 1:] != -100          # position t predicts label t+1
     z = logits[:, :-1].float().max(dim=-1).values
     if not predicting.any():
         return logits.new_zeros(())
-    return coef * (z[predicting] ** 2).mean()
+    squares = z[predicting] ** 2
+    return coef * (squares.sum() / num_items if num_items else squares.mean())

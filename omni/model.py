@@ -173,14 +173,18 @@ class OmniModel(nn.Module):
         return embeds
 
     def forward(self, input_ids, attention_mask=None, labels=None, media: MediaBatch | None = None,
-                position_ids=None):
+                position_ids=None, num_items_in_batch: float | None = None):
+        """`num_items_in_batch`: divide the summed token losses by this instead of taking the mean
+        (the trainer passes the label tokens of the whole step, so accumulation and data
+        parallelism weigh every token equally)."""
         embeds = self.embed(input_ids, media)
         # no KV cache in a training/scoring forward: with one, transformers would not turn packed
         # position ids into a per-sample mask
+        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
-                       position_ids=position_ids, use_cache=False)
+                       position_ids=position_ids, use_cache=False, **kwargs)
         if labels is not None and self.config.llm.max_z_loss > 0:
-            out.loss = out.loss + max_z_loss(out.logits, labels, self.config.llm.max_z_loss)
+            out.loss = out.loss + max_z_loss(out.logits, labels, self.config.llm.max_z_loss, num_items_in_batch)
         return out
 
     @torch.no_grad()

@@ -103,12 +103,16 @@ def decode_sample(raw: dict) -> tuple[dict, list[dict], dict[str, list]]:
 
 
 def training_stream(entries: list[DatasetEntry], weights: list[float], seed: int,
-                    shuffle_buffer: int, counter: SkipCounter) -> Iterator[dict]:
-    """Endless raw samples mixed by weight, deterministic for a given seed."""
+                    shuffle_buffer: int, counter: SkipCounter, rank: int = 0,
+                    world_size: int = 1) -> Iterator[dict]:
+    """Endless raw samples mixed by weight, deterministic for a given seed. Every rank draws the
+    same sequence and keeps every `world_size`-th sample from offset `rank`, so the ranks together
+    see exactly what one process would (undecoded members of other ranks are cheap to pass over)."""
     pipes = []
     for i, entry in enumerate(entries):
         pipes.append(wds.DataPipeline(
-            wds.ResampledShards(entry.urls, seed=seed * 1000 + i, deterministic=True),
+            # worker_seed: the same shard sequence on every rank (ranks stride over it below)
+            wds.ResampledShards(entry.urls, seed=seed * 1000 + i, deterministic=True, worker_seed=lambda: 0),
             wds.tarfile_to_samples(handler=counter.handler),
             wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 1000 + i)),
         ))
@@ -116,9 +120,13 @@ def training_stream(entries: list[DatasetEntry], weights: list[float], seed: int
     iters = [iter(p) for p in pipes]
     total = sum(weights)
     probs = [w / total for w in weights]
+    i = 0
     while True:
         k = rng.choices(range(len(iters)), probs)[0]
-        yield next(iters[k])
+        sample = next(iters[k])
+        if i % world_size == rank:
+            yield sample
+        i += 1
 
 
 def split_stream(entry: DatasetEntry, counter: SkipCounter) -> Iterator[dict]:

@@ -45,8 +45,9 @@ def save_model_dir(model, tokenizer, target: str | Path) -> Path:
     return Path(target)
 
 
-def save_resumable(model, tokenizer, optimizer, scheduler, step: int, samples: int,
+def save_resumable(model, tokenizer, optimizer, scheduler, step: int, samples: list[int],
                    ckpt_root: str | Path, keep: int) -> Path:
+    """`samples`: raw samples each rank has consumed (its stream position)."""
     ckpt_root = Path(ckpt_root)
     target = ckpt_root / f"step-{step:08d}"
     with atomic_dir(target) as tmp:
@@ -67,8 +68,8 @@ def latest_resumable(ckpt_root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_resumable(path: Path, model, optimizer, scheduler) -> tuple[int, int]:
-    """Restore training state in place; returns (step, raw samples consumed)."""
+def load_resumable(path: Path, model, optimizer, scheduler) -> tuple[int, list[int]]:
+    """Restore training state in place; returns (step, raw samples consumed per rank)."""
     from safetensors.torch import load_model
 
     load_model(model, str(path / "model.safetensors"))
