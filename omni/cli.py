@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except FileNotFoundError as e:
+        sys.exit(f"not found: {e}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from omni.data.loader import SkipCounter, decode_sample, split_stream
 from omni.data.manifest import load_manifest
+from omni.errors import SampleError
 from omni.model import OmniModel
 from omni.processor import OmniProcessor, collate
 
@@ -64,13 +65,17 @@ def evaluate(model_dir: str | Path, manifest_path: str | Path, split: str = "val
         counter = SkipCounter(max_fraction=0.5, min_seen=10)
         samples = []
         for raw in split_stream(entry, counter):
-            meta, messages, media = decode_sample(raw)
+            try:
+                meta, messages, media = decode_sample(raw)
+            except SampleError as e:
+                counter.skip(f"sample {raw.get('__key__')} in {raw.get('__url__')}", e)
+                continue
             prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
             samples.append((prompt, media, _answer(meta, messages)))
             if limit and len(samples) >= limit:
                 break
         answers = {_normalise(a) for _, _, a in samples}
-        row = {"task": entry.task or entry.name, "n": len(samples),
+        row = {"task": entry.task or entry.name, "n": len(samples), "skipped": counter.skipped,
                "chance": 1.0 / max(1, len(answers))}
         for blank in (False, True):
             acc = accuracy(model, processor, tokenizer, samples, blank, batch_size, max_new_tokens,
