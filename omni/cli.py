@@ -1,4 +1,4 @@
-"""The `omni` command line: synth, train, schedule, eval, chat."""
+"""The `omni` command line: synth, train, schedule, eval, chat, plan, data."""
 from __future__ import annotations
 
 import argparse
@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="answer this one prompt and exit (default: interactive, /quit to leave)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=_chat)
+
+    from omni.curate.cli import add_data_commands
+
+    add_data_commands(sub)
     return parser
 
 

@@ -65,21 +65,29 @@ class SkipCounter:
         return True
 
 
-def _where(raw: dict) -> str:
+def where(raw: dict) -> str:
+    """'sample KEY in SHARD', for messages about a raw sample."""
     return f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
+
+
+def read_meta(raw: dict) -> dict:
+    """The sample's json member, parsed, with `messages` checked to be a list of {role, content}."""
+    if "json" not in raw:
+        raise SampleError(f"{where(raw)}: missing the required 'json' member")
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SampleError(f"{where(raw)}: field 'json' is not valid JSON ({e})") from None
+    messages = meta.get("messages") if isinstance(meta, dict) else None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise SampleError(f"{where(raw)}: field 'json.messages' must be a list of {{role, content}}")
+    return meta
 
 
 def decode_sample(raw: dict) -> tuple[dict, list[dict], dict[str, list]]:
     """Raw tar members -> (meta json, messages, media by modality in index order)."""
-    if "json" not in raw:
-        raise SampleError(f"{_where(raw)}: missing the required 'json' member")
-    try:
-        meta = json.loads(raw["json"])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SampleError(f"{_where(raw)}: field 'json' is not valid JSON ({e})") from None
-    messages = meta.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise SampleError(f"{_where(raw)}: field 'json.messages' must be a list of {{role, content}}")
+    meta = read_meta(raw)
+    messages = meta["messages"]
     media: dict[str, list] = {}
     for modality, exts in EXTENSIONS.items():
         found = []
@@ -97,7 +105,7 @@ def decode_sample(raw: dict) -> tuple[dict, list[dict], dict[str, list]]:
                 else:
                     item = value  # video bytes; frames are sampled by the processor
             except Exception as e:  # noqa: BLE001 - any decoder failure means a bad member
-                raise SampleError(f"{_where(raw)}: field '{key}' does not decode ({e})") from None
+                raise SampleError(f"{where(raw)}: field '{key}' does not decode ({e})") from None
             media.setdefault(modality, []).append(item)
     return meta, messages, media
 
@@ -159,7 +167,7 @@ class ExampleStream:
                 meta, messages, media = decode_sample(raw)
                 out.append(self.process(messages, media))
             except Exception as e:  # noqa: BLE001 - counted, reported with key+shard, rate-limited
-                self.counter.skip(_where(raw), e)
+                self.counter.skip(where(raw), e)
                 continue
             self.counter.ok()
         return out

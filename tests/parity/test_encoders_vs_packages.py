@@ -18,7 +18,6 @@ import math
 from dataclasses import asdict
 from fractions import Fraction
 
-import av
 import decord
 import numpy as np
 import open_clip

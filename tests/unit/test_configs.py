@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from omni.config import ConfigError, load_config
+from omni.config import ConfigError
 from omni.data.manifest import load_manifest
 from omni.presets import PRESETS, build_preset
-from omni.train.config import StageConfig, load_schedule, load_stage
+from omni.train.config import load_schedule, load_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE_FILES = sorted(p for p in (ROOT / "stages").rglob("*.yaml") if p.name != "schedule.yaml")
