@@ -1,4 +1,4 @@
-"""The `omni` command line: synth, train, schedule, eval, chat, plan, data."""
+"""The `omni` command line: synth, train, schedule, eval, chat, plan, data, export."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ EPILOG = """examples:
   omni schedule stages/tiny/schedule.yaml --out runs/quickstart data.manifest=runs/quickstart/synth/manifest.yaml
   omni eval runs/quickstart/final --data runs/quickstart/synth/manifest.yaml --out runs/quickstart
   omni chat runs/quickstart/final --image shape.png --audio tone.wav
+  omni export --ckpt runs/quickstart --out exports/omni-tiny [--push-to-hub USER/omni-tiny]
 """
 
 
@@ -157,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_chat)
 
     from omni.curate.cli import add_data_commands
+    from omni.hf.export import add_export_command
 
     add_data_commands(sub)
+    add_export_command(sub)
     return parser
 
 

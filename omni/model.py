@@ -90,13 +90,15 @@ class OmniModel(nn.Module):
             llm.resize_token_embeddings(len(tokenizer))
         return cls(cfg, llm, placeholder_ids(tokenizer), pretrained=pretrained), tokenizer
 
-    def save_pretrained(self, out_dir: str | Path, tokenizer) -> None:
-        """Write weights (safetensors), config and tokenizer into `out_dir` (callers make it atomic)."""
+    def save_pretrained(self, out_dir: str | Path, tokenizer, state_dict: dict | None = None) -> None:
+        """Write weights (safetensors), config and tokenizer into `out_dir` (callers make it atomic).
+        `state_dict`: the full weights, when this module only holds a shard of them (FSDP2, ZeRO-3
+        gather them first); written exactly as this module's own would be (tied weights once)."""
         from safetensors.torch import save_model
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(out_dir / WEIGHTS))
+        save_model(self if state_dict is None else _Weights(state_dict), str(out_dir / WEIGHTS))
         meta = {"model": model_config_to_dict(self.config), "token_ids": self.token_ids,
                 "llm_config": self.llm.config.to_dict()}
         (out_dir / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
@@ -111,6 +113,10 @@ class OmniModel(nn.Module):
         from transformers import AutoTokenizer
 
         model_dir = Path(model_dir)
+        if not (model_dir / CONFIG).is_file() and (model_dir / "config.json").is_file():  # an `omni export` folder
+            from omni.hf.load import load_exported
+
+            return load_exported(model_dir, overrides)
         if not (model_dir / CONFIG).is_file() or not (model_dir / WEIGHTS).is_file():
             raise FileNotFoundError(f"{model_dir}: not an omni model folder (needs {CONFIG} and {WEIGHTS})")
         meta = json.loads((model_dir / CONFIG).read_text())
@@ -160,24 +166,42 @@ class OmniModel(nn.Module):
             return torch.cat(keep)
         raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
 
-    def embed(self, input_ids: torch.Tensor, media: MediaBatch | None) -> torch.Tensor:
+    def blank_media(self, modality: str, device: torch.device | str = "cpu") -> MediaBatch:
+        """One all-zero medium of `modality` (one tile, one frame, one audio window)."""
+        size = self.encoders["image"].image_size
+        if modality in ("image", "video"):
+            pixels = torch.zeros(1, 3, size, size, device=device)
+            return MediaBatch(image=pixels, image_tiles=[1]) if modality == "image" else \
+                MediaBatch(video=pixels, video_frames=[1])
+        if modality == "audio":
+            cfg = self.encoders["audio"].cfg
+            return MediaBatch(audio=torch.zeros(1, cfg.n_mels, 2 * cfg.n_ctx, device=device), audio_valid=[1])
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+
+    def embed(self, input_ids: torch.Tensor, media: MediaBatch | None, blank: tuple[str, ...] = ()) -> torch.Tensor:
+        """Token embeddings with each modality's projected features in its placeholder positions.
+        `blank`: modalities to run on `blank_media` when the batch has none of them, adding exactly
+        0 to the result: engines that shard weights per module (FSDP2, ZeRO) need every rank to run
+        the same modules, and every rank to hold a (zero) gradient for them, in every micro-batch."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         media = media or MediaBatch()
         for modality in MODALITIES:
             tensor = getattr(media, modality)
             if tensor is None:
                 features = embeds.new_zeros(0, embeds.shape[-1])
+                if modality in blank:
+                    embeds = embeds + 0.0 * self.encode(modality, self.blank_media(modality, input_ids.device)).sum()
             else:
                 features = self.encode(modality, media)
             embeds = scatter_features(embeds, input_ids, self.token_ids[modality], features, modality)
         return embeds
 
     def forward(self, input_ids, attention_mask=None, labels=None, media: MediaBatch | None = None,
-                position_ids=None, num_items_in_batch: float | None = None):
+                position_ids=None, num_items_in_batch: float | None = None, blank: tuple[str, ...] = ()):
         """`num_items_in_batch`: divide the summed token losses by this instead of taking the mean
         (the trainer passes the label tokens of the whole step, so accumulation and data
-        parallelism weigh every token equally)."""
-        embeds = self.embed(input_ids, media)
+        parallelism weigh every token equally). `blank`: see `embed`."""
+        embeds = self.embed(input_ids, media, blank)
         # no KV cache in a training/scoring forward: with one, transformers would not turn packed
         # position ids into a per-sample mask
         kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
@@ -192,3 +216,14 @@ class OmniModel(nn.Module):
         """Greedy/sampled continuation; returns only the new token ids (left-padded prompts)."""
         embeds = self.embed(input_ids, media)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+
+class _Weights(nn.Module):
+    """A state dict posing as a module, for safetensors' `save_model` (which drops tied duplicates)."""
+
+    def __init__(self, state_dict: dict):
+        super().__init__()
+        self._weights = state_dict
+
+    def state_dict(self, *args, **kwargs):
+        return dict(self._weights)
