@@ -7,7 +7,9 @@ EVAL_SETS = image_colour,video_colour_change,audio_note,image_audio_side,text_ar
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.omni-installed
 
-.PHONY: setup quickstart test lock clean
+BROWSER = /usr/bin/chromium
+
+.PHONY: setup browser quickstart test lock clean
 
 setup: $(STAMP)
 
@@ -17,17 +19,28 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Debian's Chromium drives the demo's browser tests (Playwright's own browser download does not
+# work offline); without it those tests skip and say why.
+browser:
+	@test -x $(BROWSER) || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: could not install Debian's chromium; the browser tests will be skipped"
+
 # Synthetic corpus -> tiny two-stage schedule -> held-out eval table, all under $(OUT).
 quickstart: setup
 	$(BIN)/omni synth --out $(OUT)/synth
 	$(BIN)/omni schedule stages/tiny/schedule.yaml --out $(OUT) data.manifest=$(OUT)/synth/manifest.yaml
 	$(BIN)/omni eval $(OUT)/final --data $(OUT)/synth/manifest.yaml --out $(OUT) --datasets $(EVAL_SETS)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q tests
 
+# Resolve pyproject's pins (+ test extra) in a throw-away venv and record every version.
 lock:
-	$(BIN)/python -m pip freeze --exclude-editable | sed '1i # Exact versions the CPU install is tested with (pip freeze of `make setup`). Regenerate with `make lock`.' > requirements.lock
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet -e '.[test]'
+	(echo '# Exact versions the CPU install is tested with. Regenerate with `make lock`.'; \
+	 .venv-lock/bin/python -m pip freeze --exclude-editable) > requirements.lock
+	rm -rf .venv-lock
 
 clean:
 	rm -rf runs .pytest_cache

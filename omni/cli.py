@@ -1,4 +1,4 @@
-"""The `omni` command line: synth, train, schedule, eval, chat, plan, data, export."""
+"""The `omni` command line: synth, train, schedule, eval, chat, demo, plan, data, export."""
 from __future__ import annotations
 
 import argparse
@@ -53,10 +53,9 @@ def _eval(args) -> None:
 
 
 def _chat(args) -> None:
-    from omni.inference import load_media, stream_answer
+    from omni.inference import load_media, stream_answer, with_placeholders
     from omni.model import OmniModel
     from omni.processor import OmniProcessor
-    from omni.tokenizer import PLACEHOLDERS
 
     model, tokenizer = OmniModel.from_pretrained(args.model)
     model.eval()
@@ -79,8 +78,7 @@ def _chat(args) -> None:
             if not text:
                 continue
         if not history:  # media belong to the first turn; add placeholders the user left out
-            missing = "".join(f"{PLACEHOLDERS[m]} " * (len(v) - text.count(PLACEHOLDERS[m])) for m, v in media.items())
-            text = missing + text
+            text = with_placeholders(text, {m: len(v) for m, v in media.items()})
         history.append({"role": "user", "content": text})
         if prompts is None:
             print("omni> ", end="", flush=True)
@@ -158,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_chat)
 
     from omni.curate.cli import add_data_commands
+    from omni.demo.app import add_demo_command
     from omni.hf.export import add_export_command
 
     add_data_commands(sub)
     add_export_command(sub)
+    add_demo_command(sub)
     return parser
 
 

@@ -14,7 +14,9 @@ from PIL import Image
 from transformers import TextIteratorStreamer
 
 from encoders import load_audio
+from omni.presets import MODALITIES
 from omni.processor import OmniProcessor, collate
+from omni.tokenizer import PLACEHOLDERS
 
 
 def load_media(images=(), videos=(), audios=()) -> dict[str, list]:
@@ -27,6 +29,14 @@ def load_media(images=(), videos=(), audios=()) -> dict[str, list]:
     for path in audios:
         media.setdefault("audio", []).append(load_audio(str(path)))
     return media
+
+
+def with_placeholders(text: str, counts: dict[str, int]) -> str:
+    """Put the placeholders the user left out in front of `text`, as `omni chat` does:
+    image, video, audio in that order, each followed by a space."""
+    missing = "".join(f"{PLACEHOLDERS[m]} " * (counts.get(m, 0) - text.count(PLACEHOLDERS[m]))
+                      for m in MODALITIES)
+    return missing + text
 
 
 def stream_answer(model, tokenizer, processor: OmniProcessor, messages: list[dict],

@@ -1,0 +1,379 @@
+"""`omni demo`: a single-process Gradio app to talk to a model with webcam, microphone and files.
+
+    omni demo --model runs/quickstart/final        # http://127.0.0.1:7860
+    python demos/app.py --model DIR --port 8000
+
+Inputs: typed text with uploaded images / videos / audio (a multimodal textbox), a live webcam
+(frames sampled at the model's video fps into a rolling window of its max frames, each frame
+run through the image tower as it arrives), and a live microphone (chunks streamed to the
+server; an energy VAD ends an utterance after a pause, or push-to-talk ends it on stop). A turn
+carries the typed text, the uploads, the camera window as one `<video>` and the utterance as one
+`<audio>`; the answer streams token by token from `omni.inference.stream_answer`, the same call
+`omni chat` makes, and the chat shows what the model was given. TTFT and tokens/s of every turn
+are shown under the chat and logged. See docs/demo.md.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by gradio at import and launch
+
+log = logging.getLogger("omni.demo")
+QUICKSTART_MODEL = Path("runs/quickstart/final")
+WEBCAM_EVERY_S = 0.5   # the browser sends a webcam frame this often; the window keeps video.fps of them
+VAD, PTT = "auto: pause ends speech (VAD)", "push-to-talk: stop ends speech"
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    """The model folder to serve: `model`, else the quickstart's output; exits with what to run."""
+    if model is None:
+        for candidate in (QUICKSTART_MODEL, Path(__file__).resolve().parents[2] / QUICKSTART_MODEL):
+            if (candidate / "omni_config.json").is_file():
+                return candidate
+        sys.exit(f"no --model given and there is no {QUICKSTART_MODEL}: run `make quickstart` to train "
+                 "one (about 5 minutes on a CPU), or pass --model DIR")
+    path = Path(model)
+    if not path.is_dir():
+        hint = " (`make quickstart` writes it)" if path == QUICKSTART_MODEL else ""
+        sys.exit(f"--model {model}: no such folder{hint}")
+    if not ((path / "omni_config.json").is_file() or (path / "config.json").is_file()):
+        sys.exit(f"--model {model}: not a model folder (expected omni_config.json, as in a stage's final/ "
+                 "or a checkpoint, or an `omni export` folder)")
+    return path
+
+
+class Session:
+    """One browser tab: its chat, webcam window, microphone listener and files."""
+
+    def __init__(self, engine, root: Path):
+        from omni.demo.session import Conversation, FrameWindow, Listener
+
+        self.id = uuid.uuid4().hex[:8]
+        self.dir = root / self.id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.window = FrameWindow(engine.video.fps, engine.video.max_frames)
+        self.listener = Listener("vad")
+        self.chat = Conversation()
+        self.shown: list[dict] = []                # chatbot messages
+        self.pending: list[tuple[object, float]] = []  # (utterance, perf_counter when it ended)
+        self.utterances = 0                        # utterances sent during the current recording
+        self.turns = 0
+        self.triggers = 0
+        self.lock = threading.Lock()
+        self.ahead_s = 0.0                         # time of the last frame's encode_ahead
+
+    def file(self, suffix: str) -> Path:
+        return self.dir / f"{uuid.uuid4().hex[:10]}{suffix}"
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max_audio_windows: int = 1,
+              engine=None):
+    """The Gradio Blocks of the demo (not launched). `engine` lets a caller share a loaded model."""
+    import gradio as gr
+
+    from omni.demo.engine import DemoEngine, TurnStats
+    from omni.demo.session import (
+        Conversation,
+        Listener,
+        MediaError,
+        MediaItem,
+        contact_sheet,
+        decode_wav_chunk,
+        load_upload,
+        model_audio,
+        wav_bytes,
+    )
+    from omni.errors import SampleError
+
+    if engine is None:
+        engine = DemoEngine(resolve_model_dir(None if model_dir is None else str(model_dir)),
+                            max_new_tokens=max_new_tokens, max_audio_windows=max_audio_windows)
+    root = Path(tempfile.mkdtemp(prefix="omni-demo-"))  # recordings and contact sheets shown in the chat
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    fps, max_frames = engine.video.fps, engine.video.max_frames
+
+    def new_session():
+        return Session(engine, root)
+
+    # ---- webcam: sample frames into the window and encode them while the user talks --------
+    def on_frame(session: Session, frame):
+        if session is None or frame is None:
+            return gr.skip()
+        now = time.monotonic()
+        if session.window.due(now):  # encode first: a turn sent meanwhile sees only encoded frames
+            session.ahead_s = engine.encode_ahead(frame)
+            session.window.offer(frame, now)
+        w = session.window
+        return (f"camera: {len(w)}/{max_frames} frames in the window ({w.span_s():.0f} s at {fps:g} fps), "
+                f"each through the image tower on arrival ({_fmt_ms(session.ahead_s)})")
+
+    # ---- microphone: chunks -> utterances ---------------------------------------------------
+    def on_mode(session: Session, mode: str):
+        if session is not None:
+            session.listener = Listener("ptt" if mode == PTT else "vad")
+
+    def on_start(session: Session, mode: str):
+        if session is not None:
+            session.listener = Listener("ptt" if mode == PTT else "vad")
+            session.utterances = 0
+        return "listening…"
+
+    def _queue(session: Session, utterance) -> int:
+        with session.lock:
+            session.pending.append((utterance, time.perf_counter()))
+            session.utterances += 1
+            session.triggers += 1
+            return session.triggers  # a new value, so the hidden number's change event fires
+
+    def on_chunk(session: Session, chunk_path):
+        if session is None or not chunk_path:
+            return gr.skip(), gr.skip()
+        chunk = Path(chunk_path)
+        try:
+            sr, pcm = decode_wav_chunk(chunk.read_bytes())
+            utterance = session.listener.feed(pcm, sr)
+        except (MediaError, OSError) as e:
+            return f"microphone: {e}", gr.skip()
+        finally:  # 10 chunks a second would otherwise pile up in Gradio's upload folder
+            chunk.unlink(missing_ok=True)
+        lst = session.listener
+        level = f"{lst.level_db:.0f} dBFS" if lst.level_db > -120 else "silent"
+        if lst.mode == "ptt":
+            state = f"recording {lst.recorded_s:.1f} s (stop sends it)"
+        else:
+            state = "hearing speech" if lst.open else "waiting for speech"
+        status = f"microphone: {state} · level {level} (speech above {lst.threshold_db():.0f} dBFS)"
+        if utterance is None:
+            return status, gr.skip()
+        log.info("session %s: utterance of %.2f s ended (%s)", session.id, utterance.samples.size / sr,
+                 utterance.reason)
+        return f"microphone: heard {utterance.speech_s:.1f} s of speech, answering…", _queue(session, utterance)
+
+    def on_stop(session: Session):
+        if session is None:
+            return gr.skip(), gr.skip()
+        utterance = session.listener.finish()
+        if utterance is not None:
+            return "microphone: stopped; answering…", _queue(session, utterance)
+        if session.listener.only_silence and not session.utterances:
+            gr.Warning("Heard only silence: nothing was sent.")
+            return "microphone: heard only silence; nothing was sent", gr.skip()
+        return "microphone: stopped", gr.skip()
+
+    # ---- a turn -----------------------------------------------------------------------------
+    def _items(session: Session, files: list[str], use_camera: bool, utterance) -> tuple[list[MediaItem], list[str]]:
+        items, errors = [], []
+        for path in files:
+            try:
+                item = load_upload(path, engine.video, engine.max_audio_samples)
+            except MediaError as e:
+                errors.append(str(e))
+                continue
+            if item.kind == "video":
+                item.path = _save_sheet(session, item.value)
+            elif item.kind == "audio" and item.notes:  # show what was kept
+                item.path = _save_wav(session, item.value, 16000)
+            items.append(item)
+        frames = session.window.snapshot(time.monotonic()) if use_camera else []
+        if frames:
+            note = f"camera: the last {len(frames)} frames ({session.window.span_s():.0f} s at {fps:g} fps)"
+            items.append(MediaItem("video", frames, _save_sheet(session, frames), [note]))
+        if utterance is not None:
+            try:
+                wav, notes = model_audio(utterance.samples, utterance.sr, engine.max_audio_samples)
+                items.append(MediaItem("audio", wav, _save_wav(session, wav, 16000), notes))
+            except MediaError as e:
+                errors.append(str(e))
+        return items, errors
+
+    def _save_sheet(session: Session, frames) -> str:
+        path = session.file(".png")
+        contact_sheet(frames).save(path)
+        return str(path)
+
+    def _save_wav(session: Session, wav, sr: int) -> str:
+        path = session.file(".wav")
+        path.write_bytes(wav_bytes(wav, sr))
+        return str(path)
+
+    def _turn(session: Session, box, max_tokens, use_camera, utterance, t_input: float, spoken_lag: float):
+        text = ((box or {}).get("text") or "").strip()
+        files = list((box or {}).get("files") or [])
+        items, errors = _items(session, files, use_camera, utterance)
+        if not text and not items and not errors:
+            yield session.shown, gr.skip(), gr.skip()
+            return
+        notes = [n for item in items for n in item.notes]
+        shown_text = text + "".join(f"\n\n*{n}*" for n in notes)
+        user_msg = {"role": "user", "content": [{"path": item.path} for item in items]
+                    + ([shown_text] if shown_text else [])}
+        session.shown.append(user_msg)
+        if errors:
+            for e in errors:
+                gr.Warning(e)
+            session.shown.append({"role": "assistant", "content": "⚠ " + "\n\n⚠ ".join(errors)
+                                  + "\n\nNothing was sent to the model; fix the input and send again."})
+            yield session.shown, {"text": text, "files": []}, "input refused: " + "; ".join(errors)
+            return
+        session.turns += 1
+        n = session.turns
+        turn = session.chat.add_user(text, items)
+        answer_msg = {"role": "assistant", "content": ""}
+        session.shown.append(answer_msg)
+        yield session.shown, {"text": "", "files": []}, f"turn {n} · generating…"
+        stats = TurnStats()
+        answer = ""
+        try:
+            for piece in engine.answer(session.chat, stats, t_input, int(max_tokens)):
+                answer += piece
+                answer_msg["content"] = answer.strip()
+                yield session.shown, gr.skip(), gr.skip()
+        except SampleError as e:
+            session.chat.turns.pop()  # the turn just added (dropping never takes the last)
+            answer_msg["content"] = f"⚠ the model cannot take this turn: {e}. Nothing was sent."
+            yield session.shown, gr.skip(), f"turn {n} · refused: {e}"
+            return
+        turn.answer = answer.strip()
+        if not turn.answer:
+            answer_msg["content"] = "*(empty answer: the model emitted its end token first)*"
+        line = f"turn {n} · {stats.line()}"
+        if spoken_lag:
+            line += f" · end of speech → first token {_fmt_ms(stats.ttft_s + spoken_lag)}"
+        if stats.dropped:
+            line += f" · {stats.dropped} oldest turn(s) dropped to fit the context"
+            gr.Info(f"The conversation no longer fit the model's context: dropped the {stats.dropped} oldest turn(s).")
+        log.info("session %s %s", session.id, line)
+        yield session.shown, gr.skip(), line
+
+    def respond(session: Session, box, max_tokens, use_camera):
+        yield from _turn(session, box, max_tokens, use_camera, None, time.perf_counter(), 0.0)
+
+    def respond_voice(session: Session, box, max_tokens, use_camera):
+        with session.lock:
+            if not session.pending:
+                yield session.shown, gr.skip(), gr.skip()
+                return
+            utterance, t_end = session.pending.pop(0)
+        # TTFT counts from when the VAD / stop closed the utterance; the pause it waited for is
+        # added for "end of speech -> first token"
+        lag = max(0.0, utterance.detected_s - utterance.end_s)
+        yield from _turn(session, box, max_tokens, use_camera, utterance, t_end, lag)
+
+    def clear(session: Session):
+        session.chat, session.shown, session.turns = Conversation(), [], 0
+        return [], {"text": "", "files": []}, ""
+
+    with gr.Blocks(title="omni demo", analytics_enabled=False) as demo:
+        session = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)
+        gr.Markdown(f"## omni — real-time demo\n{engine.describe()}")
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="chat", elem_id="omni-chat", height=560, buttons=["copy"], feedback_options=None,
+                                     layout="bubble",
+                                     placeholder="Type a question, attach images / videos / audio, or talk "
+                                                 "to the camera and microphone on the right.")
+                box = gr.MultimodalTextbox(elem_id="omni-input", file_count="multiple", sources=["upload"],
+                                           placeholder="Ask something (Enter sends); the clip attaches images, videos, audio",
+                                           show_label=False)
+                metrics = gr.Markdown(elem_id="omni-metrics")
+                with gr.Row():
+                    max_tokens = gr.Slider(1, 512, value=engine.max_new_tokens, step=1, label="max new tokens")
+                    clear_btn = gr.Button("Clear chat", elem_id="omni-clear")
+            with gr.Column(scale=2):
+                cam = gr.Image(sources=["webcam"], streaming=True, type="pil", label="camera", height=300,
+                               elem_id="omni-camera", webcam_options=gr.WebcamOptions(mirror=False))
+                use_camera = gr.Checkbox(value=True, label="send the camera's last frames with each turn")
+                cam_status = gr.Markdown("camera: off", elem_id="omni-camera-status")
+                mic = gr.Audio(sources=["microphone"], streaming=True, type="filepath", label="microphone",
+                               elem_id="omni-mic")
+                mode = gr.Radio([VAD, PTT], value=VAD, show_label=False)
+                mic_status = gr.Markdown("microphone: off", elem_id="omni-mic-status")
+                utterance_ready = gr.Number(value=0, visible="hidden", elem_id="omni-utterance")
+
+        demo.load(new_session, None, session)
+        outputs = [chatbot, box, metrics]
+        inputs = [session, box, max_tokens, use_camera]
+        box.submit(respond, inputs, outputs, concurrency_id="generate", concurrency_limit=1)
+        utterance_ready.change(respond_voice, inputs, outputs, concurrency_id="generate", concurrency_limit=1)
+        cam.stream(on_frame, [session, cam], [cam_status], stream_every=WEBCAM_EVERY_S, concurrency_limit=None,
+                   show_progress="hidden")
+        mic.start_recording(on_start, [session, mode], [mic_status], concurrency_limit=None,
+                            show_progress="hidden")
+        mic.stream(on_chunk, [session, mic], [mic_status, utterance_ready], concurrency_limit=None,
+                   show_progress="hidden")
+        mic.stop_recording(on_stop, [session], [mic_status, utterance_ready], concurrency_limit=None,
+                           show_progress="hidden")
+        mode.change(on_mode, [session, mode], None)
+        clear_btn.click(clear, [session], outputs)
+        chatbot.clear(clear, [session], outputs)
+    demo.omni_engine = engine
+    demo.omni_tmp = root
+    return demo
+
+
+def launch(model_dir: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
+           share: bool = False, max_new_tokens: int = 64, max_audio_windows: int = 1, queue_size: int = 64):
+    """Build and serve the demo (blocks). Generation runs one turn at a time; other sessions wait
+    in Gradio's queue (at most `queue_size`, then they are told the queue is full)."""
+    import gradio as gr
+
+    demo = build_app(model_dir, max_new_tokens, max_audio_windows)
+    demo.queue(max_size=queue_size, default_concurrency_limit=1)
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # no web fonts to fetch
+    demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(demo.omni_tmp)],
+                show_error=True, max_file_size="200mb", footer_links=[], theme=theme, ssr_mode=False)
+    return demo
+
+
+# ---- command line -----------------------------------------------------------------------------
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model folder: a stage's final/, a checkpoint, or an export "
+                                   "(default: runs/quickstart/final, written by `make quickstart`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (default 7860, or the next free one)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-audio-windows", type=int, default=1,
+                   help="audio longer than this many audio-encoder windows is cut (default 1: 30 s at 7B, 1 s tiny)")
+
+
+def _demo(args) -> None:
+    launch(args.model, args.host, args.port, args.share, args.max_new_tokens, args.max_audio_windows)
+
+
+def add_demo_command(subparsers) -> argparse.ArgumentParser:
+    """Register `omni demo` on the `omni` parser's subparsers (as omni/cli.py build_parser does)."""
+    p = subparsers.add_parser("demo", help="real-time browser demo: webcam, microphone, files and chat")
+    _add_arguments(p)
+    p.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="omni demo", description=__doc__.split("\n\n")[0])
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _demo(args)
+
+
+if __name__ == "__main__":
+    main()

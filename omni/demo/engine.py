@@ -1,0 +1,217 @@
+"""The model side of the demo: load once, encode webcam frames ahead, stream answers with timings.
+
+Generation is `omni.inference.stream_answer` (the processor, prompt and greedy decoding of
+`omni chat` and `omni eval`); nothing here decodes tokens.
+
+Frames encoded while audio arrives (Baichuan-Omni's real-time design): the image tower is wrapped
+in `FrameFeatureCache`, a content-addressed cache of its per-frame outputs. Each webcam frame that
+enters the rolling window is preprocessed and run through the tower as it arrives
+(`encode_ahead`); when the turn is sent, the model's own `encode("video")` calls the tower on the
+window's pixels and gets those rows from the cache, so only the video projector (a 2x2 pool and
+an MLP), the audio tower and the LLM prefill run after the user stops speaking. The model's
+fusion code runs unchanged; a row not in the cache (uploaded images, a frame evicted early) is
+computed then, as without the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from omni.errors import SampleError
+from omni.inference import stream_answer
+from omni.processor import OmniProcessor
+
+log = logging.getLogger("omni.demo")
+
+
+def load_model(model_dir: str | Path):
+    """(model, tokenizer) from a stage's `final/`, a checkpoint folder, or an `omni export` folder."""
+    try:  # exported Hugging Face folders too, where that loader is installed
+        from omni.hf.load import load_model_dir
+    except ImportError:
+        from omni.model import OmniModel
+
+        load_model_dir = OmniModel.from_pretrained
+    return load_model_dir(model_dir)
+
+
+class FrameFeatureCache(nn.Module):
+    """The image tower with a cache of its outputs, keyed by each frame's pixel content.
+
+    `forward(pixels)` returns exactly `tower(pixels)` row for row: cached rows come from the
+    cache, the rest from one tower call. `encode_ahead(pixels)` computes and stores rows.
+    Other attributes (`num_patches`, `preprocess`, ...) are the tower's.
+    """
+
+    def __init__(self, tower: nn.Module, capacity: int):
+        super().__init__()
+        self.tower = tower
+        self.capacity = capacity
+        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["tower"], name)
+
+    @staticmethod
+    def _key(row: torch.Tensor) -> bytes:
+        return hashlib.blake2b(row.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+    @torch.no_grad()
+    def encode_ahead(self, pixels: torch.Tensor) -> int:
+        """Run the tower on rows not cached yet and keep the results; returns how many ran."""
+        keys = [self._key(r) for r in pixels]
+        with self._lock:
+            todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        if todo:
+            feats = self.tower(pixels[todo])
+            with self._lock:
+                for i, f in zip(todo, feats):
+                    self._cache[keys[i]] = f.clone()
+                while len(self._cache) > self.capacity:
+                    self._cache.popitem(last=False)
+        return len(todo)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        keys = [self._key(r) for r in pixels]
+        with self._lock:
+            found = {i: self._cache[k] for i, k in enumerate(keys) if k in self._cache}
+            for i in found:
+                self._cache.move_to_end(keys[i])
+        self.hits += len(found)
+        self.misses += len(keys) - len(found)
+        if not found:
+            return self.tower(pixels)
+        todo = [i for i in range(len(keys)) if i not in found]
+        if todo:
+            found.update(zip(todo, self.tower(pixels[todo])))
+        return torch.stack([found[i] for i in range(len(keys))])
+
+
+@dataclass
+class TurnStats:
+    ttft_s: float = float("nan")       # input complete -> first generated token (prefill done)
+    tokens: int = 0                    # generated tokens (LLM forward calls during generate)
+    decode_s: float = 0.0              # first -> last generated token
+    total_s: float = 0.0               # input complete -> answer done
+    prompt_tokens: int = 0
+    frames_ahead: int = 0              # video frames whose tower features were ready in advance
+    frames: int = 0                    # video frames in the prompt
+    dropped: int = 0                   # oldest turns forgotten to fit the model's context
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.tokens - 1) / self.decode_s if self.tokens > 1 and self.decode_s > 0 else float("nan")
+
+    def line(self) -> str:
+        tps = self.tokens_per_s
+        parts = [f"TTFT {self.ttft_s * 1000:.0f} ms",
+                 f"{self.tokens} tokens" + (f" at {tps:.1f} tokens/s" if math.isfinite(tps) else ""),
+                 f"prompt {self.prompt_tokens} tokens"]
+        if self.frames:
+            parts.append(f"{self.frames_ahead}/{self.frames} frames encoded ahead")
+        return " · ".join(parts)
+
+
+class DemoEngine:
+    """One model shared by every browser session; generation runs one turn at a time."""
+
+    def __init__(self, model_dir: str | Path, max_new_tokens: int = 64, max_audio_windows: int = 1,
+                 cache_frames: int | None = None):
+        t0 = time.perf_counter()
+        self.model_dir = Path(model_dir)
+        self.model, self.tokenizer = load_model(model_dir)
+        self.model.eval()
+        self.processor = OmniProcessor(self.tokenizer, self.model)  # keeps the unwrapped tower
+        self.video = self.model.config.video
+        self.max_new_tokens = max_new_tokens
+        audio = self.model.encoders["audio"]
+        self.audio_window = audio.window_samples
+        self.max_audio_samples = audio.window_samples * max_audio_windows
+        self.frame_cache = FrameFeatureCache(self.model.encoders["image"],
+                                             cache_frames or 4 * self.video.max_frames)
+        self.model.encoders["image"] = self.frame_cache
+        self._lock = threading.Lock()
+        self._steps: list[float] = []      # one time stamp per LLM forward = per generated token
+        self._prompt_len = 0
+        self.model.llm.register_forward_hook(self._count_step, with_kwargs=True)
+        log.info("loaded %s in %.1f s (video %g fps, <= %d frames; audio window %.1f s)", self.model_dir,
+                 time.perf_counter() - t0, self.video.fps, self.video.max_frames, self.audio_window / 16000)
+
+    def _count_step(self, module, args, kwargs, output) -> None:
+        if not self._steps and kwargs.get("inputs_embeds") is not None:
+            self._prompt_len = kwargs["inputs_embeds"].shape[1]
+        self._steps.append(time.perf_counter())
+
+    def describe(self) -> str:
+        cfg = self.model.config
+        n = sum(p.numel() for p in self.model.parameters())
+        return (f"`{self.model_dir}` — preset {cfg.name}, {n / 1e6:.1f}M parameters; video {self.video.fps:g} fps, "
+                f"at most {self.video.max_frames} frames; audio cut to {self.max_audio_samples / 16000:g} s")
+
+    @torch.no_grad()
+    def encode_ahead(self, frame: Image.Image) -> float:
+        """Preprocess one webcam frame and run it through the image tower now; returns seconds."""
+        t0 = time.perf_counter()
+        pixels = self.processor.image_encoder.preprocess([frame.convert("RGB")])
+        self.frame_cache.encode_ahead(pixels)
+        return time.perf_counter() - t0
+
+    def stream(self, messages: list[dict], media: dict[str, list], stats: TurnStats, t_input: float,
+               max_new_tokens: int | None = None):
+        """Yield answer pieces from `stream_answer`; fill `stats` (timings from `t_input`).
+        Raises omni.errors.SampleError before the first piece when the prompt does not fit."""
+        with self._lock:
+            self._steps.clear()
+            self._prompt_len = 0
+            hits0 = self.frame_cache.hits
+            stats.frames = sum(len(v) for v in media.get("video", []))
+            pieces = stream_answer(self.model, self.tokenizer, self.processor, messages, media,
+                                   max_new_tokens or self.max_new_tokens)
+            for piece in pieces:
+                if self._steps and math.isnan(stats.ttft_s):
+                    stats.ttft_s = self._steps[0] - t_input
+                yield piece
+            if self._steps:
+                stats.ttft_s = self._steps[0] - t_input
+            stats.total_s = time.perf_counter() - t_input
+            stats.tokens = len(self._steps)
+            stats.decode_s = self._steps[-1] - self._steps[0] if len(self._steps) > 1 else 0.0
+            stats.frames_ahead = min(stats.frames, self.frame_cache.hits - hits0)
+            stats.prompt_tokens = self._prompt_len
+
+    def answer(self, chat, stats: TurnStats, t_input: float, max_new_tokens: int | None = None):
+        """Stream the answer to the last turn of `chat` (an omni.demo.session.Conversation).
+
+        While the prompt is longer than the model's context, the oldest turns are dropped
+        (counted in `stats.dropped`); a last turn that does not fit alone raises SampleError, as
+        does any other input the processor refuses."""
+        while True:
+            pieces = self.stream(chat.messages(), chat.media(), stats, t_input, max_new_tokens)
+            try:
+                first = next(pieces)
+            except StopIteration:
+                return
+            except SampleError as e:  # raised by the processor before generation starts
+                if "exceeds max_length" in str(e) and chat.drop_oldest():
+                    stats.dropped += 1
+                    continue
+                raise
+            yield first
+            yield from pieces
+            return
