@@ -1,4 +1,4 @@
-"""The `omni` command line: synth, train, schedule, eval, chat, demo, plan, data, export."""
+"""The `omni` command line: synth, train, schedule, eval, chat, demo, plan, data, align, export."""
 from __future__ import annotations
 
 import argparse
@@ -155,11 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=_chat)
 
+    from omni.align.cli import add_align_commands
     from omni.curate.cli import add_data_commands
     from omni.demo.app import add_demo_command
     from omni.hf.export import add_export_command
 
     add_data_commands(sub)
+    add_align_commands(sub)
     add_export_command(sub)
     add_demo_command(sub)
     return parser

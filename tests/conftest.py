@@ -24,3 +24,18 @@ def tiny_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     return write_corpus(SynthConfig(out_dir=str(out), train_per_task=48, val_per_task=12,
                                     samples_per_shard=24), progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_corpus, tmp_path_factory):
+    """A tiny model trained 24 steps on the tiny corpus, so greedy answers are words (after only
+    8 steps it still answers prompts with a video by its end token alone)."""
+    from pathlib import Path
+
+    from omni.train.config import load_stage
+    from omni.train.trainer import train_stage
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_stage(root / "stages/tiny/2_sft.yaml", [f"data.manifest={tiny_corpus}", "init_from=null",
+                                                      "steps=24", "batch.micro_batch=8", "optim.lr=3e-3"])
+    return train_stage(cfg, tmp_path_factory.mktemp("trained-tiny"), progress=False)

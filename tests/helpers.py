@@ -1,8 +1,11 @@
 """Small media writers shared by tests (real files, written with the real libraries)."""
 from __future__ import annotations
 
+import wave
+
 import av
 import numpy as np
+from PIL import Image
 
 
 def write_mp4(path, num_frames: int, rate, width: int = 32, height: int = 32) -> None:
@@ -17,3 +20,15 @@ def write_mp4(path, num_frames: int, rate, width: int = 32, height: int = 32) ->
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def image_and_tone(folder):
+    """A random 32-px PNG and a 0.75 s 440 Hz mono 16 kHz WAV in `folder`; returns their paths."""
+    img = folder / "shape.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
+    wav = folder / "tone.wav"
+    t = np.arange(12000) / 16000
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes())
+    return img, wav

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+
+from tests.helpers import image_and_tone
 
 try:
     from playwright.sync_api import sync_playwright
@@ -42,18 +43,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
-def saved_model(tiny_corpus, tmp_path_factory):
-    """A briefly trained tiny model whose greedy answers are words, as in test_chat.py but 24 steps:
-    after 8 it still answers every prompt with a video (the camera turn) by its end token alone."""
-    from omni.train.config import load_stage
-    from omni.train.trainer import train_stage
-
-    cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml", [f"data.manifest={tiny_corpus}", "init_from=null",
-                                                      "steps=24", "batch.micro_batch=8", "optim.lr=3e-3"])
-    return train_stage(cfg, tmp_path_factory.mktemp("demo-model"), progress=False)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,13 +50,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(saved_model, tmp_path_factory):
+def server(trained_tiny, tmp_path_factory):
     """`python demos/app.py` on a free loopback port; yields its URL, stops it afterwards."""
     tmp = tmp_path_factory.mktemp("demo-server")
     port = _free_port()
     log = open(tmp / "server.log", "w+")  # noqa: SIM115 - open while the server runs
     env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "demos/app.py"), "--model", str(saved_model),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "demos/app.py"), "--model", str(trained_tiny),
                              "--port", str(port), "--max-new-tokens", str(MAX_NEW_TOKENS)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     url = f"http://127.0.0.1:{port}/"
@@ -132,25 +121,14 @@ def _ask(page, text: str, files=(), send: bool = True):
         page.press("#omni-input textarea", "Enter")
 
 
-def _media_files(tmp_path):
-    img = tmp_path / "shape.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
-    wav = tmp_path / "tone.wav"
-    t = np.arange(12000) / 16000
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
-        w.writeframes((0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes())
-    return img, wav
-
-
-def test_uploaded_image_and_audio_get_the_stream_answer_answer(server, saved_model, tmp_path):
+def test_uploaded_image_and_audio_get_the_stream_answer_answer(server, trained_tiny, tmp_path):
     from omni.inference import load_media, stream_answer
     from omni.model import OmniModel
     from omni.processor import OmniProcessor
 
-    img, wav = _media_files(tmp_path)
+    img, wav = image_and_tone(tmp_path)
     question = "which note is played?"
-    model, tok = OmniModel.from_pretrained(saved_model)
+    model, tok = OmniModel.from_pretrained(trained_tiny)
     model.eval()
     msgs = [{"role": "user", "content": f"<image> <audio> {question}"}]
     expected = "".join(stream_answer(model, tok, OmniProcessor(tok, model), msgs,

@@ -1,0 +1,188 @@
+"""Alignment data: chat and preference records from JSONL or WebDataset, and the examples built
+from them with the omni processor (same chat template, same assistant-only label mask).
+
+Records
+    chat        {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}   (ARCHITECTURE §3)
+    preference  {"prompt": messages or a string, "chosen": reply, "rejected": reply}  (ARCHITECTURE §3)
+                a reply is a string, an assistant message, or a list of messages (TRL's
+                conversational format); the prompt may hold earlier turns and media placeholders.
+Sources (`read_records(spec)`, $VARS expanded): a `.jsonl` file (one record per line), a `.json` array, a
+manifest YAML (its datasets of one split, read once through webdataset), or a shard path /
+brace pattern. WebDataset samples keep their raw members, and media are decoded only when an
+example is built, by the same `decode_sample` as training.
+
+Align data sets are read once into memory as records (text is small; media stay undecoded bytes)
+and served by `RecordStream`, a seeded epoch-by-epoch shuffle whose position is one integer, so a
+resumed run skips exactly what it had consumed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+from omni.data.loader import EXTENSIONS, SkipCounter, decode_sample, split_stream
+from omni.data.manifest import load_manifest
+from omni.errors import SampleError
+from omni.processor import IGNORE, Example
+
+_MEDIA_EXTS = {e for exts in EXTENSIONS.values() for e in exts}
+
+
+class AlignDataError(ValueError):
+    """A data source or record cannot be used; the message names the file/sample and the field."""
+
+
+def read_records(spec: str | Path, split: str = "train", datasets: list[str] | None = None) -> list[dict]:
+    """All records of a source (see the module docstring). Each gets `__where__` for messages."""
+    spec = os.path.expandvars(str(spec))
+    path = Path(spec)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise AlignDataError(f"{path}: no such file")
+        out = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise AlignDataError(f"{path}:{n}: not valid JSON ({e})") from None
+                rec["__where__"] = f"{path}:{n}"
+                out.append(rec)
+        return out
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise AlignDataError(f"{path}: cannot read a JSON array ({e})") from None
+        return [{**rec, "__where__": f"{path}[{i}]"} for i, rec in enumerate(data)]
+    if path.suffix in (".yaml", ".yml"):
+        entries = load_manifest(path).select(split, datasets)
+        raws = [raw for e in entries for raw in split_stream(e, SkipCounter(max_fraction=0.5))]
+    else:
+        raws = list(wds.DataPipeline(wds.SimpleShardList(spec), wds.tarfile_to_samples()))
+    out = []
+    for raw in raws:
+        where = f"sample {raw.get('__key__')} in {raw.get('__url__')}"
+        try:
+            rec = json.loads(raw["json"])
+        except (KeyError, ValueError) as e:
+            raise AlignDataError(f"{where}: the 'json' member is missing or invalid ({e})") from None
+        media = {k: v for k, v in raw.items() if k.rpartition(".")[2].lower() in _MEDIA_EXTS}
+        if media:
+            rec["__media__"] = media
+        rec["__where__"] = where
+        out.append(rec)
+    if not out:
+        raise AlignDataError(f"{spec}: no samples found")
+    return out
+
+
+def record_media(rec: dict) -> dict[str, list]:
+    """Decoded media of a WebDataset record (placeholder order), {} for text records."""
+    if "__media__" not in rec:
+        return {}
+    raw = {"__key__": rec["__where__"], "json": json.dumps({"messages": []}).encode(), **rec["__media__"]}
+    return decode_sample(raw)[2]
+
+
+def _reply(value, where: str, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, dict) and "content" in value:
+        return [{"role": value.get("role", "assistant"), "content": value["content"]}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        return value
+    raise AlignDataError(f"{where}: field '{field}' must be a string, an assistant message or a list of messages")
+
+
+def chat_messages(rec: dict) -> list[dict]:
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+        raise AlignDataError(f"{rec.get('__where__')}: field 'messages' must be a list of {{role, content}}")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise AlignDataError(f"{rec.get('__where__')}: no assistant message to learn from")
+    return msgs
+
+
+def preference_messages(rec: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, prompt + chosen, prompt + rejected) message lists."""
+    where = rec.get("__where__")
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in rec:
+            raise AlignDataError(f"{where}: a preference record needs 'prompt', 'chosen' and 'rejected' (no {key!r})")
+    prompt = rec["prompt"]
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not isinstance(prompt, list) or not prompt or prompt[-1].get("role") != "user":
+        raise AlignDataError(f"{where}: field 'prompt' must be a string or messages ending with a user turn")
+    return prompt, prompt + _reply(rec["chosen"], where, "chosen"), prompt + _reply(rec["rejected"], where, "rejected")
+
+
+def last_span(labels: torch.Tensor) -> torch.Tensor:
+    """Keep only the last run of label tokens (the final assistant reply); the rest becomes IGNORE."""
+    on = (labels != IGNORE).nonzero().flatten()
+    if len(on) == 0:
+        return labels
+    start = int(on[-1])
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    out = labels.clone()
+    out[:start] = IGNORE
+    return out
+
+
+def sft_example(processor, rec: dict, turns: str = "all") -> Example:
+    """Loss on every assistant turn (`all`) or the last one only (`last`)."""
+    ex = processor(chat_messages(rec), record_media(rec))
+    if turns == "last":
+        ex.labels = last_span(ex.labels)
+    if not (ex.labels != IGNORE).any():
+        raise SampleError(f"{rec.get('__where__')}: no label tokens")
+    return ex
+
+
+def preference_examples(processor, rec: dict) -> tuple[Example, Example]:
+    """Chosen and rejected examples; labels cover the final reply only (the compared completion)."""
+    _, chosen, rejected = preference_messages(rec)
+    media = record_media(rec)
+    out = []
+    for msgs in (chosen, rejected):
+        ex = processor(msgs, media)
+        ex.labels = last_span(ex.labels)
+        out.append(ex)
+    return out[0], out[1]
+
+
+class RecordStream:
+    """Endless seeded epochs over a record list; `consumed` records so far (resume = skip)."""
+
+    def __init__(self, records: list, seed: int):
+        if not records:
+            raise AlignDataError("no training records")
+        self.records, self.seed, self.consumed = records, seed, 0
+        self._order: list[int] = []
+
+    def _index(self, n: int) -> int:
+        epoch, pos = divmod(n, len(self.records))
+        if pos == 0 or not self._order:
+            self._order = list(range(len(self.records)))
+            random.Random(self.seed * 100_003 + epoch).shuffle(self._order)
+        return self._order[pos]
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            self._index(self.consumed)
+            self.consumed += 1
+
+    def take(self, k: int) -> list[tuple[int, object]]:
+        """k (record index, record) pairs."""
+        out = []
+        for _ in range(k):
+            i = self._index(self.consumed)
+            self.consumed += 1
+            out.append((i, self.records[i]))
+        return out
