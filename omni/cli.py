@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 EPILOG = """examples:
@@ -28,11 +29,14 @@ def _train(args) -> None:
     from omni.train.config import load_stage
     from omni.train.trainer import train_stage
 
-    cfg = load_stage(args.config, args.overrides)
+    overrides = [*args.overrides, "log.profile=true"] if args.profile else args.overrides
+    cfg = load_stage(args.config, overrides)
     if cfg.init_from == "previous":
         sys.exit(f"{args.config}: init_from: previous only works inside `omni schedule`; "
                  "pass init_from=PATH/TO/final")
-    print(f"final model: {train_stage(cfg, args.out, progress=not args.quiet)}")
+    final = train_stage(cfg, args.out, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"final model: {final}")
 
 
 def _schedule(args) -> None:
@@ -91,12 +95,13 @@ def _chat(args) -> None:
 
 
 def _plan(args) -> None:
-    from omni.plan import plan_stage
+    from omni.plan import plan_stage, stage_engine
     from omni.train.config import load_stage
 
     cfg = load_stage(args.config, args.overrides)
-    print(f"{cfg.name}: {args.gpus} x {args.gpu_mem:g} GiB, engine {args.engine}")
-    print(plan_stage(cfg, args.gpus, args.gpu_mem, args.engine, args.seq_len).table())
+    engine = args.engine or stage_engine(cfg)
+    print(f"{cfg.name}: {args.gpus} x {args.gpu_mem:g} GiB, engine {engine}")
+    print(plan_stage(cfg, args.gpus, args.gpu_mem, engine, args.seq_len).table())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,12 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="stage YAML, e.g. stages/tiny/2_sft.yaml")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.add_argument("--out", required=True, help="stage output folder; the model lands in OUT/final")
+    p.add_argument("--profile", action="store_true", help="log tokens/s, model TFLOP/s and MFU in metrics.jsonl")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=_train)
 
     p = sub.add_parser("schedule", help="run a list of stages, each from the previous one's model")
     p.add_argument("schedule", help="schedule YAML, e.g. stages/tiny/schedule.yaml")
     p.add_argument("overrides", nargs="*", help=overrides_help + " (applied to every stage)")
     p.add_argument("--out", required=True, help="run folder; one subfolder per stage, final model in OUT/final")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=_schedule)
 
     p = sub.add_parser("eval", help="held-out accuracy per modality vs chance and blanked media")
@@ -141,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
     p.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU (default 80, an H100/A100-80G)")
-    p.add_argument("--engine", default="fsdp2", choices=["ddp", "zero2", "zero3", "fsdp2"],
-                   help="what is sharded: ddp nothing, zero2 grads+optimizer, zero3/fsdp2 everything")
+    p.add_argument("--engine", default=None, choices=["ddp", "zero2", "zero3", "fsdp2"],
+                   help="what is sharded: ddp nothing, zero2 grads+optimizer, zero3/fsdp2 everything "
+                        "(default: the stage's engine)")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sample when the stage does not pack")
     p.set_defaults(func=_plan)
 

@@ -66,7 +66,14 @@ def transformer_activation_bytes(tokens: int, batch: int, hidden: int, heads: in
     return layers * full_layer
 
 
-def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str, seq_len: int) -> Plan:
+def stage_engine(cfg: StageConfig) -> str:
+    """The planner's name for the stage's own engine (deepspeed -> zero2 / zero3)."""
+    return f"zero{cfg.zero_stage}" if cfg.engine == "deepspeed" else cfg.engine
+
+
+def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None = None, seq_len: int = 4096) -> Plan:
+    """`engine`: ddp, zero2, zero3 or fsdp2; None: the stage's own (`engine`, `zero_stage`)."""
+    engine = engine or stage_engine(cfg)
     if engine not in SHARDING:
         raise ValueError(f"engine {engine!r}: choose one of {list(SHARDING)}")
     if gpus < 1 or gpu_gib <= 0:

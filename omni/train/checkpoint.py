@@ -2,7 +2,11 @@
 
 A run killed mid-write leaves either the previous checkpoint or the new one, never a torn
 folder. Resumable checkpoints hold the full training state (weights, optimizer, scheduler,
-RNGs, step, raw samples consumed) so a resumed run continues exactly.
+every rank's RNGs and raw samples consumed, step) so a resumed run continues exactly. The
+weights and optimizer are written by the engine (omni/train/engines.py), sharded where it
+shards: ddp a model folder (`save_pretrained`) + the optimizer state, fsdp2 a
+torch.distributed.checkpoint folder `dcp/`, deepspeed its own `deepspeed/` tag folder.
+`trainer_state.pt` (rank 0, written last) holds the rest and names the engine and world size.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from omni.config import ConfigError
+
 STATE = "trainer_state.pt"
 
 
@@ -27,39 +33,69 @@ def atomic_dir(target: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old)
+        _replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
 
 
-def save_model_dir(model, tokenizer, target: str | Path) -> Path:
+def _replace(tmp: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def save_model_dir(model, tokenizer, target: str | Path, state_dict: dict | None = None) -> Path:
+    """The `final/` folder; `state_dict`: full weights gathered from a sharded engine."""
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, tokenizer)
+        if state_dict is None:
+            model.save_pretrained(tmp, tokenizer)
+        else:
+            model.save_pretrained(tmp, tokenizer, state_dict=state_dict)
     return Path(target)
 
 
-def save_resumable(model, tokenizer, optimizer, scheduler, step: int, samples: list[int],
-                   ckpt_root: str | Path, keep: int) -> Path:
-    """`samples`: raw samples each rank has consumed (its stream position)."""
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_resumable(engine, tokenizer, step: int, samples: list[int], ckpt_root: str | Path, keep: int) -> Path:
+    """Every rank calls it. `samples`: raw samples each rank has consumed (its stream position).
+    The engine writes into `.step-N.tmp/` (a name all ranks know), rank 0 adds the trainer state
+    and renames the folder to `step-N/` once every rank is done."""
+    world = engine.world
     ckpt_root = Path(ckpt_root)
     target = ckpt_root / f"step-{step:08d}"
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, tokenizer)
-        torch.save({
-            "step": step, "samples": samples,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "numpy": np.random.get_state()},
-        }, tmp / STATE)
-    for old in sorted(ckpt_root.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+    tmp = ckpt_root / f".{target.name}.tmp"
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a torn write of an earlier, killed run
+        tmp.mkdir(parents=True)
+    world.barrier()
+    rngs = world.gather(rng_state())
+    extra = engine.save(tmp, tokenizer)
+    world.barrier()
+    if world.main:
+        torch.save({"engine": engine.description, "world_size": world.size, "step": step, "samples": samples,
+                    "scheduler": engine.scheduler.state_dict(), "rng": rngs, **extra}, tmp / STATE)
+        _replace(tmp, target)
+        for old in sorted(ckpt_root.glob("step-*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    world.barrier()
     return target
 
 
@@ -68,15 +104,18 @@ def latest_resumable(ckpt_root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_resumable(path: Path, model, optimizer, scheduler) -> tuple[int, list[int]]:
+def load_resumable(path: Path, engine) -> tuple[int, list[int]]:
     """Restore training state in place; returns (step, raw samples consumed per rank)."""
-    from safetensors.torch import load_model
-
-    load_model(model, str(path / "model.safetensors"))
     state = torch.load(path / STATE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
+    written_by = state.get("engine", "ddp")  # checkpoints from before engines were named are ddp's
+    world_size = state.get("world_size", len(state["samples"]))
+    if (written_by, world_size) != (engine.description, engine.world.size):
+        raise ConfigError(
+            f"{path} was written by engine {written_by} with {world_size} process(es); this run is "
+            f"{engine.description} with {engine.world.size}. Resume it with the same engine (stage keys engine, "
+            "zero_stage) and number of processes (torchrun --nproc_per_node), or train into a new --out folder")
+    engine.load(path, state)
+    engine.scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    set_rng_state(rng[engine.world.rank] if isinstance(rng, list) else rng)
     return state["step"], state["samples"]

@@ -12,7 +12,8 @@ from typing import Literal
 
 from omni.config import ConfigError, load_config
 
-ENGINES = ("ddp",)  # single process here; multi-process engines plug in by name
+ENGINES = ("ddp", "fsdp2", "deepspeed")  # omni/train/engines.py; all run under torchrun (gloo on CPU)
+ZERO_STAGES = (2, 3)
 
 
 @dataclass
@@ -73,6 +74,18 @@ class LogConfig:
 
 
 @dataclass
+class StageLogConfig(LogConfig):
+    profile: bool = False               # add tokens, tokens/s, model TFLOP/s and MFU to the metrics (omni/train/flops.py)
+    peak_tflops: float = 0.0            # per-device peak for MFU; 0: look the GPU up by name (none on CPU)
+
+    def __post_init__(self):
+        if self.interval < 1:
+            raise ConfigError("log.interval must be >= 1")
+        if self.peak_tflops < 0:
+            raise ConfigError("log.peak_tflops must be >= 0 (0: from the GPU's name)")
+
+
+@dataclass
 class StageConfig:
     name: str
     preset: str                         # model preset: "tiny" or "7b" (omni.presets)
@@ -83,11 +96,12 @@ class StageConfig:
     model_overrides: list[str] = field(default_factory=list)  # dotted key=value on the model config
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
-    engine: str = "ddp"
+    engine: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"  # see omni/train/engines.py
+    zero_stage: int | None = None       # deepspeed only: 2 (shard grads + optimizer) or 3 (also weights)
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False  # recompute LLM and vision-tower activations in backward
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    log: StageLogConfig = field(default_factory=StageLogConfig)
     seed: int = 0
 
     def __post_init__(self):
@@ -97,6 +111,12 @@ class StageConfig:
             raise ConfigError("steps must be >= 1")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine: {self.engine!r} is not available; choose one of {list(ENGINES)}")
+        if self.engine == "deepspeed" and self.zero_stage not in ZERO_STAGES:
+            raise ConfigError(f"zero_stage: engine deepspeed needs zero_stage {' or '.join(map(str, ZERO_STAGES))}, "
+                              f"got {self.zero_stage!r}")
+        if self.engine != "deepspeed" and self.zero_stage is not None:
+            raise ConfigError(f"zero_stage: only engine deepspeed has ZeRO stages; drop it for engine {self.engine} "
+                              "(fsdp2 shards like ZeRO-3)")
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """The one training loop every stage uses: config in, `final/` model folder out.
 
-One process, or one per GPU/CPU slot under torchrun (DDP). Per step: `grad_accum` micro-batches, gradient clipping,
+One process, or one per GPU/CPU slot under torchrun, on the stage's engine (omni/train/engines.py:
+ddp, fsdp2, deepspeed ZeRO-2/3). Per step: `grad_accum` micro-batches, gradient clipping,
 AdamW with per-group learning rates, warmup + cosine. Console progress bar plus a JSONL metrics
-file; resumable checkpoints every `checkpoint.interval` steps; the final model is written
-atomically to `<out>/final/`, the folder the next stage's `init_from` points at.
+file (with `log.profile`: tokens/s, model TFLOP/s and MFU); resumable checkpoints every
+`checkpoint.interval` steps; the final model is written atomically to `<out>/final/`, the folder
+the next stage's `init_from` points at.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import json
 import logging
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,20 @@ from omni.config import to_dict
 from omni.data.loader import ExampleStream, SkipCounter, training_stream
 from omni.data.manifest import load_manifest
 from omni.model import OmniModel
-from omni.presets import build_preset
 from omni.packing import collate_packed
+from omni.presets import MODALITIES, build_preset
 from omni.processor import OmniProcessor, collate
-from omni.train.checkpoint import latest_resumable, load_resumable, save_model_dir, save_resumable
+from omni.train.checkpoint import (
+    latest_resumable,
+    load_resumable,
+    save_model_dir,
+    save_resumable,
+)
 from omni.train.config import StageConfig
 from omni.train.distributed import World
-from omni.train.optim import build_optimizer, build_scheduler, set_trainable
+from omni.train.engines import build_engine, write_engine_config
+from omni.train.flops import FlopCounter, peak_tflops
+from omni.train.optim import set_trainable
 
 log = logging.getLogger(__name__)
 FINAL = "final"
@@ -48,7 +56,7 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True) ->
     Under torchrun every rank reads the same seeded sample stream and keeps every world-th sample,
     and the loss is normalised by the label tokens of the whole step (all micro-batches, all
     ranks), so N processes x micro-batch b train exactly like 1 process x micro-batch N*b."""
-    world = World.from_env()
+    world = World.from_env(need_group=cfg.engine != "ddp")
     try:
         return _train(cfg, Path(out_dir), progress and world.main, world)
     finally:
@@ -67,12 +75,14 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
     trainable = set_trainable(model, cfg.trainable)
     if cfg.activation_checkpointing:
         model.enable_activation_checkpointing()
-    model.to(world.device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    flops = FlopCounter(model) if cfg.log.profile else None  # parameter counts before sharding
     processor = OmniProcessor(tokenizer, model)
+    engine = build_engine(cfg, world)
+    engine.setup(model)
+    if world.main:
+        write_engine_config(engine, out_dir)
 
     manifest = load_manifest(cfg.data.manifest)
     entries = manifest.select(cfg.data.split, list(cfg.data.datasets) or None)
@@ -86,23 +96,20 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
     ckpt_root = out_dir / "checkpoints"
     resume = latest_resumable(ckpt_root)
     if resume is not None:
-        step, consumed = load_resumable(resume, model, optimizer, scheduler)
-        if len(consumed) != world.size:
-            raise RuntimeError(f"{resume} was written by {len(consumed)} process(es); resume it with as many "
-                               f"(this run has {world.size})")
+        step, consumed = load_resumable(resume, engine)
         stream.skip(consumed[world.rank])
         log.info("resumed %s from %s at step %d", cfg.name, resume, step)
 
-    log.info("stage %s: %d/%d parameters trainable (%s ...), %d steps of %d process(es) x %d x %d samples",
+    log.info("stage %s: %d/%d parameters trainable (%s ...), %d steps of %d process(es) x %d x %d samples on %s",
              cfg.name, n_train, n_all, ", ".join(trainable[:3]), cfg.steps, world.size,
-             cfg.batch.micro_batch, cfg.batch.grad_accum)
-    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+             cfg.batch.micro_batch, cfg.batch.grad_accum, engine.description)
     pad_id = tokenizer.pad_token_id
-    ddp_model = world.wrap(model)
-    model.train()
+    peak = peak_tflops(world.device, cfg.precision, cfg.log.peak_tflops) if flops else None
+    engine.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
-    t0, window_loss, window_fill, window_n = time.time(), 0.0, 0.0, 0
-    metrics = open(out_dir / METRICS, "a") if world.main else None
+    t0 = window_t0 = time.time()
+    window_loss, window_fill, window_n, window_tokens, window_flops = 0.0, 0.0, 0, 0, 0.0
+    metrics = open(out_dir / METRICS, "a") if world.main else None  # noqa: SIM115 - closed in finally
     try:
         while step < cfg.steps:
             batches, fill = [], 0.0
@@ -115,48 +122,51 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
                     f = float(batch.attention_mask.float().mean())
                 batches.append(batch.to(world.device))
                 fill += f / cfg.batch.grad_accum
-            # every label token of the step weighs the same, whichever micro-batch or rank holds it
-            tokens = world.sum(sum(int((b.labels[:, 1:] != -100).sum()) for b in batches))
-            per_rank = max(tokens, 1) / world.size
+                if flops is not None:
+                    lengths = [len(e.input_ids) for e in examples]
+                    window_tokens += sum(lengths)
+                    window_flops += flops(lengths, batch.media)
+            # every label token of the step weighs the same, whichever micro-batch or rank holds it;
+            # engines that shard per module also learn which modalities any rank's step has (one collective)
+            local = [sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)]
+            local += [any(getattr(b.media, m) is not None for b in batches) for m in MODALITIES]
+            summed = world.sum_all(local)
+            per_rank = max(summed[0], 1) / world.size
+            step_modalities = engine.modalities_to_run({m for m, n in zip(MODALITIES, summed[1:]) if n > 0})
             total = 0.0
             for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                sync = nullcontext() if last or world.size == 1 else ddp_model.no_sync()
-                with sync:
-                    with autocast:
-                        out = ddp_model(batch.input_ids, batch.attention_mask, batch.labels, batch.media,
-                                        position_ids=batch.position_ids, num_items_in_batch=per_rank)
-                    out.loss.backward()
+                blank = tuple(sorted(m for m in step_modalities if getattr(batch.media, m) is None))
+                with engine.micro_batch(last=i == len(batches) - 1):
+                    out = engine.forward(batch, per_rank, blank)
+                    engine.backward(out.loss)
                 total += out.loss.item()
             total = world.sum(total) / world.size
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = engine.step()
             step += 1
             window_loss, window_fill, window_n = window_loss + total, window_fill + fill, window_n + 1
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}")
             if step % cfg.log.interval == 0 or step == cfg.steps:
                 samples = world.gather(stream.consumed)
+                row = {"stage": cfg.name, "step": step, "loss": window_loss / window_n,
+                       "fill": round(window_fill / window_n, 4),  # real tokens / batch tokens
+                       "lr": engine.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       "samples": sum(samples), "skipped": counter.skipped,
+                       "elapsed_s": round(time.time() - t0, 2)}
+                if flops is not None:
+                    row.update(_throughput(world, window_tokens, window_flops, window_t0, peak))
                 if metrics is not None:
-                    row = {"stage": cfg.name, "step": step, "loss": window_loss / window_n,
-                           "fill": round(window_fill / window_n, 4),  # real tokens / batch tokens
-                           "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                           "samples": sum(samples), "skipped": counter.skipped,
-                           "elapsed_s": round(time.time() - t0, 2)}
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                     if not progress:  # the bar shows the loss; without it, a console line
                         log.info("%s step %d/%d loss %.4f lr %.2e", cfg.name, step, cfg.steps, row["loss"], row["lr"])
-                window_loss, window_fill, window_n = 0.0, 0.0, 0
+                window_loss, window_fill, window_n, window_tokens, window_flops = 0.0, 0.0, 0, 0, 0.0
+                window_t0 = time.time()
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.steps:
-                consumed = world.gather(stream.consumed)
-                if world.main:
-                    save_resumable(model, tokenizer, optimizer, scheduler, step, consumed,
-                                   ckpt_root, cfg.checkpoint.keep)
-                world.barrier()
+                paused = time.time()
+                save_resumable(engine, tokenizer, step, world.gather(stream.consumed), ckpt_root,
+                               cfg.checkpoint.keep)
+                window_t0 += time.time() - paused  # throughput counts training time only
     finally:
         bar.close()
         if metrics is not None:
@@ -164,8 +174,22 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
     if counter.skipped:
         log.warning("stage %s skipped %d bad samples of %d", cfg.name, counter.skipped,
                     counter.skipped + counter.good)
+    full = engine.full_state_dict()  # every rank takes part in gathering a sharded model
     if world.main:
-        save_model_dir(model, tokenizer, out_dir / FINAL)
+        save_model_dir(model, tokenizer, out_dir / FINAL, full)
         log.info("stage %s done in %.1f s -> %s", cfg.name, time.time() - t0, out_dir / FINAL)
     world.barrier()
     return out_dir / FINAL
+
+
+def _throughput(world: World, tokens: int, flops: float, since: float, peak: float | None) -> dict:
+    """Window throughput over all ranks: LLM tokens (samples' own, no padding) and tokens/s, model
+    TFLOP/s per device (omni/train/flops.py), MFU (None without a peak)."""
+    if world.device.type == "cuda":
+        torch.cuda.synchronize(world.device)
+    seconds = time.time() - since
+    tokens, flops = world.sum_all([tokens, flops])
+    per_device = flops / max(seconds, 1e-9) / world.size / 1e12
+    sig = lambda x: float(f"{x:.4g}")
+    return {"tokens": int(tokens), "tokens_per_s": sig(tokens / max(seconds, 1e-9)),
+            "tflops_per_device": sig(per_device), "mfu": sig(per_device / peak) if peak else None}

@@ -1,43 +1,85 @@
-"""Data parallelism and accumulation train exactly like one big batch.
+"""Data parallelism and accumulation train exactly like one big batch, on every engine.
 
 Real torchrun with the gloo backend: 2 processes x micro-batch 2 must give the loss curve of
-1 process x micro-batch 4, and of 1 process x micro-batch 2 x accumulation 2.
+1 process x micro-batch 4, and of 1 process x micro-batch 2 x accumulation 2 (ddp, fsdp2);
+DeepSpeed ZeRO-2 and ZeRO-3 over 2 processes must give the curve of one DeepSpeed process.
+A run killed with SIGKILL resumes step for step (ddp, fsdp2); DeepSpeed resumes exactly from a
+mid-run checkpoint.
 """
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (optional: pip install -e .[gpu])")
+# a stage whose FSDP2 units mix frozen and trainable parameters: the root holds the frozen
+# embeddings and the trainable image projector, LLM layer 0 is frozen and layer 1 trains
+MIXED = "trainable=[projectors.image.*,encoders.image.*,llm.model.layers.1.*]"
 
 
 def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train(out: Path, manifest, *extra, nproc: int = 1) -> subprocess.CompletedProcess:
+def _command(out: Path, manifest, *extra, nproc: int = 1) -> list[str]:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                 "--master_port", str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable])
-    cmd = launcher + ["-m", "omni.cli", "-q", "train", str(ROOT / "stages/tiny/2_sft.yaml"), "--out", str(out),
-                      f"data.manifest={manifest}", "init_from=null", f"steps={STEPS}", "log.interval=1",
-                      "data.shuffle_buffer=20", "optim.lr=3e-3", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+                 "--master_port", str(_port())] if nproc > 1 else [sys.executable])
+    return launcher + ["-m", "omni.cli", "-q", "train", str(ROOT / "stages/tiny/2_sft.yaml"), "--out", str(out),
+                       f"data.manifest={manifest}", "init_from=null", f"steps={STEPS}", "log.interval=1",
+                       "data.shuffle_buffer=20", "optim.lr=3e-3", *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _train(out: Path, manifest, *extra, nproc: int = 1) -> subprocess.CompletedProcess:
+    done = subprocess.run(_command(out, manifest, *extra, nproc=nproc), check=False, capture_output=True, text=True, env=ENV,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
+_ports = iter(range(29500 + os.getpid() % 400 * 10, 65000))
+
+
+def _port() -> int:
+    return next(_ports)
+
+
+def _same_weights(a: Path, b: Path, atol: float) -> None:
+    """Two final/ folders: the same file format (keys, config) and weights within atol."""
+    wa, wb = load_file(a / "final/model.safetensors"), load_file(b / "final/model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert (a / "final/omni_config.json").read_text() == (b / "final/omni_config.json").read_text()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
 @pytest.fixture(scope="module")
-def one_big_batch(tiny_corpus, tmp_path_factory):
+def reference(tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    _train(out, tiny_corpus, "batch.micro_batch=4")
-    return _losses(out)
+    _train(out, tiny_corpus, "batch.micro_batch=4", "log.profile=true")
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_big_batch(reference):
+    return _losses(reference)
 
 
 def test_accumulation_equals_one_big_batch(one_big_batch, tiny_corpus, tmp_path):
@@ -53,37 +95,149 @@ def test_two_processes_equal_one_big_batch(one_big_batch, tiny_corpus, tmp_path)
     assert losses[-1] < losses[0]
 
 
-def test_a_killed_two_process_run_resumes_step_for_step(tiny_corpus, tmp_path):
-    import signal
-    import time
-
-    args = ("batch.micro_batch=2", "steps=24", "checkpoint.interval=4", "checkpoint.keep=2")
-    straight = tmp_path / "straight"
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd = lambda out, port: base + ["--master_port", str(port), "-m", "omni.cli", "-q", "train",  # noqa: E731
-                                    str(ROOT / "stages/tiny/2_sft.yaml"), "--out", str(out),
-                                    f"data.manifest={tiny_corpus}", "init_from=null", "log.interval=1",
-                                    "data.shuffle_buffer=20", "optim.lr=3e-3", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = 29600 + os.getpid() % 300
-    subprocess.run(cmd(straight, port), env=env, check=True, capture_output=True, timeout=600)
+def _kill_and_resume(manifest, tmp_path, *args, straight: Path, kill_after: int) -> Path:
+    """Run `args` again (2 processes), SIGKILL it once its step-`kill_after` checkpoint is complete,
+    resume it: the loss curve and final weights must equal those of the uninterrupted run `straight`."""
     expected = {json.loads(x)["step"]: json.loads(x)["loss"] for x in (straight / "metrics.jsonl").read_text().splitlines()}
-
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(killed, port + 1), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(_command(killed, manifest, *args, nproc=2), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while not (killed / "checkpoints/step-00000008/trainer_state.pt").exists():
+    while not (killed / f"checkpoints/step-{kill_after:08d}/trainer_state.pt").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "final").exists()
-    subprocess.run(cmd(killed, port + 2), env=env, check=True, capture_output=True, timeout=600)
-    resumed = {}
-    for line in (killed / "metrics.jsonl").read_text().splitlines():  # later rows win: the resumed run's
-        row = json.loads(line)
-        resumed[row["step"]] = row["loss"]
+    _train(killed, manifest, *args, nproc=2)
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    restarts = [b["step"] for a, b in itertools.pairwise(rows) if b["step"] <= a["step"]]
+    assert all(s > kill_after for s in restarts)  # it resumed from a checkpoint, not from step 1
+    resumed = {row["step"]: row["loss"] for row in rows}  # later rows win: the resumed run's
     assert sorted(resumed) == sorted(expected)
     assert [resumed[s] for s in sorted(resumed)] == pytest.approx([expected[s] for s in sorted(expected)],
                                                                    rel=1e-6, abs=1e-7)
+    _same_weights(straight, killed, atol=1e-6)
+    return killed
+
+
+def test_a_killed_two_process_run_resumes_step_for_step(tiny_corpus, tmp_path):
+    args = ("batch.micro_batch=2", "steps=24", "checkpoint.interval=4", "checkpoint.keep=2")
+    _train(tmp_path / "straight", tiny_corpus, *args, nproc=2)
+    _kill_and_resume(tiny_corpus, tmp_path, *args, straight=tmp_path / "straight", kill_after=8)
+
+
+# ---- FSDP2 -----------------------------------------------------------------------------------
+# checkpoints at every step: they must not change the run, and the kill test resumes from them
+FSDP2 = ("batch.micro_batch=2", "engine=fsdp2", "checkpoint.interval=1", "checkpoint.keep=2", "log.profile=true")
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    _train(out, tiny_corpus, *FSDP2, nproc=2)
+    return out
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fsdp2_two_processes_equal_one_big_batch(reference, one_big_batch, fsdp2_run):
+    assert _losses(fsdp2_run) == pytest.approx(one_big_batch, rel=1e-5, abs=1e-6)
+    # profile: both ranks' tokens add up to the single process's; on CPU no MFU (no peak known)
+    assert [r["tokens"] for r in _rows(fsdp2_run)] == [r["tokens"] for r in _rows(reference)]
+    assert all(r["tokens_per_s"] > 0 and r["tflops_per_device"] > 0 and r["mfu"] is None for r in _rows(fsdp2_run))
+    _same_weights(reference, fsdp2_run, atol=1e-4)  # gathered on rank 0 into the same single file
+    shards = sorted(p.name for p in (fsdp2_run / "checkpoints/step-00000003/dcp").glob("*.distcp"))
+    assert len(shards) == 2  # torch.distributed.checkpoint: one file per rank
+
+
+def test_a_killed_fsdp2_run_resumes_step_for_step(fsdp2_run, tiny_corpus, tmp_path):
+    _kill_and_resume(tiny_corpus, tmp_path, *FSDP2, straight=fsdp2_run, kill_after=1)
+
+
+def test_fsdp2_units_mixing_frozen_and_trainable_parameters(tiny_corpus, tmp_path):
+    _train(tmp_path / "ddp", tiny_corpus, "batch.micro_batch=4", MIXED)
+    _train(tmp_path / "fsdp2", tiny_corpus, "batch.micro_batch=2", "engine=fsdp2", MIXED, nproc=2)
+    losses = _losses(tmp_path / "fsdp2")
+    assert losses == pytest.approx(_losses(tmp_path / "ddp"), rel=1e-5, abs=1e-6)
+    assert losses[-1] < losses[0]
+    _same_weights(tmp_path / "ddp", tmp_path / "fsdp2", atol=1e-4)
+
+
+def test_resuming_with_another_engine_or_world_size_is_refused(tiny_corpus, tmp_path):
+    from omni.config import ConfigError
+    from omni.train.config import load_stage
+    from omni.train.trainer import train_stage
+
+    args = [f"data.manifest={tiny_corpus}", "init_from=null", "steps=2", "checkpoint.interval=1",
+            "batch.micro_batch=2", "data.shuffle_buffer=20"]
+    train_stage(load_stage(ROOT / "stages/tiny/2_sft.yaml", args), tmp_path, progress=False)
+    (tmp_path / "final").rename(tmp_path / "done")
+    with pytest.raises(ConfigError, match="engine ddp with 1 process.*this run is fsdp2 with 1"):
+        train_stage(load_stage(ROOT / "stages/tiny/2_sft.yaml", [*args, "engine=fsdp2"]), tmp_path, progress=False)
+    done = subprocess.run(_command(tmp_path, tiny_corpus, "batch.micro_batch=2", nproc=2), check=False, capture_output=True,
+                          text=True, env=ENV, timeout=600)
+    assert done.returncode != 0 and "ddp with 1 process(es); this run is ddp with 2" in done.stderr
+
+
+def test_profile_reports_mfu_against_a_configured_peak(tiny_corpus, tmp_path):
+    from omni.train.config import load_stage
+    from omni.train.trainer import train_stage
+
+    args = [f"data.manifest={tiny_corpus}", "init_from=null", "steps=2", "log.interval=1", "batch.micro_batch=2",
+            "data.shuffle_buffer=20", "log.profile=true", "log.peak_tflops=0.01"]
+    train_stage(load_stage(ROOT / "stages/tiny/2_sft.yaml", args), tmp_path, progress=False)
+    for row in _rows(tmp_path):
+        assert row["tokens"] > 0 and row["tokens_per_s"] > 0
+        assert row["mfu"] == pytest.approx(row["tflops_per_device"] / 0.01, rel=1e-3)
+
+
+# ---- DeepSpeed ZeRO --------------------------------------------------------------------------
+DEEPSPEED = ("batch.micro_batch=2", "engine=deepspeed", "checkpoint.interval=1", "checkpoint.keep=2")
+
+
+@pytest.fixture(scope="module")
+def deepspeed_one_process(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepspeed1")
+    _train(out, tiny_corpus, "batch.micro_batch=4", "engine=deepspeed", "zero_stage=2")
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero3")
+    _train(out, tiny_corpus, *DEEPSPEED, "zero_stage=3", nproc=2)
+    return out
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_processes_equal_one_process(stage, deepspeed_one_process, zero3_run, tiny_corpus, tmp_path):
+    run = zero3_run
+    if stage == 2:
+        _train(tmp_path, tiny_corpus, *DEEPSPEED, "zero_stage=2", nproc=2)
+        run = tmp_path
+    losses = _losses(run)
+    assert losses == pytest.approx(_losses(deepspeed_one_process), rel=1e-5, abs=1e-6)
+    assert losses[-1] < losses[0]
+    _same_weights(deepspeed_one_process, run, atol=1e-4)
+    config = json.loads((run / "deepspeed_config.json").read_text())
+    assert config["zero_optimization"]["stage"] == stage and config["train_batch_size"] == 4
+    shards = sorted(p.name for p in (run / "checkpoints/step-00000003/deepspeed").glob("*optim_states.pt"))
+    assert len(shards) == 2  # DeepSpeed's own checkpoint: one optimizer shard per rank
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_resumes_from_a_mid_run_checkpoint_exactly(zero3_run, tiny_corpus, tmp_path):
+    """The run as it was at its step-2 checkpoint (later checkpoint, metrics and model removed),
+    resumed: DeepSpeed's load_checkpoint + omni's trainer state continue it step for step. (A kill
+    mid-write is the same code for every engine: the ddp and fsdp2 kill tests above.)"""
+    run = tmp_path / "resumed"
+    shutil.copytree(zero3_run, run, ignore=shutil.ignore_patterns("final", "step-00000003"))
+    rows = (zero3_run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= 2))
+    _train(run, tiny_corpus, *DEEPSPEED, "zero_stage=3", nproc=2)
+    assert _losses(run) == pytest.approx(_losses(zero3_run), rel=1e-6, abs=1e-7)
+    _same_weights(zero3_run, run, atol=1e-6)

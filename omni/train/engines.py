@@ -1,0 +1,339 @@
+"""Training engines, chosen by a stage's `engine:`; each is the library's own API, nothing home-made.
+
+- `ddp`: torch `DistributedDataParallel` (`find_unused_parameters`: a batch without some modality
+  leaves its modules unused); in one process the bare model.
+- `fsdp2`: `torch.distributed.fsdp.fully_shard` over a 1-D mesh of all ranks. Units: every LLM
+  decoder layer (the classes transformers lists in `_no_split_modules`), every tower block
+  (open_clip/timm/whisper) and each tower, then the root (embeddings, final norm, LM head,
+  projectors). FSDP2 shards each parameter on its own (DTensor), so a unit may mix frozen and
+  trainable parameters; only those with gradients are reduced and optimised. bf16: the LLM
+  layers and the root gather bf16 copies (`MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=fp32)`), the towers keep fp32 parameters; autocast as for ddp; the fp32 shards are
+  the master weights. Checkpoints: sharded, through `torch.distributed.checkpoint`; the final
+  model is gathered on rank 0.
+- `deepspeed`: `deepspeed.initialize` with a ZeRO config generated from the stage
+  (`deepspeed_config`), stage 2 or 3. The optimizer is omni's AdamW (one group per learning
+  rate glob, frozen parameters left out), handed to DeepSpeed as a client optimizer, so every
+  engine runs the same update rule. bf16: DeepSpeed's `torch_autocast` (fp32 parameters, bf16
+  compute and bf16 gradient communication), the same numerics as ddp and fsdp2 rather than
+  DeepSpeed's bf16 mode, which would store frozen towers in bf16. Checkpoints: DeepSpeed's own
+  `save_checkpoint`/`load_checkpoint` (one optimizer shard per rank).
+
+Common to all: the trainer weighs the loss by the step's label tokens, so gradients are summed
+correctly whatever the engine averages; gradients are synchronised on the last micro-batch of a
+step only; clipping to `optim.grad_clip`; the learning-rate schedule is omni's LambdaLR, stepped
+once per optimizer step and saved in the trainer state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from omni.presets import MODALITIES
+from omni.train.config import StageConfig
+from omni.train.distributed import World
+from omni.train.flops import TOWER_BLOCKS
+from omni.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """`ddp`. Subclasses override what their library does differently."""
+    name = "ddp"
+    shards_modules = False  # weights gathered / gradients reduced per module: all ranks must run the same ones
+
+    def __init__(self, cfg: StageConfig, world: World):
+        self.cfg, self.world = cfg, world
+        self.model: nn.Module | None = None      # the OmniModel (sharded in place by fsdp2)
+        self.module: nn.Module | None = None     # what the trainer calls: wrapper or the model itself
+        self.optimizer = self.scheduler = None
+
+    @property
+    def description(self) -> str:
+        return self.name
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def setup(self, model: nn.Module) -> None:
+        model.to(self.world.device)
+        self.model = model
+        if self.world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.world.device.index] if self.world.device.type == "cuda" else None
+            self.module = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        else:
+            self.module = model
+        self.optimizer = build_optimizer(model, self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.steps)
+
+    # ---- one step --------------------------------------------------------------------------
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def micro_batch(self, last: bool):
+        """Context around one micro-batch's forward and backward: gradients sync on the last one."""
+        if last or self.world.size == 1:
+            return nullcontext()
+        return self.module.no_sync()
+
+    def forward(self, batch, num_items: float, blank: tuple[str, ...] = ()):
+        with self.autocast():
+            return self.module(batch.input_ids, batch.attention_mask, batch.labels, batch.media,
+                               position_ids=batch.position_ids, num_items_in_batch=num_items, blank=blank)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def modalities_to_run(self, in_step: set[str]) -> set[str]:
+        """Modalities every micro-batch of this step runs, on a blank input where it has none
+        (`OmniModel.embed`): for engines that shard per module, those any rank's step has."""
+        return set(in_step) if self.shards_modules else set()
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def step(self) -> float:
+        """Clip, update, advance the schedule; returns the gradient norm before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(self._trainable(), self.cfg.optim.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def train(self) -> None:
+        self.module.train()
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save(self, folder: Path, tokenizer) -> dict:
+        """Write this engine's share of a resumable checkpoint into `folder` (every rank calls it);
+        returns what rank 0 adds to the trainer state."""
+        if self.world.main:
+            self.model.save_pretrained(folder, tokenizer)
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load(self, folder: Path, state: dict) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.model, str(folder / "model.safetensors"))
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_state_dict(self) -> dict | None:
+        """The full weights on rank 0 for the final model, where the module holds only a shard
+        (a collective: every rank calls it); None: the module's own state dict is complete."""
+        return None
+
+
+class FSDP2Engine(Engine):
+    name = "fsdp2"
+    shards_modules = True
+
+    def setup(self, model: nn.Module) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.world.device.type, (self.world.size,))
+        fp32 = MixedPrecisionPolicy()
+        llm = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.cfg.precision == "bf16" else fp32
+        layers, towers = fsdp_units(model)
+        for unit in layers:  # fully_shard moves each shard to the mesh's device
+            fully_shard(unit, mesh=mesh, mp_policy=llm)
+        for unit in towers:  # blocks before their tower: children are sharded first
+            fully_shard(unit, mesh=mesh, mp_policy=fp32)
+        fully_shard(model, mesh=mesh, mp_policy=llm)
+        log.info("fsdp2: %d LLM layers, %d tower units + root over %d rank(s)", len(layers), len(towers),
+                 self.world.size)
+        self.model = self.module = model
+        self.optimizer = build_optimizer(model, self.cfg.optim)  # over the DTensor shards
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.steps)
+
+    @contextmanager
+    def micro_batch(self, last: bool):
+        self.module.set_requires_gradient_sync(last)
+        yield
+
+    def save(self, folder: Path, tokenizer) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(folder / "dcp"))
+        return {}
+
+    def load(self, folder: Path, state: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_state_dict,
+            set_state_dict,
+        )
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        loaded = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(loaded, checkpoint_id=str(folder / "dcp"))
+        set_state_dict(self.module, self.optimizer, model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["optimizer"])
+
+    def full_state_dict(self) -> dict | None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return _retie(self.model, full) if self.world.main else None
+
+
+def fsdp_units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """FSDP2 units below the root: the LLM's decoder layers (the classes transformers lists in
+    `_no_split_modules`), and the towers' blocks followed by the towers themselves (their stems
+    and final norms). Towers keep fp32 parameters under bf16 training: whisper's LayerNorm
+    computes in fp32 with the layer's own weight, so a bf16 weight would not do."""
+    classes = set(getattr(model.llm, "_no_split_modules", None) or [])
+    layers = [m for m in model.llm.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise RuntimeError(f"fsdp2: found no decoder layer of {type(model.llm).__name__} (its _no_split_modules: "
+                           f"{sorted(classes)}) to shard")
+    blocks = [m for m in model.encoders.modules() if type(m).__name__ in TOWER_BLOCKS]
+    return layers, blocks + list(model.encoders.values())
+
+
+def _retie(model: nn.Module, full: dict) -> dict:
+    """Gathered weights as a module's own state dict would hold them: each tensor owning its
+    storage (gathering may leave views into a larger buffer, which safetensors refuses), and
+    tied parameters (e.g. tied embeddings) sharing one tensor again, so the file drops the
+    duplicates exactly as for an unsharded model."""
+    for k, v in full.items():
+        if v.untyped_storage().nbytes() != v.numel() * v.element_size():
+            full[k] = v.clone()
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for group in names.values():
+        for alias in group[1:]:
+            if alias in full and group[0] in full:
+                full[alias] = full[group[0]]
+    return full
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+    shards_modules = True  # ZeRO-3 gathers per module; ZeRO-2 reduces gradient buckets per micro-batch
+
+    @property
+    def description(self) -> str:
+        return f"deepspeed-zero{self.cfg.zero_stage}"
+
+    def setup(self, model: nn.Module) -> None:
+        try:
+            import deepspeed
+        except ImportError as e:
+            raise RuntimeError("engine: deepspeed needs the deepspeed package: pip install -e .[gpu] "
+                               f"(or pip install deepspeed) ({e})") from None
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it; a single process has no launcher
+        model.to(self.world.device)
+        optimizer = build_optimizer(model, self.cfg.optim)
+        config = deepspeed_config(self.cfg, self.world.size)
+        # a modality absent from a whole step has no gradient; ZeRO's flat partitions cannot say "none"
+        # (ZeRO-2 steps on zeros, ZeRO-3 was measured to reuse the previous step's), so its trainable
+        # modules always run, on a blank input if need be: a zero gradient on every engine stage
+        self.trainable_modalities = {m for m in MODALITIES if any(
+            p.requires_grad for p in [*model.projectors[m].parameters(),
+                                      *model.encoders["audio" if m == "audio" else "image"].parameters()])}
+        self.module, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.model, self.optimizer = model, optimizer
+        # DeepSpeed partitions the client optimizer's param groups in place; the schedule sets their lr
+        self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.steps)
+
+    def modalities_to_run(self, in_step: set[str]) -> set[str]:
+        return set(in_step) | self.trainable_modalities
+
+    def autocast(self):
+        return nullcontext()  # DeepSpeed's torch_autocast wraps its forward (deepspeed_config)
+
+    def micro_batch(self, last: bool):
+        return nullcontext()  # ZeRO-2/3 reduce every micro-batch; the step waits for the boundary
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.backward(loss, scale_wrt_gas=False)  # the loss is already weighed by the step's tokens
+        self.module.step()  # a no-op before the last micro-batch of the step
+
+    def step(self) -> float:
+        if not self.module.was_step_applied() and self.world.main:
+            log.warning("deepspeed skipped an optimizer step")
+        self.scheduler.step()
+        norm = self.module.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, folder: Path, tokenizer) -> dict:
+        self.module.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+        return {}
+
+    def load(self, folder: Path, state: dict) -> None:
+        path, _ = self.module.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"{folder}: DeepSpeed found no checkpoint under tag 'deepspeed'")
+
+    def full_state_dict(self) -> dict | None:
+        if self.cfg.zero_stage < 3:  # ZeRO-2 keeps the full fp32 weights in the module, as views of its flat buffer
+            if not self.world.main:
+                return None
+            return _retie(self.model, {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        import deepspeed
+
+        gathered: dict[int, torch.Tensor] = {}
+        for module in self.model.modules():  # one module at a time, not the whole model at once
+            params = list(module.parameters(recurse=False))
+            if not params:
+                continue
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if self.world.main:
+                    for p in params:
+                        gathered.setdefault(id(p), p.detach().cpu().clone())
+        if not self.world.main:
+            return None
+        by_name = {name: gathered[id(p)] for name, p in self.model.named_parameters(remove_duplicate=False)}
+        return {k: by_name.get(k, v) for k, v in self.model.state_dict().items()}  # buffers are not partitioned
+
+
+ENGINES = {"ddp": Engine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}
+
+
+def build_engine(cfg: StageConfig, world: World) -> Engine:
+    return ENGINES[cfg.engine](cfg, world)
+
+
+def deepspeed_config(cfg: StageConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON config of a stage (written to OUT/deepspeed_config.json for reference)."""
+    micro, accum = cfg.batch.micro_batch, cfg.batch.grad_accum
+    zero = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+    if cfg.zero_stage == 3:  # omni gathers the final weights itself, in fp32 (full_state_dict)
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # omni's torch AdamW, passed as the client optimizer
+        "steps_per_print": 2 ** 31 - 1,           # omni logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return config
+
+
+def write_engine_config(engine: Engine, out_dir: Path) -> None:
+    if isinstance(engine, DeepSpeedEngine):
+        (out_dir / "deepspeed_config.json").write_text(json.dumps(deepspeed_config(engine.cfg, engine.world.size),
+                                                                  indent=2))
