@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import time
+from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 FINAL = "final"
 
 
-class Method:
+class Method(ABC):
     """What SFT / DPO / RM implement. `module` is the trained nn.Module (the omni model, or a
     wrapper around it); it must offer `save_pretrained(dir, tokenizer)`."""
     name = "method"
@@ -58,19 +59,21 @@ class Method:
     def trainable(self, globs: list[str]) -> list[str]:
         return globs
 
+    @abstractmethod
     def make(self, index: int, record: dict):
         """One record -> what `collate` takes (raise on a bad record: it is skipped and counted)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def collate(self, made: list):
-        raise NotImplementedError
+        """Made records -> one batch."""
 
+    @abstractmethod
     def units(self, batch) -> int:
-        raise NotImplementedError
+        """What the loss is normalised by (tokens or pairs) in this batch."""
 
+    @abstractmethod
     def loss(self, module, batch, denom: float) -> tuple[torch.Tensor, dict]:
         """Summed loss of the batch / denom, and stats (floats) for the log."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def evaluate(self, module, records: list) -> dict:
