@@ -9,6 +9,35 @@ from __future__ import annotations
 
 import torch
 
+IGNORE = -100  # label of positions that carry no loss (prompt, media, padding)
+
+
+def expand_placeholders(ids: list[int], targets: list[int], token_ids: dict[str, int],
+                        counts: dict[str, list[int]], seen: dict[str, int] | None = None
+                        ) -> tuple[list[int], list[int]]:
+    """Repeat each placeholder id as many times as its medium has feature tokens.
+
+    `targets` marks the ids the model is trained to produce (1) — they keep their id as label,
+    everything else and every media position gets IGNORE. `counts[modality][k]` is the token
+    count of that modality's k-th medium; `seen` carries the per-modality position across calls
+    (a batch of samples sharing one media list), and is updated in place."""
+    by_id = {tid: m for m, tid in token_ids.items()}
+    seen = seen if seen is not None else {}
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    for tid, is_target in zip(ids, targets):
+        modality = by_id.get(tid)
+        if modality is None:
+            out_ids.append(tid)
+            out_labels.append(tid if is_target else IGNORE)
+            continue
+        k = seen.get(modality, 0)
+        n = counts[modality][k]
+        seen[modality] = k + 1
+        out_ids.extend([tid] * n)
+        out_labels.extend([IGNORE] * n)
+    return out_ids, out_labels
+
 
 class PlaceholderMismatchError(ValueError):
     """Placeholder positions and projected feature tokens differ in number."""

@@ -16,11 +16,10 @@ from PIL import Image
 from encoders import anyres_tiles, read_video_frames
 from omni.batch import MediaBatch
 from omni.errors import SampleError
+from omni.fusion import IGNORE, expand_placeholders
 from omni.model import OmniModel
 from omni.presets import MODALITIES
 from omni.tokenizer import PLACEHOLDERS
-
-IGNORE = -100
 
 
 @dataclass
@@ -109,20 +108,7 @@ class OmniProcessor:
             messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt,
             return_assistant_tokens_mask=True,
         )
-        ids, train_mask = enc["input_ids"], enc["assistant_masks"]
-        by_id = {tid: m for m, tid in self.token_ids.items()}
-        seen = {m: 0 for m in MODALITIES}
-        out_ids, out_labels = [], []
-        for tid, is_target in zip(ids, train_mask):
-            modality = by_id.get(tid)
-            if modality is None:
-                out_ids.append(tid)
-                out_labels.append(tid if is_target else IGNORE)
-                continue
-            n = counts[modality][seen[modality]]
-            seen[modality] += 1
-            out_ids.extend([tid] * n)
-            out_labels.extend([IGNORE] * n)
+        out_ids, out_labels = expand_placeholders(enc["input_ids"], enc["assistant_masks"], self.token_ids, counts)
         if len(out_ids) > self.max_length:
             raise SampleError(f"sequence of {len(out_ids)} tokens exceeds max_length {self.max_length}")
         return Example(torch.tensor(out_ids), torch.tensor(out_labels), batch)

@@ -35,7 +35,7 @@ from omni.config import to_dict
 from omni.data.loader import SkipCounter
 from omni.model import OmniModel
 from omni.processor import OmniProcessor
-from omni.train.checkpoint import STATE, atomic_dir, latest_resumable
+from omni.train.checkpoint import STATE, atomic_dir, latest_resumable, seed_everything
 from omni.train.distributed import World
 from omni.train.optim import build_optimizer, build_scheduler, set_trainable
 
@@ -152,9 +152,7 @@ def _train(cfg: AlignConfig, out_dir: Path, progress: bool, world: World, method
     out_dir.mkdir(parents=True, exist_ok=True)
     if world.main:
         (out_dir / "align.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    seed_everything(cfg.seed)
 
     model, tokenizer = OmniModel.from_pretrained(cfg.init_from, cfg.model_overrides)
     model.to(world.device)

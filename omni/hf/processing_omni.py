@@ -27,9 +27,9 @@ from transformers import BatchFeature, ProcessorMixin
 from encoders.anyres import AnyResConfig, anyres_tiles
 from encoders.audio import AudioEncoder, AudioTowerConfig
 from encoders.video import VideoSamplingConfig, read_video_frames
+from omni.fusion import IGNORE, expand_placeholders
 from projectors import build_projector
 
-IGNORE = -100
 MODALITIES = ("image", "video", "audio")
 
 
@@ -153,8 +153,7 @@ class OmniProcessor(ProcessorMixin):
             data["input_features"], valid, counts["audio"] = self._audios(media["audio"])
             data["audio_valid"] = torch.tensor(valid)
 
-        by_id = {tid: m for m, tid in self.token_ids.items()}
-        seen = {m: 0 for m in MODALITIES}
+        seen: dict[str, int] = {}
         rows, label_rows = [], []
         for sample in batch:
             if messages is not None:
@@ -166,17 +165,7 @@ class OmniProcessor(ProcessorMixin):
             else:
                 ids = self.tokenizer(sample, add_special_tokens=False)["input_ids"]
                 targets = [0] * len(ids)
-            out_ids, out_labels = [], []
-            for tid, is_target in zip(ids, targets):
-                modality = by_id.get(tid)
-                if modality is None:
-                    out_ids.append(tid)
-                    out_labels.append(tid if is_target else IGNORE)
-                    continue
-                n = counts[modality][seen[modality]]
-                seen[modality] += 1
-                out_ids.extend([tid] * n)
-                out_labels.extend([IGNORE] * n)
+            out_ids, out_labels = expand_placeholders(ids, targets, self.token_ids, counts, seen)
             if len(out_ids) > self.token_config["max_length"]:
                 raise ValueError(f"sequence of {len(out_ids)} tokens exceeds max_length {self.token_config['max_length']}")
             rows.append(out_ids)

@@ -59,6 +59,13 @@ def save_model_dir(model, tokenizer, target: str | Path, state_dict: dict | None
     return Path(target)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch, Python and NumPy: the RNGs `rng_state` saves and a run draws from."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():

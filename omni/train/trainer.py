@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -31,6 +29,7 @@ from omni.train.checkpoint import (
     load_resumable,
     save_model_dir,
     save_resumable,
+    seed_everything,
 )
 from omni.train.config import StageConfig
 from omni.train.distributed import World
@@ -67,9 +66,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     if world.main:
         (out_dir / "stage.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    seed_everything(cfg.seed)
 
     model, tokenizer = init_model(cfg)
     trainable = set_trainable(model, cfg.trainable)
