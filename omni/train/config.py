@@ -23,10 +23,22 @@ class DataConfig:
     split: str = "train"
     shuffle_buffer: int = 500
     max_bad_fraction: float = 0.01      # skipped-sample rate above which training stops
+    # how ranks share the data (docs/data.md): "sample" = every rank reads one seeded stream and keeps
+    # every world-th sample (N processes == 1 process exactly); "shard" = each rank and decode worker
+    # reads its own shards (webdataset's node/worker split: I/O scales with the ranks)
+    partition: Literal["sample", "shard"] = "sample"
+    workers: int = 0                    # partition shard: DataLoader decode processes per rank (0: decode inline)
+    resample: bool = True               # partition shard: endless resampled mixture; false: epochs over each
+                                        # dataset's shards, split by node and worker, reshuffled per epoch
 
     def __post_init__(self):
         if any(w <= 0 for w in self.datasets.values()):
             raise ConfigError(f"data.datasets: weights must be > 0, got {self.datasets}")
+        if self.workers < 0:
+            raise ConfigError("data.workers must be >= 0")
+        if self.partition != "shard" and (self.workers or not self.resample):
+            raise ConfigError("data.workers and data.resample: false need data.partition: shard "
+                              "(partition sample reads one shared stream in the training process)")
         if not 0 <= self.max_bad_fraction < 1:
             raise ConfigError("data.max_bad_fraction must be in [0, 1)")
 
