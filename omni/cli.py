@@ -65,6 +65,11 @@ def _chat(args) -> None:
     model.eval()
     processor = OmniProcessor(tokenizer, model)
     media = load_media(args.image, args.video, args.audio)
+    augmenter = None
+    if args.pas:
+        from omni.align.pas import PromptAugmenter
+
+        augmenter = PromptAugmenter.load(args.pas, args.pas_endpoint_model)
     history: list[dict] = []
     prompts = [args.prompt] if args.prompt else None
     while True:
@@ -81,6 +86,10 @@ def _chat(args) -> None:
                 return
             if not text:
                 continue
+        if augmenter is not None:  # PAS: the complement goes to the model, and is shown
+            augmented = augmenter.augment(text)
+            print(f"pas> {augmented[len(text):].strip() or '(no complement)'}", flush=True)
+            text = augmented
         if not history:  # media belong to the first turn; add placeholders the user left out
             text = with_placeholders(text, {m: len(v) for m, v in media.items()})
         history.append({"role": "user", "content": text})
@@ -119,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_synth)
 
     overrides_help = "dotted key=value overrides of the stage YAML, e.g. optim.lr=1e-4 steps=100"
-    p = sub.add_parser("train", help="run one stage from its YAML config")
-    p.add_argument("config", help="stage YAML, e.g. stages/tiny/2_sft.yaml")
+    p = sub.add_parser("train", help="run one stage from its YAML config (any method: sft, dpo, rm)")
+    p.add_argument("config", help="stage YAML, e.g. stages/tiny/2_sft.yaml or an align config "
+                                  "(omni/align/configs/tiny_dpo.yaml); launch with torchrun for several processes")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.add_argument("--out", required=True, help="stage output folder; the model lands in OUT/final")
     p.add_argument("--profile", action="store_true", help="log tokens/s, model TFLOP/s and MFU in metrics.jsonl")
@@ -162,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", action="append", default=[], help="audio file for the first turn (repeatable)")
     p.add_argument("--prompt", help="answer this one prompt and exit (default: interactive, /quit to leave)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--pas", metavar="MODEL|URL",
+                   help="put a PAS model (`omni align pas train`) or an endpoint serving one in front: each of "
+                        "your turns gets its complementary instruction before the model answers (docs/align.md)")
+    p.add_argument("--pas-endpoint-model", default="default", help="model name to ask a --pas endpoint for")
     p.set_defaults(func=_chat)
 
     from omni.align.cli import add_align_commands

@@ -1,11 +1,11 @@
 """omni.align: the text alignment pipeline of the Baichuan Alignment report, on omni models.
 
     synth.py    a tiny synthetic alignment world (format rules in system messages) for tests and demos
-    data.py     chat / preference records from JSONL or WebDataset -> processor examples
+    data.py     chat / preference records from JSONL or WebDataset (stage samples too) -> processor examples
     losses.py   DPO, IPO, length-normalised DPO, SimPO, Bradley-Terry (parity with TRL in tests)
-    config.py   strict align YAML (method: sft | dpo | rm), sharing omni's optim/batch/checkpoint sections
-    loop.py     the one align training loop, built from omni/train's optimizer, scheduler and checkpoints
-    methods.py  SFT (all / last assistant turns), DPO (reference log-probs precomputable), reward model
+    config.py   the sft / dpo / rm sections of a stage config (align runs are stages with a `method:`)
+    methods.py  the objectives omni's one trainer runs: SFT (every omni stage; all / last assistant
+                turns), DPO (reference log-probs precomputable), reward model
     generate.py generators: local omni / transformers models, OpenAI-compatible HTTP endpoints
     judge.py    constraint judges: rules, an LLM (local or endpoint), chains of both
     metrics.py  SysBench CSR/ISR/SSR and CFBench CSR/ISR/PSR with breakdowns

@@ -48,14 +48,14 @@ def _synth(args) -> None:
 
 def _train(method: str):
     def run(args) -> None:
-        from omni.align.config import load_align_config
-        from omni.align.loop import train_align
+        from omni.train.config import load_stage
+        from omni.train.trainer import train_stage
 
-        cfg = load_align_config(args.config, args.overrides)
+        cfg = load_stage(args.config, args.overrides)
         if cfg.method != method:
             sys.exit(f"omni align {method}: {args.config} has method: {cfg.method}; "
                      f"run it with `omni align {cfg.method}`")
-        final = train_align(cfg, args.out, progress=_progress(args))
+        final = train_stage(cfg, args.out, progress=_progress(args))
         print(f"final model: {final}")
         if (Path(args.out) / "eval.json").is_file():
             print(f"held-out: {(Path(args.out) / 'eval.json').read_text()}")

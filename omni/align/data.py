@@ -11,15 +11,18 @@ manifest YAML (its datasets of one split, read once through webdataset), or a sh
 brace pattern. WebDataset samples keep their raw members, and media are decoded only when an
 example is built, by the same `decode_sample` as training.
 
-Align data sets are read once into memory as records (text is small; media stay undecoded bytes)
-and served by `RecordStream`, a seeded epoch-by-epoch shuffle whose position is one integer, so a
-resumed run skips exactly what it had consumed.
+A stage's `data.records` are read once into memory (text is small; media stay undecoded bytes)
+and served by `record_stream`, a seeded epoch-by-epoch shuffle whose position is one integer, so a
+resumed run skips exactly what it had consumed. A stage's streamed `data.manifest` samples become
+the same records through `record_from_raw`: every method reads one record format.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -65,28 +68,36 @@ def read_records(spec: str | Path, split: str = "train", datasets: list[str] | N
         raws = [raw for e in entries for raw in split_stream(e, SkipCounter(max_fraction=0.5))]
     else:
         raws = list(wds.DataPipeline(wds.SimpleShardList(spec), wds.tarfile_to_samples()))
-    out = []
-    for raw in raws:
-        where = f"sample {raw.get('__key__')} in {raw.get('__url__')}"
-        try:
-            rec = json.loads(raw["json"])
-        except (KeyError, ValueError) as e:
-            raise AlignDataError(f"{where}: the 'json' member is missing or invalid ({e})") from None
-        media = {k: v for k, v in raw.items() if k.rpartition(".")[2].lower() in _MEDIA_EXTS}
-        if media:
-            rec["__media__"] = media
-        rec["__where__"] = where
-        out.append(rec)
-    if not out:
+    if not raws:
         raise AlignDataError(f"{spec}: no samples found")
-    return out
+    return [record_from_raw(raw) for raw in raws]
+
+
+def record_from_raw(raw: dict) -> dict:
+    """A WebDataset sample (ARCHITECTURE §3) as a record: its json fields, its media members kept
+    as undecoded bytes under `__media__`, and where it came from."""
+    where = f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
+    if "json" not in raw:
+        raise AlignDataError(f"{where}: missing the required 'json' member")
+    try:
+        rec = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AlignDataError(f"{where}: field 'json' is not valid JSON ({e})") from None
+    if not isinstance(rec, dict):
+        raise AlignDataError(f"{where}: field 'json' must be an object")
+    media = {k: v for k, v in raw.items() if k.rpartition(".")[2].lower() in _MEDIA_EXTS}
+    if media:
+        rec["__media__"] = media
+    rec.update({"__where__": where, "__key__": raw.get("__key__", "?"), "__url__": raw.get("__url__", "?")})
+    return rec
 
 
 def record_media(rec: dict) -> dict[str, list]:
     """Decoded media of a WebDataset record (placeholder order), {} for text records."""
     if "__media__" not in rec:
         return {}
-    raw = {"__key__": rec["__where__"], "json": json.dumps({"messages": []}).encode(), **rec["__media__"]}
+    raw = {"__key__": rec.get("__key__", rec["__where__"]), "__url__": rec.get("__url__", "?"),
+           "json": json.dumps({"messages": []}).encode(), **rec["__media__"]}
     return decode_sample(raw)[2]
 
 
@@ -157,32 +168,16 @@ def preference_examples(processor, rec: dict) -> tuple[Example, Example]:
     return out[0], out[1]
 
 
-class RecordStream:
-    """Endless seeded epochs over a record list; `consumed` records so far (resume = skip)."""
-
-    def __init__(self, records: list, seed: int):
-        if not records:
-            raise AlignDataError("no training records")
-        self.records, self.seed, self.consumed = records, seed, 0
-        self._order: list[int] = []
-
-    def _index(self, n: int) -> int:
-        epoch, pos = divmod(n, len(self.records))
-        if pos == 0 or not self._order:
-            self._order = list(range(len(self.records)))
-            random.Random(self.seed * 100_003 + epoch).shuffle(self._order)
-        return self._order[pos]
-
-    def skip(self, n: int) -> None:
-        for _ in range(n):
-            self._index(self.consumed)
-            self.consumed += 1
-
-    def take(self, k: int) -> list[tuple[int, object]]:
-        """k (record index, record) pairs."""
-        out = []
-        for _ in range(k):
-            i = self._index(self.consumed)
-            self.consumed += 1
-            out.append((i, self.records[i]))
-        return out
+def record_stream(records: list, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+    """Endless seeded epochs over in-memory records. Like `omni.data.loader.training_stream`, every
+    rank walks the same order and keeps every world-th record, so N processes see what one would."""
+    if not records:
+        raise AlignDataError("no training records")
+    n = 0
+    for epoch in itertools.count():
+        order = list(range(len(records)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        for i in order:
+            if n % world_size == rank:
+                yield records[i]
+            n += 1

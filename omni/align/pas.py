@@ -15,6 +15,7 @@ the pitfalls), appended to the prompt before the main model answers. Three parts
 (b) model SFT on those pairs (`omni align sft` / `omni align pas train` with `sft.turns: last`).
 (c) use   `PromptAugmenter.augment(prompt) -> prompt + "\n" + complement`, or
           `augment_messages(messages)` for the last user turn; any generator serves as the PAS model.
+          `omni chat --pas SPEC` and `omni demo --pas SPEC` augment every user turn before the model.
 """
 from __future__ import annotations
 
@@ -276,6 +277,14 @@ class PromptAugmenter:
 
     def augment(self, prompt: str) -> str:
         return self.augment_many([prompt])[0]
+
+    @classmethod
+    def load(cls, spec: str, endpoint_model: str = "default") -> PromptAugmenter:
+        """The PAS model folder, or an `http(s)://` endpoint serving it (how `omni chat --pas` and
+        `omni demo --pas` put PAS in front of the answering model)."""
+        from omni.align.generate import make_generator
+
+        return cls(make_generator(spec, endpoint_model=endpoint_model, batch_size=1))
 
     def augment_messages(self, messages: list[dict]) -> list[dict]:
         """A copy of `messages` whose last user message is augmented."""

@@ -18,6 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from encoders import load_audio
+from omni.config import ConfigError
 from omni.data.manifest import DatasetEntry
 from omni.errors import SampleError
 
@@ -66,8 +67,8 @@ class SkipCounter:
 
 
 def where(raw: dict) -> str:
-    """'sample KEY in SHARD', for messages about a raw sample."""
-    return f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
+    """'sample KEY in SHARD' (or a record's own `__where__`, e.g. FILE:LINE), for messages."""
+    return raw.get("__where__") or f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
 
 
 def read_meta(raw: dict) -> dict:
@@ -124,17 +125,18 @@ def training_stream(entries: list[DatasetEntry], weights: list[float], seed: int
             wds.tarfile_to_samples(handler=counter.handler),
             wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 1000 + i)),
         ))
-    rng = random.Random(seed)
-    iters = [iter(p) for p in pipes]
-    total = sum(weights)
-    probs = [w / total for w in weights]
-    i = 0
-    while True:
-        k = rng.choices(range(len(iters)), probs)[0]
-        sample = next(iters[k])
+    for i, sample in enumerate(mix_by_weight([iter(p) for p in pipes], weights, random.Random(seed))):
         if i % world_size == rank:
             yield sample
-        i += 1
+
+
+def mix_by_weight(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
+    """Endless samples, each from a stream drawn by weight with `rng` (wds.RandomMix draws from the
+    global `random`, so it could not be seeded per stream)."""
+    total = sum(weights)
+    probs = [w / total for w in weights]
+    while True:
+        yield next(streams[rng.choices(range(len(streams)), probs)[0]])
 
 
 def split_stream(entry: DatasetEntry, counter: SkipCounter) -> Iterator[dict]:
@@ -146,10 +148,12 @@ def split_stream(entry: DatasetEntry, counter: SkipCounter) -> Iterator[dict]:
 
 
 class ExampleStream:
-    """Raw samples -> processed examples; counts raw samples consumed so a resume can skip them."""
+    """Raw samples -> training items by `make(raw)` (the stage method's, omni/align/methods.py);
+    a sample `make` rejects is skipped, counted and named. Counts raw samples consumed so a
+    resume can skip them."""
 
-    def __init__(self, raw: Iterator[dict], process, counter: SkipCounter):
-        self.raw, self.process, self.counter = raw, process, counter
+    def __init__(self, raw: Iterator[dict], make, counter: SkipCounter):
+        self.raw, self.make, self.counter = raw, make, counter
         self.consumed = 0
 
     def skip(self, n: int) -> None:
@@ -158,14 +162,24 @@ class ExampleStream:
             next(self.raw)
             self.consumed += 1
 
+    def state(self) -> int:
+        """This rank's position for a checkpoint: raw samples consumed."""
+        return self.consumed
+
+    def restore(self, state: int) -> None:
+        """Continue from `state()` of an earlier run (before the first take)."""
+        if not isinstance(state, int):
+            raise ConfigError(f"the checkpoint's data position {state!r} was written by data.partition: shard; "
+                              "resume with data.partition: shard (as when it was written)")
+        self.skip(state)
+
     def take(self, k: int) -> list:
         out = []
         while len(out) < k:
             raw = next(self.raw)
             self.consumed += 1
             try:
-                meta, messages, media = decode_sample(raw)
-                out.append(self.process(messages, media))
+                out.append(self.make(raw))
             except Exception as e:  # noqa: BLE001 - counted, reported with key+shard, rate-limited
                 self.counter.skip(where(raw), e)
                 continue

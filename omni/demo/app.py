@@ -84,7 +84,7 @@ def _fmt_ms(seconds: float) -> str:
 
 
 def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max_audio_windows: int = 1,
-              engine=None):
+              engine=None, pas: str | None = None, pas_endpoint_model: str = "default"):
     """The Gradio Blocks of the demo (not launched). `engine` lets a caller share a loaded model."""
     import gradio as gr
 
@@ -104,7 +104,8 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
 
     if engine is None:
         engine = DemoEngine(resolve_model_dir(None if model_dir is None else str(model_dir)),
-                            max_new_tokens=max_new_tokens, max_audio_windows=max_audio_windows)
+                            max_new_tokens=max_new_tokens, max_audio_windows=max_audio_windows, pas=pas,
+                            pas_endpoint_model=pas_endpoint_model)
     root = Path(tempfile.mkdtemp(prefix="omni-demo-"))  # recordings and contact sheets shown in the chat
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     fps, max_frames = engine.video.fps, engine.video.max_frames
@@ -213,7 +214,8 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
         path.write_bytes(wav_bytes(wav, sr))
         return str(path)
 
-    def _turn(session: Session, box, max_tokens, use_camera, utterance, t_input: float, spoken_lag: float):
+    def _turn(session: Session, box, max_tokens, use_camera, use_pas, utterance, t_input: float,
+              spoken_lag: float):
         text = ((box or {}).get("text") or "").strip()
         files = list((box or {}).get("files") or [])
         items, errors = _items(session, files, use_camera, utterance)
@@ -221,6 +223,9 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
             yield session.shown, gr.skip(), gr.skip()
             return
         notes = [n for item in items for n in item.notes]
+        model_text, complement = engine.augment(text) if use_pas and not errors else (text, "")
+        if complement:
+            notes.append(f"PAS: {complement}")
         shown_text = text + "".join(f"\n\n*{n}*" for n in notes)
         user_msg = {"role": "user", "content": [{"path": item.path} for item in items]
                     + ([shown_text] if shown_text else [])}
@@ -234,7 +239,7 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
             return
         session.turns += 1
         n = session.turns
-        turn = session.chat.add_user(text, items)
+        turn = session.chat.add_user(model_text, items)
         answer_msg = {"role": "assistant", "content": ""}
         session.shown.append(answer_msg)
         yield session.shown, {"text": "", "files": []}, f"turn {n} · generating…"
@@ -262,10 +267,10 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
         log.info("session %s %s", session.id, line)
         yield session.shown, gr.skip(), line
 
-    def respond(session: Session, box, max_tokens, use_camera):
-        yield from _turn(session, box, max_tokens, use_camera, None, time.perf_counter(), 0.0)
+    def respond(session: Session, box, max_tokens, use_camera, use_pas):
+        yield from _turn(session, box, max_tokens, use_camera, use_pas, None, time.perf_counter(), 0.0)
 
-    def respond_voice(session: Session, box, max_tokens, use_camera):
+    def respond_voice(session: Session, box, max_tokens, use_camera, use_pas):
         with session.lock:
             if not session.pending:
                 yield session.shown, gr.skip(), gr.skip()
@@ -274,7 +279,7 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
         # TTFT counts from when the VAD / stop closed the utterance; the pause it waited for is
         # added for "end of speech -> first token"
         lag = max(0.0, utterance.detected_s - utterance.end_s)
-        yield from _turn(session, box, max_tokens, use_camera, utterance, t_end, lag)
+        yield from _turn(session, box, max_tokens, use_camera, use_pas, utterance, t_end, lag)
 
     def clear(session: Session):
         session.chat, session.shown, session.turns = Conversation(), [], 0
@@ -296,6 +301,9 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
                 with gr.Row():
                     max_tokens = gr.Slider(1, 512, value=engine.max_new_tokens, step=1, label="max new tokens")
                     clear_btn = gr.Button("Clear chat", elem_id="omni-clear")
+                use_pas = gr.Checkbox(value=engine.augmenter is not None, visible=engine.augmenter is not None,
+                                      label="PAS: add the prompt-augmentation model's complement to each typed turn",
+                                      elem_id="omni-pas")
             with gr.Column(scale=2):
                 cam = gr.Image(sources=["webcam"], streaming=True, type="pil", label="camera", height=300,
                                elem_id="omni-camera", webcam_options=gr.WebcamOptions(mirror=False))
@@ -309,7 +317,7 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
 
         demo.load(new_session, None, session)
         outputs = [chatbot, box, metrics]
-        inputs = [session, box, max_tokens, use_camera]
+        inputs = [session, box, max_tokens, use_camera, use_pas]
         box.submit(respond, inputs, outputs, concurrency_id="generate", concurrency_limit=1)
         utterance_ready.change(respond_voice, inputs, outputs, concurrency_id="generate", concurrency_limit=1)
         cam.stream(on_frame, [session, cam], [cam_status], stream_every=WEBCAM_EVERY_S, concurrency_limit=None,
@@ -329,12 +337,13 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
 
 
 def launch(model_dir: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
-           share: bool = False, max_new_tokens: int = 64, max_audio_windows: int = 1, queue_size: int = 64):
+           share: bool = False, max_new_tokens: int = 64, max_audio_windows: int = 1, queue_size: int = 64,
+           pas: str | None = None, pas_endpoint_model: str = "default"):
     """Build and serve the demo (blocks). Generation runs one turn at a time; other sessions wait
     in Gradio's queue (at most `queue_size`, then they are told the queue is full)."""
     import gradio as gr
 
-    demo = build_app(model_dir, max_new_tokens, max_audio_windows)
+    demo = build_app(model_dir, max_new_tokens, max_audio_windows, pas=pas, pas_endpoint_model=pas_endpoint_model)
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts to fetch
@@ -353,10 +362,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-audio-windows", type=int, default=1,
                    help="audio longer than this many audio-encoder windows is cut (default 1: 30 s at 7B, 1 s tiny)")
+    p.add_argument("--pas", metavar="MODEL|URL",
+                   help="prompt augmentation in front of the model: a PAS model folder (`omni align pas train`) or "
+                        "an endpoint serving one; a checkbox in the page turns it off")
+    p.add_argument("--pas-endpoint-model", default="default", help="model name to ask a --pas endpoint for")
 
 
 def _demo(args) -> None:
-    launch(args.model, args.host, args.port, args.share, args.max_new_tokens, args.max_audio_windows)
+    launch(args.model, args.host, args.port, args.share, args.max_new_tokens, args.max_audio_windows,
+           pas=args.pas, pas_endpoint_model=args.pas_endpoint_model)
 
 
 def add_demo_command(subparsers) -> argparse.ArgumentParser:

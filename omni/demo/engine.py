@@ -132,9 +132,14 @@ class DemoEngine:
     """One model shared by every browser session; generation runs one turn at a time."""
 
     def __init__(self, model_dir: str | Path, max_new_tokens: int = 64, max_audio_windows: int = 1,
-                 cache_frames: int | None = None):
+                 cache_frames: int | None = None, pas: str | None = None, pas_endpoint_model: str = "default"):
         t0 = time.perf_counter()
         self.model_dir = Path(model_dir)
+        self.augmenter = None  # PAS in front of the model (`--pas`): a model folder or an endpoint
+        if pas:
+            from omni.align.pas import PromptAugmenter
+
+            self.augmenter = PromptAugmenter.load(pas, pas_endpoint_model)
         self.model, self.tokenizer = load_model(model_dir)
         self.model.eval()
         self.processor = OmniProcessor(self.tokenizer, self.model)  # keeps the unwrapped tower
@@ -163,6 +168,14 @@ class DemoEngine:
         n = sum(p.numel() for p in self.model.parameters())
         return (f"`{self.model_dir}` — preset {cfg.name}, {n / 1e6:.1f}M parameters; video {self.video.fps:g} fps, "
                 f"at most {self.video.max_frames} frames; audio cut to {self.max_audio_samples / 16000:g} s")
+
+    def augment(self, text: str) -> tuple[str, str]:
+        """(what the model reads, the PAS complement shown to the user); unchanged without PAS."""
+        if self.augmenter is None or not text.strip():
+            return text, ""
+        with self._lock:  # a local PAS model generates on the same cores as the answer
+            augmented = self.augmenter.augment(text)
+        return augmented, augmented[len(text):].strip()
 
     @torch.no_grad()
     def encode_ahead(self, frame: Image.Image) -> float:

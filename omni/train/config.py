@@ -1,8 +1,10 @@
 """Stage and schedule configs: a stage is data (YAML), not code.
 
-Stages differ only by these fields: what trains (globs), on which data mixture, for how
-long, with which optimiser settings. `stages/7b/*.yaml` and `stages/tiny/*.yaml` are twins
-with the same keys; `tests/unit/test_configs.py` loads every one of them.
+Stages differ only by these fields: what trains (globs), with which objective (`method`: sft,
+dpo, rm — omni/align/methods.py), on which data, for how long, with which optimiser settings.
+The omni stages and the align runs (omni/align/configs) are the same kind of config, run by the
+same trainer. `stages/7b/*.yaml` and `stages/tiny/*.yaml` are twins with the same keys;
+`tests/unit/test_configs.py` loads every one of them.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from omni.align.config import DPOSection, RMSection, SFTSection
 from omni.config import ConfigError, load_config
 
 ENGINES = ("ddp", "fsdp2", "deepspeed")  # omni/train/engines.py; all run under torchrun (gloo on CPU)
@@ -18,7 +21,12 @@ ZERO_STAGES = (2, 3)
 
 @dataclass
 class DataConfig:
-    manifest: str                       # data_manifests-style YAML (urls relative to it)
+    """Training data is one of: `manifest`, a WebDataset mixture streamed by weight (the omni
+    stages), or `records`, a record set read once into memory and shuffled per epoch (align runs:
+    a .jsonl / .json file, a manifest's split or a shard pattern; omni/align/data.py). `eval`
+    names held-out records of the same kind, scored by the method before, during and after."""
+    manifest: str | None = None         # data_manifests-style YAML (urls relative to it)
+    records: str | None = None          # .jsonl | .json | manifest .yaml | shard path/brace pattern ($VARS expanded)
     datasets: dict[str, float] = field(default_factory=dict)  # name -> weight; empty: whole split
     split: str = "train"
     shuffle_buffer: int = 500
@@ -31,7 +39,18 @@ class DataConfig:
     resample: bool = True               # partition shard: endless resampled mixture; false: epochs over each
                                         # dataset's shards, split by node and worker, reshuffled per epoch
 
+    eval: str | None = None             # held-out records (same sources as `records`); None: no held-out eval
+    eval_split: str = "val"             # manifest split read for `eval`
+    eval_limit: int = 0                 # at most this many held-out records (0: all)
+
     def __post_init__(self):
+        if (self.manifest is None) == (self.records is None):
+            raise ConfigError("data: give exactly one of manifest (a streamed WebDataset mixture) or records "
+                              "(a .jsonl/.json/shard record set read into memory)")
+        if self.records is not None and self.partition != "sample":
+            raise ConfigError("data.partition: shard splits a manifest's shards; data.records are in memory")
+        if self.eval_limit < 0:
+            raise ConfigError("data.eval_limit must be >= 0 (0: all)")
         if any(w <= 0 for w in self.datasets.values()):
             raise ConfigError(f"data.datasets: weights must be > 0, got {self.datasets}")
         if self.workers < 0:
@@ -83,10 +102,6 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     interval: int = 10                  # steps between console/JSONL metric lines
-
-
-@dataclass
-class StageLogConfig(LogConfig):
     profile: bool = False               # add tokens, tokens/s, model TFLOP/s and MFU to the metrics (omni/train/flops.py)
     peak_tflops: float = 0.0            # per-device peak for MFU; 0: look the GPU up by name (none on CPU)
 
@@ -100,10 +115,11 @@ class StageLogConfig(LogConfig):
 @dataclass
 class StageConfig:
     name: str
-    preset: str                         # model preset: "tiny" or "7b" (omni.presets)
     trainable: list[str]                # globs over parameter names, e.g. "projectors.image.*"
     data: DataConfig
     steps: int
+    method: Literal["sft", "dpo", "rm"] = "sft"  # the objective (omni/align/methods.py); its section below
+    preset: str | None = None           # model preset "tiny" or "7b" (omni.presets), when not init_from
     init_from: str | None = None        # "previous" (schedule fills it), a model dir, or None: preset init
     model_overrides: list[str] = field(default_factory=list)  # dotted key=value on the model config
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -113,10 +129,23 @@ class StageConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False  # recompute LLM and vision-tower activations in backward
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: StageLogConfig = field(default_factory=StageLogConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval_interval: int = 0              # steps between held-out evaluations (0: before and after training only)
     seed: int = 0
+    sft: SFTSection = field(default_factory=SFTSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    rm: RMSection = field(default_factory=RMSection)
 
     def __post_init__(self):
+        if self.preset is None and self.init_from is None:
+            raise ConfigError("give preset (tiny or 7b: a fresh model) or init_from (a model folder) to start from")
+        if self.method != "sft" and self.batch.tokens_per_pack:
+            raise ConfigError(f"batch.tokens_per_pack: packing is for sft; {self.method} compares whole sequences")
+        if self.method == "dpo" and self.dpo.precompute_ref and self.data.records is None:
+            raise ConfigError("dpo.precompute_ref scores every pair once, so it needs data.records (a finite set); "
+                              "for a streamed manifest set dpo.precompute_ref: false")
+        if self.eval_interval < 0:
+            raise ConfigError("eval_interval must be >= 0")
         if not self.trainable:
             raise ConfigError("trainable: list at least one parameter glob (e.g. 'projectors.*')")
         if self.steps < 1:

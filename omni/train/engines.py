@@ -85,13 +85,13 @@ class Engine:
             return nullcontext()
         return self.module.no_sync()
 
-    def forward(self, batch, num_items: float, blank: tuple[str, ...] = ()):
-        with self.autocast():
-            return self.module(batch.input_ids, batch.attention_mask, batch.labels, batch.media,
-                               position_ids=batch.position_ids, num_items_in_batch=num_items, blank=blank)
-
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    @property
+    def inference_module(self) -> nn.Module:
+        """What held-out scoring calls: the bare model (no DDP gradient bookkeeping)."""
+        return self.model
 
     def modalities_to_run(self, in_step: set[str]) -> set[str]:
         """Modalities every micro-batch of this step runs, on a blank input where it has none
@@ -123,7 +123,10 @@ class Engine:
     def load(self, folder: Path, state: dict) -> None:
         from safetensors.torch import load_model
 
-        load_model(self.model, str(folder / "model.safetensors"))
+        if hasattr(self.model, "load_weights"):  # a wrapper with files of its own (the reward model's head)
+            self.model.load_weights(folder)
+        else:
+            load_model(self.model, str(folder / "model.safetensors"))
         self.optimizer.load_state_dict(state["optimizer"])
 
     def full_state_dict(self) -> dict | None:
@@ -144,7 +147,7 @@ class FSDP2Engine(Engine):
         fp32 = MixedPrecisionPolicy()
         llm = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.cfg.precision == "bf16" else fp32
-        layers, towers = fsdp_units(model)
+        layers, towers = fsdp_units(omni_model(model))
         for unit in layers:  # fully_shard moves each shard to the mesh's device
             fully_shard(unit, mesh=mesh, mp_policy=llm)
         for unit in towers:  # blocks before their tower: children are sharded first
@@ -190,6 +193,13 @@ class FSDP2Engine(Engine):
 
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return _retie(self.model, full) if self.world.main else None
+
+
+def omni_model(module: nn.Module) -> nn.Module:
+    """The OmniModel a method trains: the module itself or the one it wraps (the reward model)."""
+    from omni.model import OmniModel
+
+    return next(m for m in module.modules() if isinstance(m, OmniModel))
 
 
 def fsdp_units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -245,16 +255,26 @@ class DeepSpeedEngine(Engine):
         # a modality absent from a whole step has no gradient; ZeRO's flat partitions cannot say "none"
         # (ZeRO-2 steps on zeros, ZeRO-3 was measured to reuse the previous step's), so its trainable
         # modules always run, on a blank input if need be: a zero gradient on every engine stage
+        omni = omni_model(model)
         self.trainable_modalities = {m for m in MODALITIES if any(
-            p.requires_grad for p in [*model.projectors[m].parameters(),
-                                      *model.encoders["audio" if m == "audio" else "image"].parameters()])}
+            p.requires_grad for p in [*omni.projectors[m].parameters(),
+                                      *omni.encoders["audio" if m == "audio" else "image"].parameters()])}
         self.module, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.model, self.optimizer = model, optimizer
         # DeepSpeed partitions the client optimizer's param groups in place; the schedule sets their lr
         self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.steps)
 
+    @property
+    def inference_module(self) -> nn.Module:
+        """What held-out scoring calls: the bare model (no DDP gradient bookkeeping)."""
+        return self.model
+
     def modalities_to_run(self, in_step: set[str]) -> set[str]:
         return set(in_step) | self.trainable_modalities
+
+    @property
+    def inference_module(self) -> nn.Module:
+        return self.module  # DeepSpeed's engine: it gathers ZeRO-3 weights and autocasts
 
     def autocast(self):
         return nullcontext()  # DeepSpeed's torch_autocast wraps its forward (deepspeed_config)

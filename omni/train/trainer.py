@@ -1,11 +1,13 @@
-"""The one training loop every stage uses: config in, `final/` model folder out.
+"""The one training loop every stage and align run uses: config in, `final/` model folder out.
 
 One process, or one per GPU/CPU slot under torchrun, on the stage's engine (omni/train/engines.py:
-ddp, fsdp2, deepspeed ZeRO-2/3). Per step: `grad_accum` micro-batches, gradient clipping,
-AdamW with per-group learning rates, warmup + cosine. Console progress bar plus a JSONL metrics
-file (with `log.profile`: tokens/s, model TFLOP/s and MFU); resumable checkpoints every
-`checkpoint.interval` steps; the final model is written atomically to `<out>/final/`, the folder
-the next stage's `init_from` points at.
+ddp, fsdp2, deepspeed ZeRO-2/3), with the stage's objective (`method:` sft, dpo or rm;
+omni/align/methods.py). Per step: `grad_accum` micro-batches, gradient clipping, AdamW with
+per-group learning rates, warmup + cosine. Console progress bar plus a JSONL metrics file (with
+`log.profile`: tokens/s, model TFLOP/s and MFU); held-out records (`data.eval`) scored by the method
+before, every `eval_interval` steps and after (`eval.jsonl`, `eval.json`); resumable checkpoints
+every `checkpoint.interval` steps; the final model is written atomically to `<out>/final/`, the
+folder the next stage's `init_from` points at.
 """
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from omni.align.data import read_records, record_from_raw, record_stream
+from omni.align.methods import METHOD_CLASSES, Method
 from omni.config import to_dict
 from omni.data.loader import ExampleStream, SkipCounter, training_stream
 from omni.data.manifest import load_manifest
 from omni.model import OmniModel
-from omni.packing import collate_packed
 from omni.presets import MODALITIES, build_preset
-from omni.processor import OmniProcessor, collate
+from omni.processor import OmniProcessor
 from omni.train.checkpoint import (
     latest_resumable,
     load_resumable,
@@ -31,7 +34,7 @@ from omni.train.checkpoint import (
     save_resumable,
     seed_everything,
 )
-from omni.train.config import StageConfig
+from omni.train.config import DataConfig, StageConfig
 from omni.train.distributed import World
 from omni.train.engines import build_engine, write_engine_config
 from omni.train.flops import FlopCounter, peak_tflops
@@ -40,6 +43,7 @@ from omni.train.optim import set_trainable
 log = logging.getLogger(__name__)
 FINAL = "final"
 METRICS = "metrics.jsonl"
+EVALS = "eval.jsonl"
 
 
 def init_model(cfg: StageConfig):
@@ -53,13 +57,39 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True) ->
     """Run one stage into `out_dir`; resumes from its newest checkpoint if there is one.
 
     Under torchrun every rank reads the same seeded sample stream and keeps every world-th sample,
-    and the loss is normalised by the label tokens of the whole step (all micro-batches, all
-    ranks), so N processes x micro-batch b train exactly like 1 process x micro-batch N*b."""
+    and the loss is normalised by the units (label tokens, pairs) of the whole step (all
+    micro-batches, all ranks), so N processes x micro-batch b train exactly like 1 process x
+    micro-batch N*b."""
     world = World.from_env(need_group=cfg.engine != "ddp")
     try:
         return _train(cfg, Path(out_dir), progress and world.main, world)
     finally:
         world.close()
+
+
+def _records(data: DataConfig, spec: str, split: str) -> list[dict]:
+    return read_records(spec, split, list(data.datasets) or None)
+
+
+def held_out(data: DataConfig) -> list[dict]:
+    """The records the method scores before, during and after training."""
+    if data.eval is None:
+        return []
+    evals = _records(data, data.eval, data.eval_split)
+    return evals[:data.eval_limit] if data.eval_limit else evals
+
+
+def training_examples(cfg: StageConfig, method: Method, records: list | None, counter: SkipCounter,
+                      world: World) -> ExampleStream:
+    """This rank's training items: in-memory records in seeded epochs, or the manifest's weighted
+    WebDataset mixture; either way every sample becomes a record and the method makes it."""
+    if records is not None:
+        return ExampleStream(record_stream(records, cfg.seed, world.rank, world.size), method.make, counter)
+    entries = load_manifest(cfg.data.manifest).select(cfg.data.split, list(cfg.data.datasets) or None)
+    weights = [cfg.data.datasets.get(e.name, e.weight) for e in entries]
+    raw = training_stream(entries, weights, cfg.seed, cfg.data.shuffle_buffer, counter,
+                          rank=world.rank, world_size=world.size)
+    return ExampleStream(raw, lambda sample: method.make(record_from_raw(sample)), counter)
 
 
 def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Path:
@@ -68,27 +98,25 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
         (out_dir / "stage.json").write_text(json.dumps(to_dict(cfg), indent=2))
     seed_everything(cfg.seed)
 
+    method = METHOD_CLASSES[cfg.method](cfg)
     model, tokenizer = init_model(cfg)
-    trainable = set_trainable(model, cfg.trainable)
+    processor = OmniProcessor(tokenizer, model)
+    records = _records(cfg.data, cfg.data.records, cfg.data.split) if cfg.data.records else None
+    evals = held_out(cfg.data)
+    module = method.prepare(model, tokenizer, processor, out_dir, records, evals, world.device)
+    trainable = set_trainable(module, method.trainable(list(cfg.trainable)))
     if cfg.activation_checkpointing:
         model.enable_activation_checkpointing()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in module.parameters())
     flops = FlopCounter(model) if cfg.log.profile else None  # parameter counts before sharding
-    processor = OmniProcessor(tokenizer, model)
     engine = build_engine(cfg, world)
-    engine.setup(model)
+    engine.setup(module)
     if world.main:
         write_engine_config(engine, out_dir)
 
-    manifest = load_manifest(cfg.data.manifest)
-    entries = manifest.select(cfg.data.split, list(cfg.data.datasets) or None)
-    weights = [cfg.data.datasets.get(e.name, e.weight) for e in entries]
     counter = SkipCounter(max_fraction=cfg.data.max_bad_fraction)
-    raw = training_stream(entries, weights, cfg.seed, cfg.data.shuffle_buffer, counter,
-                          rank=world.rank, world_size=world.size)
-    stream = ExampleStream(raw, processor, counter)
-
+    stream = training_examples(cfg, method, records, counter, world)
     step = 0
     ckpt_root = out_dir / "checkpoints"
     resume = latest_resumable(ckpt_root)
@@ -97,59 +125,77 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
         stream.skip(consumed[world.rank])
         log.info("resumed %s from %s at step %d", cfg.name, resume, step)
 
-    log.info("stage %s: %d/%d parameters trainable (%s ...), %d steps of %d process(es) x %d x %d samples on %s",
-             cfg.name, n_train, n_all, ", ".join(trainable[:3]), cfg.steps, world.size,
-             cfg.batch.micro_batch, cfg.batch.grad_accum, engine.description)
-    pad_id = tokenizer.pad_token_id
+    log.info("stage %s (%s): %d/%d parameters trainable (%s ...), %d steps of %d process(es) x %d x %d samples "
+             "on %s%s", cfg.name, cfg.method, n_train, n_all, ", ".join(trainable[:3]), cfg.steps, world.size,
+             cfg.batch.micro_batch, cfg.batch.grad_accum, engine.description,
+             f", {len(evals)} held-out records" if evals else "")
+
+    def evaluate(at: int) -> dict:
+        """Every rank scores the held-out records (sharded engines need all of them); rank 0 writes."""
+        scorer = engine.inference_module
+        scorer.eval()
+        with engine.autocast():
+            result = {"step": at, **method.evaluate(scorer, evals)}
+        engine.train()
+        if world.main:
+            with open(out_dir / EVALS, "a") as f:
+                f.write(json.dumps(result) + "\n")
+        return result
+
+    first = None
+    if evals:  # the "before" numbers: measured now, or read back when resuming
+        seen = (out_dir / EVALS).read_text().splitlines() if (out_dir / EVALS).is_file() else []
+        first = json.loads(seen[0]) if step and seen else evaluate(step)
+
     peak = peak_tflops(world.device, cfg.precision, cfg.log.peak_tflops) if flops else None
     engine.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
     t0 = window_t0 = time.time()
-    window_loss, window_fill, window_n, window_tokens, window_flops = 0.0, 0.0, 0, 0, 0.0
+    window, window_tokens, window_flops = [], 0, 0.0
     metrics = open(out_dir / METRICS, "a") if world.main else None  # noqa: SIM115 - closed in finally
     try:
         while step < cfg.steps:
             batches, fill = [], 0.0
             for _ in range(cfg.batch.grad_accum):
-                examples = stream.take(cfg.batch.micro_batch)
-                if cfg.batch.tokens_per_pack:
-                    batch, f = collate_packed(examples, cfg.batch.tokens_per_pack, pad_id)
-                else:
-                    batch = collate(examples, pad_id)
-                    f = float(batch.attention_mask.float().mean())
+                made = stream.take(cfg.batch.micro_batch)
+                batch, f = method.collate(made)
                 batches.append(batch.to(world.device))
                 fill += f / cfg.batch.grad_accum
                 if flops is not None:
-                    lengths = [len(e.input_ids) for e in examples]
+                    lengths = method.lengths(made)
                     window_tokens += sum(lengths)
                     window_flops += flops(lengths, batch.media)
-            # every label token of the step weighs the same, whichever micro-batch or rank holds it;
-            # engines that shard per module also learn which modalities any rank's step has (one collective)
-            local = [sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)]
+            # every unit of the step (label token, pair) weighs the same, whichever micro-batch or rank
+            # holds it; engines that shard per module also learn which modalities any rank's step has
+            local = [sum(method.units(b) for b in batches)]
             local += [any(getattr(b.media, m) is not None for b in batches) for m in MODALITIES]
             summed = world.sum_all(local)
             per_rank = max(summed[0], 1) / world.size
             step_modalities = engine.modalities_to_run({m for m, n in zip(MODALITIES, summed[1:]) if n > 0})
-            total = 0.0
+            total, stats = 0.0, {}
             for i, batch in enumerate(batches):
                 blank = tuple(sorted(m for m in step_modalities if getattr(batch.media, m) is None))
                 with engine.micro_batch(last=i == len(batches) - 1):
-                    out = engine.forward(batch, per_rank, blank)
-                    engine.backward(out.loss)
-                total += out.loss.item()
+                    with engine.autocast():
+                        loss, s = method.loss(engine.module, batch, per_rank, blank)
+                    engine.backward(loss)
+                total += loss.item()
+                for k, v in s.items():
+                    stats[k] = stats.get(k, 0.0) + v / len(batches)
             total = world.sum(total) / world.size
             grad_norm = engine.step()
             step += 1
-            window_loss, window_fill, window_n = window_loss + total, window_fill + fill, window_n + 1
+            window.append({"loss": total, "fill": fill, **stats})
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}")
             if step % cfg.log.interval == 0 or step == cfg.steps:
                 samples = world.gather(stream.consumed)
-                row = {"stage": cfg.name, "step": step, "loss": window_loss / window_n,
-                       "fill": round(window_fill / window_n, 4),  # real tokens / batch tokens
+                mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                row = {"stage": cfg.name, "step": step, "loss": mean.pop("loss"),
+                       "fill": round(mean.pop("fill"), 4),  # real tokens / batch tokens
                        "lr": engine.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "samples": sum(samples), "skipped": counter.skipped,
-                       "elapsed_s": round(time.time() - t0, 2)}
+                       "elapsed_s": round(time.time() - t0, 2), **mean}
                 if flops is not None:
                     row.update(_throughput(world, window_tokens, window_flops, window_t0, peak))
                 if metrics is not None:
@@ -157,8 +203,10 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
                     metrics.flush()
                     if not progress:  # the bar shows the loss; without it, a console line
                         log.info("%s step %d/%d loss %.4f lr %.2e", cfg.name, step, cfg.steps, row["loss"], row["lr"])
-                window_loss, window_fill, window_n, window_tokens, window_flops = 0.0, 0.0, 0, 0, 0.0
+                window, window_tokens, window_flops = [], 0, 0.0
                 window_t0 = time.time()
+            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps and evals:
+                evaluate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.steps:
                 paused = time.time()
                 save_resumable(engine, tokenizer, step, world.gather(stream.consumed), ckpt_root,
@@ -171,9 +219,12 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
     if counter.skipped:
         log.warning("stage %s skipped %d bad samples of %d", cfg.name, counter.skipped,
                     counter.skipped + counter.good)
+    last = evaluate(step) if evals else None
+    if world.main and evals:
+        (out_dir / "eval.json").write_text(json.dumps({"before": first, "after": last}, indent=2))
     full = engine.full_state_dict()  # every rank takes part in gathering a sharded model
     if world.main:
-        save_model_dir(model, tokenizer, out_dir / FINAL, full)
+        save_model_dir(module, tokenizer, out_dir / FINAL, full)
         log.info("stage %s done in %.1f s -> %s", cfg.name, time.time() - t0, out_dir / FINAL)
     world.barrier()
     return out_dir / FINAL

@@ -9,6 +9,8 @@ import re
 import yaml
 
 from omni.align.generate import LocalGenerator
+from omni.cli import main as cli_main
+from omni.demo.engine import DemoEngine
 from omni.align.pas import GENERATE_INSTRUCTIONS, JUDGE_INSTRUCTIONS, PromptAugmenter
 from omni.align.synth import PAS_KINDS, AlignSynthConfig, write_align_corpus
 from tests.integration.test_align_pipeline import CONFIGS, omni_align
@@ -44,7 +46,7 @@ def _reply(messages, seen: set) -> str:
     return GOOD["colour"] if "colour" in prompt else GOOD["arith"]
 
 
-def test_pas_data_model_and_augment(tmp_path):
+def test_pas_data_model_and_augment(tmp_path, capsys):
     out = write_align_corpus(AlignSynthConfig(out_dir=str(tmp_path / "synth"), sft_train=8, pref_train=8, val=20,
                                               pas_train=200), base_model=True)
     (tmp_path / "kw.yaml").write_text(yaml.safe_dump({"arith": ["plus", "add"], "colour": ["colour"]}))
@@ -67,7 +69,7 @@ def test_pas_data_model_and_augment(tmp_path):
     assert all(p["messages"][1]["content"] == GOOD[p["category"]] for p in pairs)
 
     omni_align("pas", "train", f"{CONFIGS}/tiny_pas.yaml", "--out", str(tmp_path / "pas-model"),
-               f"init_from={out}/base", f"data.train={tmp_path}/pas/pas_pairs.jsonl", f"data.eval={out}/pas_val.jsonl",
+               f"init_from={out}/base", f"data.records={tmp_path}/pas/pas_pairs.jsonl", f"data.eval={out}/pas_val.jsonl",
                "steps=50")
     val = [json.loads(line) for line in (out / "pas_val.jsonl").read_text().splitlines()]
     prompts = [r["messages"][0]["content"] for r in val]
@@ -80,3 +82,16 @@ def test_pas_data_model_and_augment(tmp_path):
     print(f"\nPAS complement right on held-out prompts: untrained {rates['base']:.2f}, trained {rates['pas']:.2f}")
     assert rates["pas"] >= 0.8 and rates["base"] <= 0.2
     omni_align("pas", "augment", str(tmp_path / "pas-model/final"), "--prompt", "what is one plus four ?")
+
+    # PAS behind a switch in front of any model: `omni chat --pas` and the demo's engine
+    held_out = next(r for r in val if _same(PromptAugmenter.load(str(tmp_path / "pas-model/final")).augment(
+        r["messages"][0]["content"]), f"{r['messages'][0]['content']}\n{GOOD[r['category']]}"))
+    prompt, complement = held_out["messages"][0]["content"], GOOD[held_out["category"]]
+    capsys.readouterr()
+    cli_main(["chat", str(out / "base"), "--pas", str(tmp_path / "pas-model/final"), "--prompt", prompt,
+              "--max-new-tokens", "4"])
+    assert _same(capsys.readouterr().out.splitlines()[0], f"pas> {complement}")
+    engine = DemoEngine(out / "base", pas=str(tmp_path / "pas-model/final"))
+    model_text, shown = engine.augment(prompt)
+    assert _same(shown, complement) and _same(model_text, f"{prompt}\n{complement}")
+    assert DemoEngine(out / "base").augment(prompt) == (prompt, "")  # switched off: untouched

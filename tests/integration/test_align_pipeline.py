@@ -1,10 +1,13 @@
 """Tiny real align runs through the `omni align` command line (in-process): SFT follows system-message
 formats on held-out prompts, DPO raises the held-out chosen-vs-rejected margin, the reward model
-ranks held-out pairs, a run resumes exactly, and the benchmark evaluations score them."""
+ranks held-out pairs, a run resumes exactly, the preference methods run sharded on FSDP2 like one
+process, and the benchmark evaluations score them."""
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,7 +38,7 @@ def world(tmp_path_factory):
 
 def _data(world, kind: str) -> list[str]:
     s = world / "synth"
-    return [f"init_from={s}/base", f"data.train={s}/{kind}_train.jsonl", f"data.eval={s}/{kind}_val.jsonl"]
+    return [f"init_from={s}/base", f"data.records={s}/{kind}_train.jsonl", f"data.eval={s}/{kind}_val.jsonl"]
 
 
 def _format_rate(metrics_file) -> float:
@@ -73,7 +76,7 @@ def test_sft_follows_the_system_format_on_held_out_prompts(world):
 def test_dpo_from_webdataset_raises_the_held_out_margin(world):
     s = world / "synth"
     omni_align("dpo", f"{CONFIGS}/tiny_dpo.yaml", "--out", str(world / "dpo"), f"init_from={s}/base",
-               f"data.train={s}/manifest.yaml", f"data.eval={s}/manifest.yaml", "data.datasets=[pref]",
+               f"data.records={s}/manifest.yaml", f"data.eval={s}/manifest.yaml", "data.datasets={pref: 1.0}",
                "steps=20", "data.eval_limit=24")
     ev = json.loads((world / "dpo/eval.json").read_text())
     before, after = ev["before"], ev["after"]
@@ -85,7 +88,13 @@ def test_dpo_from_webdataset_raises_the_held_out_margin(world):
 
 
 def test_ipo_with_reference_on_the_fly_and_simpo_train(world):
-    for extra in (["dpo.loss_type=ipo", "dpo.precompute_ref=false"], ["dpo.loss_type=simpo", "dpo.beta=2.0"]):
+    """IPO streams its pairs from the WebDataset manifest (as an omni stage reads its mixture) and
+    scores the reference on the fly; SimPO needs no reference."""
+    s = world / "synth"
+    streamed = ["data.records=null", f"data.manifest={s}/manifest.yaml", "data.datasets={pref: 1.0}",
+                f"data.eval={s}/manifest.yaml", "data.shuffle_buffer=20"]
+    for extra in (["dpo.loss_type=ipo", "dpo.precompute_ref=false", *streamed],
+                  ["dpo.loss_type=simpo", "dpo.beta=2.0"]):
         out = world / extra[0].split("=")[1]
         omni_align("dpo", f"{CONFIGS}/tiny_dpo.yaml", "--out", str(out), *_data(world, "pref"), "steps=10",
                    "data.eval_limit=16", *extra)
@@ -129,3 +138,33 @@ def test_align_run_resumes_exactly(world):
 def test_method_mismatch_is_refused(world):
     with pytest.raises(SystemExit, match="method: sft"):
         omni_align("dpo", f"{CONFIGS}/tiny_sft.yaml", "--out", str(world / "x"), *_data(world, "sft"))
+
+
+def _torchrun(out, config: str, *overrides: str, nproc: int) -> list[dict]:
+    """`omni train CONFIG` (an align config is a stage config) as `nproc` real processes; metrics rows."""
+    from tests.integration.test_distributed import ENV, _port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_port()), "-m", "omni.cli", "-q", "train", f"{CONFIGS}/{config}", "--out", str(out), *overrides]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["dpo", "rm"])
+def test_preference_methods_run_on_fsdp2_like_one_process(world, method, tmp_path):
+    """The omni trainer runs align's methods on every engine: DPO and the reward model sharded by
+    FSDP2 over 2 processes x 4 pairs train like 1 ddp process x 8 pairs, step for step."""
+    common = [*_data(world, "pref"), "steps=4", "log.interval=1", "data.eval_limit=8", "optim.lr=3e-3"]
+    one = _torchrun(tmp_path / "one", f"tiny_{method}.yaml", *common, "batch.micro_batch=8", nproc=1)
+    two = _torchrun(tmp_path / "two", f"tiny_{method}.yaml", *common, "batch.micro_batch=4", "engine=fsdp2", nproc=2)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5, abs=1e-6)
+    after = [json.loads((tmp_path / run / "eval.json").read_text())["after"] for run in ("one", "two")]
+    key = "reward_margin" if method == "dpo" else "margin"
+    assert after[1][key] == pytest.approx(after[0][key], rel=1e-4, abs=1e-5)
+    a, b = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    if method == "rm":  # the value head, gathered from its shards, is saved beside the model
+        from omni.align.methods import RewardModel
+
+        RewardModel.from_pretrained(tmp_path / "two/final")

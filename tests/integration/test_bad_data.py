@@ -7,13 +7,19 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
 import yaml
 from PIL import Image
 
+from omni.align.data import record_from_raw
+from omni.align.methods import SFT
 from omni.data.loader import ExampleStream, SkipCounter, TooManyBadSamples, training_stream
 from omni.data.manifest import load_manifest
 from omni.processor import OmniProcessor
+from omni.train.config import load_stage
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _png(colour) -> bytes:
@@ -54,9 +60,13 @@ def _write(tmp_path: Path, bad_every: int, truncate_second: bool = False) -> Pat
 
 
 def _stream(manifest, tiny_model, counter):
+    """The trainer's own path: raw sample -> record -> the stage method's example."""
     model, tok = tiny_model
+    sft = SFT(load_stage(ROOT / "stages/tiny/2_sft.yaml", [f"data.manifest={manifest}", "init_from=null"]))
+    sft.prepare(model, tok, OmniProcessor(tok, model), manifest.parent, None, [], torch.device("cpu"))
     entries = load_manifest(manifest).select("train")
-    return ExampleStream(training_stream(entries, [1.0], 0, 10, counter), OmniProcessor(tok, model), counter)
+    return ExampleStream(training_stream(entries, [1.0], 0, 10, counter),
+                         lambda raw: sft.make(record_from_raw(raw)), counter)
 
 
 def test_bad_samples_are_skipped_counted_and_named(tmp_path, tiny_model, caplog):

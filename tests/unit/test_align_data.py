@@ -2,6 +2,7 @@
 the record stream's determinism, and PAS prompt deduplication."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -9,11 +10,11 @@ import torch
 
 from omni.align.data import (
     AlignDataError,
-    RecordStream,
     last_span,
     preference_examples,
     preference_messages,
     read_records,
+    record_stream,
     sft_example,
 )
 from omni.align.pas import dedup_prompts
@@ -87,12 +88,13 @@ def test_preference_reply_forms(processor):
         preference_messages({"prompt": "hi", "chosen": "a", "__where__": "x"})
 
 
-def test_record_stream_is_deterministic_and_resumable():
-    a, b = RecordStream(list(range(7)), seed=3), RecordStream(list(range(7)), seed=3)
-    first = [r for _, r in a.take(10)]
-    assert sorted(first[:7]) == list(range(7))  # one epoch is a permutation
-    b.skip(4)
-    assert [r for _, r in b.take(6)] == first[4:] and b.consumed == 10
+def test_record_stream_is_deterministic_and_ranks_split_it():
+    first = list(itertools.islice(record_stream(list(range(7)), seed=3), 14))
+    assert sorted(first[:7]) == list(range(7)) and sorted(first[7:]) == list(range(7))  # epochs are permutations
+    assert first[:7] != first[7:]  # reshuffled per epoch
+    assert first == list(itertools.islice(record_stream(list(range(7)), seed=3), 14))
+    ranks = [list(itertools.islice(record_stream(list(range(7)), 3, rank=r, world_size=2), 7)) for r in (0, 1)]
+    assert ranks[0] == first[0::2] and ranks[1] == first[1::2]
 
 
 def test_prompt_dedup_exact_and_near():
@@ -119,8 +121,8 @@ def test_every_align_config_loads_and_tiny_and_7b_twins_share_keys():
 
     import yaml
 
-    from omni.align.config import load_align_config
     from omni.config import ConfigError
+    from omni.train.config import load_stage
 
     def keys(d, prefix=""):
         return {k for key, v in d.items()
@@ -129,11 +131,11 @@ def test_every_align_config_loads_and_tiny_and_7b_twins_share_keys():
     files = sorted(folder.glob("*.yaml"))
     assert len(files) == 8
     for f in files:
-        load_align_config(f)
+        load_stage(f)
     for f in folder.glob("tiny_*.yaml"):
         twin = f.with_name(f.name.replace("tiny_", "7b_"))
         assert keys(yaml.safe_load(f.read_text())) == keys(yaml.safe_load(twin.read_text())), f.name
     with pytest.raises(ConfigError, match="unknown key"):
-        load_align_config(files[0], ["dpo.betta=0.1"])
+        load_stage(files[0], ["dpo.betta=0.1"])
     with pytest.raises(ConfigError, match="loss_type"):
-        load_align_config(folder / "tiny_dpo.yaml", ["dpo.loss_type=kto"])
+        load_stage(folder / "tiny_dpo.yaml", ["dpo.loss_type=kto"])

@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from omni.align import methods
+from omni.batch import MediaBatch
 from omni.config import ConfigError
 from omni.model import OmniModel
 from omni.presets import build_preset
+from omni.processor import Batch
 from omni.train.config import load_stage
 from omni.train.distributed import World
 from omni.train.engines import build_engine, deepspeed_config, fsdp_units
@@ -112,11 +115,10 @@ def one_step_keeps_frozen_weights(engine: str, manifest: str) -> None:
             held = [getattr(p, "ds_numel", p.numel()) for g in groups for p in g]
         assert sum(held) == sum(v.numel() for v in trainable.values())
         ids = torch.randint(10, 100, (2, 12))
-        batch = type("B", (), {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-                               "media": None, "position_ids": None})
-        with eng.micro_batch(last=True):  # no media: towers and projectors run on blank inputs
-            out = eng.forward(batch, float(ids.numel()), ("image", "video", "audio"))
-            eng.backward(out.loss)
+        batch = Batch(ids, torch.ones_like(ids), ids.clone(), MediaBatch())
+        with eng.micro_batch(last=True), eng.autocast():  # no media: towers and projectors run on blank inputs
+            loss, _ = methods.SFT(cfg).loss(eng.module, batch, float(ids.numel()), ("image", "video", "audio"))
+            eng.backward(loss)
         assert eng.step() > 0
         full = eng.full_state_dict()
         after = full if full is not None else {k: v.detach() for k, v in model.state_dict().items()}
