@@ -1,12 +1,15 @@
 """Per-GPU memory plan for a stage, before launching it: will it fit on N GPUs of M GiB?
 
-Accounting (bytes; P = all parameters, T = trainable ones, N = data-parallel GPUs):
-- weights: 2 bytes/param in bf16 (4 in fp32), for every parameter, frozen ones included;
-- gradients: the same width per trainable parameter;
-- optimizer: AdamW's two fp32 moments (8 bytes) per trainable parameter, plus an fp32 master copy
-  (4 bytes) under bf16 mixed precision: the 16 bytes/param of ZeRO's accounting with the weights;
+Accounting as omni's engines hold memory (bytes; N = data-parallel GPUs):
+- weights: 4 bytes/param for every parameter, frozen ones included: all engines keep fp32
+  parameters (the master weights) and compute in bf16 under autocast (omni/train/engines.py);
+- gradients: 4 bytes per trainable parameter (fp32, like the parameters);
+- optimizer: AdamW's two fp32 moments, 8 bytes per trainable parameter (no separate master copy:
+  the fp32 parameters are it) — 16 bytes per trainable parameter in all, as in ZeRO's accounting;
 - sharding: ddp replicates everything; ZeRO-2 shards gradients and optimizer state; ZeRO-3 and
-  FSDP2 also shard the weights (each across N);
+  FSDP2 also shard the weights (each across N), and then hold gathered copies while a unit runs:
+  the root unit (embeddings, LM head, projectors) through the step plus the two largest other
+  units (the running one and the prefetched next), bf16 under FSDP2's bf16 policy, else fp32;
 - activations of one micro-batch, per transformer (LLM over its tokens, vision tower over its tiles,
   audio tower over its windows): s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit (Korthikanti et al.
   2022, "Reducing Activation Recomputation", no sequence parallelism; the 5*a*s/h score term only
@@ -82,8 +85,7 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     names = {n: p.numel() for n, p in model.named_parameters()}
     trainable = sum(n for name, n in names.items() if any(fnmatch.fnmatchcase(name, g) for g in cfg.trainable))
     total = sum(names.values())
-    width = 2 if cfg.precision == "bf16" else 4
-    master = 4 if cfg.precision == "bf16" else 0
+    width = 2 if cfg.precision == "bf16" else 4          # activations: autocast computes in bf16
     shard_w, shard_g, shard_o = (gpus if s else 1 for s in SHARDING[engine])
 
     llm = model.llm.config
@@ -103,10 +105,30 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     act += transformer_activation_bytes(audio.positional_embedding.shape[0], b, model.encoders["audio"].out_dim,
                                         audio.blocks[0].attn.n_head, len(audio.blocks), ckpt, width, eager)
     rows = [
-        ("weights", total * width / shard_w / GIB),
-        ("gradients", trainable * width / shard_g / GIB),
-        ("optimizer (AdamW" + (" + fp32 master)" if master else ")"), trainable * (8 + master) / shard_o / GIB),
+        ("weights (fp32)", total * 4 / shard_w / GIB),
+        ("gradients (fp32)", trainable * 4 / shard_g / GIB),
+        ("optimizer (AdamW moments)", trainable * 8 / shard_o / GIB),
+    ]
+    if shard_w > 1:
+        gathered = 2 if engine == "fsdp2" and cfg.precision == "bf16" else 4
+        rows.append(("gathered units (root + 2 largest)", _gathered_params(model) * gathered / GIB))
+    rows += [
         (f"activations (b={b}, {tokens} tok, {cfg_tiles} tiles)", act / GIB),
         ("logits (fp32)", b * tokens * llm.vocab_size * 4 / GIB),
     ]
     return Plan(rows, gpu_gib)
+
+
+def _gathered_params(model) -> int:
+    """Parameters a sharding engine holds unsharded at once: the root unit (what the LLM layers and
+    towers leave over) for the whole step, plus the running and the prefetched unit."""
+    from omni.train.engines import fsdp_units
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    layers, units = fsdp_units(model)
+    towers = list(model.encoders.values())
+    blocks = [u for u in units if not any(u is t for t in towers)]
+    in_tower = lambda t: sum(count(b) for b in blocks if any(b is m for m in t.modules()))  # noqa: E731
+    own = [count(m) for m in layers + blocks] + [count(t) - in_tower(t) for t in towers]
+    root = count(model) - sum(count(m) for m in layers) - sum(count(t) for t in towers)
+    return root + sum(sorted(own, reverse=True)[:2])

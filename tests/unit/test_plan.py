@@ -22,7 +22,7 @@ def test_fp32_full_training_is_16_bytes_per_parameter_plus_activations():
     rows = _rows(plan_stage(cfg, gpus=1, gpu_gib=1, engine="ddp", seq_len=256))
     assert rows["weights"] == pytest.approx(4 * p / GIB)
     assert rows["gradients"] == pytest.approx(4 * p / GIB)
-    assert rows["optimizer"] == pytest.approx(8 * p / GIB)  # fp32: no master copy
+    assert rows["optimizer"] == pytest.approx(8 * p / GIB)  # the fp32 parameters are the master copy
 
 
 def test_sharding_and_frozen_parts():
@@ -32,10 +32,18 @@ def test_sharding_and_frozen_parts():
     proj = sum(x.numel() for x in model.projectors["image"].parameters())
     ddp = _rows(plan_stage(cfg, 8, 80, "ddp", 4096))
     fsdp = _rows(plan_stage(cfg, 8, 80, "fsdp2", 4096))
-    assert ddp["weights"] == pytest.approx(2 * total / GIB)           # bf16, frozen parts too
-    assert ddp["optimizer"] == pytest.approx(12 * proj / GIB)         # moments + fp32 master
+    assert ddp["weights"] == pytest.approx(4 * total / GIB)           # fp32 as the engines hold them, frozen too
+    assert ddp["gradients"] == pytest.approx(4 * proj / GIB)
+    assert ddp["optimizer"] == pytest.approx(8 * proj / GIB)          # AdamW moments
     assert fsdp["weights"] == pytest.approx(ddp["weights"] / 8)
     assert fsdp["gradients"] == pytest.approx(ddp["gradients"] / 8)
+    # FSDP2 holds the root unit gathered (bf16 policy) plus the running and the prefetched LLM layer
+    llm = model.llm
+    root = sum(x.numel() for x in [*llm.get_input_embeddings().parameters(), *llm.get_output_embeddings().parameters(),
+                                   *llm.model.norm.parameters(), *model.projectors.parameters()])
+    layer = sum(x.numel() for x in llm.model.layers[0].parameters())
+    assert "gathered" not in ddp
+    assert fsdp["gathered"] == pytest.approx(2 * (root + 2 * layer) / GIB)
 
 
 def test_7b_sft_fits_on_8_h100_with_fsdp2_but_not_with_ddp():
