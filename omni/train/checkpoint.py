@@ -2,7 +2,7 @@
 
 A run killed mid-write leaves either the previous checkpoint or the new one, never a torn
 folder. Resumable checkpoints hold the full training state (weights, optimizer, scheduler,
-every rank's RNGs and raw samples consumed, step) so a resumed run continues exactly. The
+every rank's RNGs and data stream position, step) so a resumed run continues exactly. The
 weights and optimizer are written by the engine (omni/train/engines.py), sharded where it
 shards: ddp a model folder (`save_pretrained`) + the optimizer state, fsdp2 a
 torch.distributed.checkpoint folder `dcp/`, deepspeed its own `deepspeed/` tag folder.
@@ -81,8 +81,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_resumable(engine, tokenizer, step: int, samples: list[int], ckpt_root: str | Path, keep: int) -> Path:
-    """Every rank calls it. `samples`: raw samples each rank has consumed (its stream position).
+def save_resumable(engine, tokenizer, step: int, samples: list, ckpt_root: str | Path, keep: int) -> Path:
+    """Every rank calls it. `samples`: each rank's data stream position (`stream.state()`).
     The engine writes into `.step-N.tmp/` (a name all ranks know), rank 0 adds the trainer state
     and renames the folder to `step-N/` once every rank is done."""
     world = engine.world
@@ -111,8 +111,8 @@ def latest_resumable(ckpt_root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_resumable(path: Path, engine) -> tuple[int, list[int]]:
-    """Restore training state in place; returns (step, raw samples consumed per rank)."""
+def load_resumable(path: Path, engine) -> tuple[int, list]:
+    """Restore training state in place; returns (step, each rank's data stream position)."""
     state = torch.load(path / STATE, weights_only=False)
     written_by = state.get("engine", "ddp")  # checkpoints from before engines were named are ddp's
     world_size = state.get("world_size", len(state["samples"]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,8 +23,9 @@ from tqdm.auto import tqdm
 from omni.align.data import read_records, record_from_raw, record_stream
 from omni.align.methods import METHOD_CLASSES, Method
 from omni.config import to_dict
-from omni.data.loader import ExampleStream, SkipCounter, training_stream
+from omni.data.loader import ExampleStream, SkipCounter
 from omni.data.manifest import load_manifest
+from omni.data.sharded import ShardStream, make_training_stream
 from omni.model import OmniModel
 from omni.presets import MODALITIES, build_preset
 from omni.processor import OmniProcessor
@@ -80,16 +82,21 @@ def held_out(data: DataConfig) -> list[dict]:
 
 
 def training_examples(cfg: StageConfig, method: Method, records: list | None, counter: SkipCounter,
-                      world: World) -> ExampleStream:
+                      world: World) -> ExampleStream | ShardStream:
     """This rank's training items: in-memory records in seeded epochs, or the manifest's weighted
-    WebDataset mixture; either way every sample becomes a record and the method makes it."""
+    WebDataset mixture (split by sample or by shard, `data.partition`; docs/data.md); either way
+    every sample becomes a record and the method makes it."""
     if records is not None:
         return ExampleStream(record_stream(records, cfg.seed, world.rank, world.size), method.make, counter)
     entries = load_manifest(cfg.data.manifest).select(cfg.data.split, list(cfg.data.datasets) or None)
     weights = [cfg.data.datasets.get(e.name, e.weight) for e in entries]
-    raw = training_stream(entries, weights, cfg.seed, cfg.data.shuffle_buffer, counter,
-                          rank=world.rank, world_size=world.size)
-    return ExampleStream(raw, lambda sample: method.make(record_from_raw(sample)), counter)
+    return make_training_stream(cfg.data, entries, weights, cfg.seed, partial(_make_sample, method), counter,
+                                rank=world.rank, world_size=world.size)
+
+
+def _make_sample(method: Method, sample: dict):
+    """A WebDataset sample -> the method's item (a module-level function: decode workers run it)."""
+    return method.make(record_from_raw(sample))
 
 
 def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Path:
@@ -121,8 +128,8 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
     ckpt_root = out_dir / "checkpoints"
     resume = latest_resumable(ckpt_root)
     if resume is not None:
-        step, consumed = load_resumable(resume, engine)
-        stream.skip(consumed[world.rank])
+        step, positions = load_resumable(resume, engine)
+        stream.restore(positions[world.rank])
         log.info("resumed %s from %s at step %d", cfg.name, resume, step)
 
     log.info("stage %s (%s): %d/%d parameters trainable (%s ...), %d steps of %d process(es) x %d x %d samples "
@@ -209,7 +216,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
                 evaluate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.steps:
                 paused = time.time()
-                save_resumable(engine, tokenizer, step, world.gather(stream.consumed), ckpt_root,
+                save_resumable(engine, tokenizer, step, world.gather(stream.state()), ckpt_root,
                                cfg.checkpoint.keep)
                 window_t0 += time.time() - paused  # throughput counts training time only
     finally:

@@ -127,6 +127,23 @@ def test_a_killed_two_process_run_resumes_step_for_step(tiny_corpus, tmp_path):
     _kill_and_resume(tiny_corpus, tmp_path, *args, straight=tmp_path / "straight", kill_after=8)
 
 
+# data.partition: shard — each rank and decode worker reads its own shards (docs/data.md)
+SHARD = ("batch.micro_batch=2", "steps=12", "checkpoint.interval=4", "checkpoint.keep=2", "data.partition=shard",
+         "data.workers=2")
+
+
+def test_shard_partition_with_decode_workers_resumes_step_for_step(tiny_corpus, tmp_path):
+    """2 processes x 2 DataLoader decode workers, each reading its own resampled shards: a SIGKILLed
+    run resumes every worker's stream where it stopped (loss curve and weights step for step)."""
+    _train(tmp_path / "straight", tiny_corpus, *SHARD, nproc=2)
+    killed = _kill_and_resume(tiny_corpus, tmp_path, *SHARD, straight=tmp_path / "straight", kill_after=4)
+    state = torch.load(killed / "checkpoints/step-00000008/trainer_state.pt", weights_only=False)
+    assert [s["workers"] for s in state["samples"]] == [2, 2]  # per rank: per-worker positions
+    assert all(sum(s["consumed"]) >= 8 * 2 for s in state["samples"])
+    losses = _losses(tmp_path / "straight")
+    assert losses[-1] < losses[0]
+
+
 # ---- FSDP2 -----------------------------------------------------------------------------------
 # checkpoints at every step: they must not change the run, and the kill test resumes from them
 FSDP2 = ("batch.micro_batch=2", "engine=fsdp2", "checkpoint.interval=1", "checkpoint.keep=2", "log.profile=true")
