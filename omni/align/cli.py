@@ -27,11 +27,12 @@ def _run(verb: str, fn, args) -> None:
     from omni.align.judge import UndecidedError
     from omni.align.metrics import MetricError
     from omni.config import ConfigError
+    from omni.errors import SampleError
 
     try:
         fn(args)
-    except (AlignDataError, BenchmarkDataError, GenerationError, UndecidedError, MetricError, ConfigError,
-            FileNotFoundError) as e:
+    except (AlignDataError, SampleError, BenchmarkDataError, GenerationError, UndecidedError, MetricError,
+            ConfigError, FileNotFoundError) as e:
         sys.exit(f"omni align {verb}: {e}")
 
 

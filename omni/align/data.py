@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from omni.data.loader import EXTENSIONS, SkipCounter, decode_sample, split_stream
+from omni.data.loader import EXTENSIONS, SkipCounter, decode_sample, read_json, split_stream
+from omni.data.loader import where as sample_where
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
 from omni.processor import IGNORE, Example
@@ -36,7 +37,7 @@ from omni.processor import IGNORE, Example
 _MEDIA_EXTS = {e for exts in EXTENSIONS.values() for e in exts}
 
 
-class AlignDataError(ValueError):
+class AlignDataError(SampleError):
     """A data source or record cannot be used; the message names the file/sample and the field."""
 
 
@@ -76,19 +77,11 @@ def read_records(spec: str | Path, split: str = "train", datasets: list[str] | N
 def record_from_raw(raw: dict) -> dict:
     """A WebDataset sample (ARCHITECTURE §3) as a record: its json fields, its media members kept
     as undecoded bytes under `__media__`, and where it came from."""
-    where = f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
-    if "json" not in raw:
-        raise AlignDataError(f"{where}: missing the required 'json' member")
-    try:
-        rec = json.loads(raw["json"])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AlignDataError(f"{where}: field 'json' is not valid JSON ({e})") from None
-    if not isinstance(rec, dict):
-        raise AlignDataError(f"{where}: field 'json' must be an object")
+    rec = read_json(raw)
     media = {k: v for k, v in raw.items() if k.rpartition(".")[2].lower() in _MEDIA_EXTS}
     if media:
         rec["__media__"] = media
-    rec.update({"__where__": where, "__key__": raw.get("__key__", "?"), "__url__": raw.get("__url__", "?")})
+    rec.update({"__where__": sample_where(raw), "__key__": raw.get("__key__", "?"), "__url__": raw.get("__url__", "?")})
     return rec
 
 

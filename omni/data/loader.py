@@ -71,15 +71,23 @@ def where(raw: dict) -> str:
     return raw.get("__where__") or f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
 
 
-def read_meta(raw: dict) -> dict:
-    """The sample's json member, parsed, with `messages` checked to be a list of {role, content}."""
+def read_json(raw: dict) -> dict:
+    """The sample's json member, parsed (an object)."""
     if "json" not in raw:
         raise SampleError(f"{where(raw)}: missing the required 'json' member")
     try:
         meta = json.loads(raw["json"])
     except (ValueError, UnicodeDecodeError) as e:
         raise SampleError(f"{where(raw)}: field 'json' is not valid JSON ({e})") from None
-    messages = meta.get("messages") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise SampleError(f"{where(raw)}: field 'json' must be an object")
+    return meta
+
+
+def read_meta(raw: dict) -> dict:
+    """The sample's json member, parsed, with `messages` checked to be a list of {role, content}."""
+    meta = read_json(raw)
+    messages = meta.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise SampleError(f"{where(raw)}: field 'json.messages' must be a list of {{role, content}}")
     return meta
