@@ -105,10 +105,13 @@ class OmniModel(nn.Module):
         tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, overrides: list[str] = ()) -> tuple["OmniModel", object]:
+    def from_pretrained(cls, model_dir: str | Path, overrides: list[str] = (),
+                        weights: bool = True) -> tuple["OmniModel", object]:
         """Load a model written by `save_pretrained` (a stage's `final/` folder). `overrides`
         (dotted key=value on the model config) switch options that keep the weights' shapes,
-        e.g. `llm.norm_head=true`, `llm.max_z_loss=2e-4`, `video.max_frames=8`."""
+        e.g. `llm.norm_head=true`, `llm.max_z_loss=2e-4`, `video.max_frames=8`. `weights=False`:
+        the architecture only (built under `torch.device("meta")` by ranks that receive the
+        weights from rank 0, omni/train/engines.py)."""
         from safetensors.torch import load_model
         from transformers import AutoTokenizer
 
@@ -116,7 +119,7 @@ class OmniModel(nn.Module):
         if not (model_dir / CONFIG).is_file() and (model_dir / "config.json").is_file():  # an `omni export` folder
             from omni.hf.load import load_exported
 
-            return load_exported(model_dir, overrides)
+            return load_exported(model_dir, overrides, weights)
         if not (model_dir / CONFIG).is_file() or not (model_dir / WEIGHTS).is_file():
             raise FileNotFoundError(f"{model_dir}: not an omni model folder (needs {CONFIG} and {WEIGHTS})")
         meta = json.loads((model_dir / CONFIG).read_text())
@@ -130,7 +133,8 @@ class OmniModel(nn.Module):
         llm = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attention_backend(cfg.llm.attn_implementation))
         model = cls(cfg, llm, meta["token_ids"], pretrained=False)
         try:
-            load_model(model, str(model_dir / WEIGHTS))
+            if weights:
+                load_model(model, str(model_dir / WEIGHTS))
         except RuntimeError as e:
             raise ConfigError(f"{model_dir}: weights do not fit the model config{' after overrides ' + str(list(overrides)) if overrides else ''}: {e}") from None
         tokenizer = AutoTokenizer.from_pretrained(model_dir / TOKENIZER_DIR)

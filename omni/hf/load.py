@@ -62,8 +62,9 @@ def read_weights(model_dir: str | Path) -> dict:
     return state
 
 
-def load_exported(model_dir: str | Path, overrides: list[str] = ()):
-    """(OmniModel, tokenizer) from an export folder; see the module docstring."""
+def load_exported(model_dir: str | Path, overrides: list[str] = (), weights: bool = True):
+    """(OmniModel, tokenizer) from an export folder; see the module docstring. `weights=False`:
+    the architecture only (as `OmniModel.from_pretrained`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from omni.hf.mapping import model_config_from_hf
@@ -83,6 +84,10 @@ def load_exported(model_dir: str | Path, overrides: list[str] = ()):
     llm_config = AutoConfig.for_model(text.pop("model_type"), **text)
     llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=attention_backend(cfg.llm.attn_implementation))
     model = OmniModel(cfg, llm, token_ids, pretrained=False)
+    # config= keeps AutoTokenizer from reading config.json, whose remote-code auto_map it would ask about
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, config=llm_config)
+    if not weights:
+        return model, tokenizer
     state = read_weights(model_dir)
     try:
         result = model.load_state_dict(state, strict=False)
@@ -94,8 +99,6 @@ def load_exported(model_dir: str | Path, overrides: list[str] = ()):
     if missing or result.unexpected_keys:
         raise ConfigError(f"{model_dir}: weights do not match the model: missing {missing[:5]}, "
                           f"unexpected {result.unexpected_keys[:5]}")
-    # config= keeps AutoTokenizer from reading config.json, whose remote-code auto_map it would ask about
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, config=llm_config)
     return model, tokenizer
 
 

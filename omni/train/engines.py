@@ -9,8 +9,11 @@
   trainable parameters; only those with gradients are reduced and optimised. bf16: the LLM
   layers and the root gather bf16 copies (`MixedPrecisionPolicy(param_dtype=bf16,
   reduce_dtype=fp32)`), the towers keep fp32 parameters; autocast as for ddp; the fp32 shards are
-  the master weights. Checkpoints: sharded, through `torch.distributed.checkpoint`; the final
-  model is gathered on rank 0.
+  the master weights. Under torchrun only rank 0 builds (or reads) the weights; the other ranks
+  build the architecture on the meta device and receive their shards from rank 0 (torch's
+  `set_model_state_dict(broadcast_from_rank0)`), so a node holds one host copy of the model, not
+  one per GPU. Checkpoints: sharded, through `torch.distributed.checkpoint`; the final model is
+  gathered on rank 0.
 - `deepspeed`: `deepspeed.initialize` with a ZeRO config generated from the stage
   (`deepspeed_config`), stage 2 or 3. The optimizer is omni's AdamW (one group per learning
   rate glob, frozen parameters left out), handed to DeepSpeed as a client optimizer, so every
@@ -48,6 +51,12 @@ class Engine:
     """`ddp`. Subclasses override what their library does differently."""
     name = "ddp"
     shards_modules = False  # weights gathered / gradients reduced per module: all ranks must run the same ones
+
+    @property
+    def weights_from_rank0(self) -> bool:
+        """Only rank 0 builds the weights (others a meta-device skeleton); `setup` shards and
+        sends them, so N ranks on a node hold one host copy of the model, not N."""
+        return False
 
     def __init__(self, cfg: StageConfig, world: World):
         self.cfg, self.world = cfg, world
@@ -139,6 +148,10 @@ class FSDP2Engine(Engine):
     name = "fsdp2"
     shards_modules = True
 
+    @property
+    def weights_from_rank0(self) -> bool:
+        return self.world.size > 1
+
     def setup(self, model: nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -147,17 +160,36 @@ class FSDP2Engine(Engine):
         fp32 = MixedPrecisionPolicy()
         llm = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.cfg.precision == "bf16" else fp32
+        full = model.state_dict() if self.weights_from_rank0 and self.world.main else None  # before sharding
         layers, towers = fsdp_units(omni_model(model))
         for unit in layers:  # fully_shard moves each shard to the mesh's device
             fully_shard(unit, mesh=mesh, mp_policy=llm)
         for unit in towers:  # blocks before their tower: children are sharded first
             fully_shard(unit, mesh=mesh, mp_policy=fp32)
         fully_shard(model, mesh=mesh, mp_policy=llm)
+        if self.weights_from_rank0:
+            self._weights_from_rank0(model, full)
         log.info("fsdp2: %d LLM layers, %d tower units + root over %d rank(s)", len(layers), len(towers),
                  self.world.size)
         self.model = self.module = model
         self.optimizer = build_optimizer(model, self.cfg.optim)  # over the DTensor shards
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.steps)
+
+    def _weights_from_rank0(self, model: nn.Module, full: dict | None) -> None:
+        """Fill the other ranks' meta-device shards from rank 0's full weights (torch's
+        `set_model_state_dict(broadcast_from_rank0)`: one tensor at a time, each rank keeps its
+        shard), then copy every buffer: the non-persistent ones (e.g. rotary frequencies) are in
+        no state dict, and `to_empty` left them uninitialised."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if not self.world.main:
+            model.to_empty(device=self.world.device)
+        set_model_state_dict(model, full if self.world.main else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():  # fully_shard and to_empty put them on the mesh's device
+            dist.broadcast(buffer, src=0)
+        log.info("fsdp2: weights built on rank 0 only, sharded to %d rank(s)", self.world.size)
 
     @contextmanager
     def micro_batch(self, last: bool):

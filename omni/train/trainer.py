@@ -48,8 +48,15 @@ METRICS = "metrics.jsonl"
 EVALS = "eval.jsonl"
 
 
-def init_model(cfg: StageConfig):
-    """The stage's starting point: a previous stage's output, or the preset (pretrained parts)."""
+def init_model(cfg: StageConfig, skeleton: bool = False):
+    """The stage's starting point: a previous stage's output, or the preset (pretrained parts).
+    `skeleton`: the architecture on the meta device, no weights read or initialised, for ranks
+    whose engine fills them from rank 0 (`Engine.weights_from_rank0`)."""
+    if skeleton:
+        with torch.device("meta"):
+            if cfg.init_from:
+                return OmniModel.from_pretrained(cfg.init_from, cfg.model_overrides, weights=False)
+            return OmniModel.from_config(build_preset(cfg.preset, cfg.model_overrides), pretrained=False)
     if cfg.init_from:
         return OmniModel.from_pretrained(cfg.init_from, cfg.model_overrides)
     return OmniModel.from_config(build_preset(cfg.preset, cfg.model_overrides))
@@ -106,7 +113,8 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
     seed_everything(cfg.seed)
 
     method = METHOD_CLASSES[cfg.method](cfg)
-    model, tokenizer = init_model(cfg)
+    engine = build_engine(cfg, world)
+    model, tokenizer = init_model(cfg, skeleton=engine.weights_from_rank0 and not world.main)
     processor = OmniProcessor(tokenizer, model)
     records = _records(cfg.data, cfg.data.records, cfg.data.split) if cfg.data.records else None
     evals = held_out(cfg.data)
@@ -117,7 +125,6 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in module.parameters())
     flops = FlopCounter(model) if cfg.log.profile else None  # parameter counts before sharding
-    engine = build_engine(cfg, world)
     engine.setup(module)
     if world.main:
         write_engine_config(engine, out_dir)

@@ -194,3 +194,25 @@ def test_every_7b_stage_fits_8_gpus_of_80_gib_on_its_own_engine():
         plan = plan_stage(cfg, gpus=8, gpu_gib=80)  # the stage's own engine
         assert plan.fits, f"{path.name}:\n{plan.table()}"
     assert stage_engine(load_stage(SFT, ["engine=deepspeed", "zero_stage=2"])) == "zero2"
+
+
+def test_a_skeleton_is_the_architecture_without_reading_weights(tiny_model, tmp_path):
+    """What FSDP2's ranks other than 0 build (`init_model(skeleton=True)`): every parameter and buffer
+    of the real model, by name and shape, on the meta device, and no weights file is read (from a
+    stage folder, an export, or the preset)."""
+    from omni.train.trainer import init_model
+
+    from omni.hf.export import export_model
+
+    model, tok = tiny_model
+    model.save_pretrained(tmp_path / "stage", tok)
+    export_model(tmp_path / "stage", tmp_path / "export")
+    for weights in [tmp_path / "stage/model.safetensors", *(tmp_path / "export").glob("*.safetensors")]:
+        weights.write_bytes(b"not read")
+    for override in ([f"init_from={tmp_path}/stage"], [f"init_from={tmp_path}/export"], ["init_from=null"]):
+        cfg = load_stage(SFT, [f"data.manifest={tmp_path}/m.yaml", *override])
+        skeleton, _ = init_model(cfg, skeleton=True)
+        real = dict(model.named_parameters()) | dict(model.named_buffers())
+        built = dict(skeleton.named_parameters()) | dict(skeleton.named_buffers())
+        assert {k: v.shape for k, v in built.items()} == {k: v.shape for k, v in real.items()}
+        assert all(v.is_meta for v in built.values())
