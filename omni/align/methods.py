@@ -38,6 +38,7 @@ from omni.batch import MediaBatch
 from omni.model import OmniModel
 from omni.packing import collate_packed
 from omni.processor import IGNORE, Batch, OmniProcessor, collate
+from omni.train.distributed import World
 
 log = logging.getLogger(__name__)
 HEAD = "value_head.safetensors"
@@ -52,9 +53,9 @@ class Method(ABC):
         self.cfg = cfg  # omni.train.config.StageConfig
 
     def prepare(self, model: OmniModel, tokenizer, processor: OmniProcessor, out_dir: Path,
-                train: list | None, evals: list, device: torch.device) -> nn.Module:
+                train: list | None, evals: list, world: World) -> nn.Module:
         """The module to train; `train`: the in-memory training records (None when streamed)."""
-        self.tokenizer, self.processor, self.device = tokenizer, processor, device
+        self.tokenizer, self.processor, self.world, self.device = tokenizer, processor, world, world.device
         return model
 
     def trainable(self, globs: list[str]) -> list[str]:
@@ -177,8 +178,8 @@ class _Pairs(Method):
 class DPO(_Pairs):
     name = "dpo"
 
-    def prepare(self, model, tokenizer, processor, out_dir, train, evals, device):
-        super().prepare(model, tokenizer, processor, out_dir, train, evals, device)
+    def prepare(self, model, tokenizer, processor, out_dir, train, evals, world):
+        super().prepare(model, tokenizer, processor, out_dir, train, evals, world)
         d = self.cfg.dpo
         self.reference = None
         self.ref_table: dict[str, torch.Tensor] = {}
@@ -188,7 +189,7 @@ class DPO(_Pairs):
         if ref_path is None:
             raise ValueError("dpo: a reference model is needed; set dpo.reference or init_from")
         self.reference, _ = OmniModel.from_pretrained(ref_path, self.cfg.model_overrides)
-        self.reference.to(device).eval().requires_grad_(False)
+        self.reference.to(self.device).eval().requires_grad_(False)
         if d.precompute_ref:
             self.ref_table = self._precompute(out_dir / "ref_logps.pt", ref_path, train or [], evals)
             self.reference = None  # freed: training holds the policy only
@@ -196,7 +197,8 @@ class DPO(_Pairs):
 
     def _precompute(self, cache: Path, ref_path: str, train: list, evals: list) -> dict[str, torch.Tensor]:
         """Reference log-probs [chosen, rejected] of every train and held-out pair, by the record's
-        `__where__`; cached (reused on resume while the reference and data are the same)."""
+        `__where__`; each rank scores every world-th pair and all ranks then hold the whole table;
+        cached (reused on resume while the reference and data are the same)."""
         key = json.dumps([str(ref_path), self.cfg.model_overrides, self.cfg.data.records, self.cfg.data.eval,
                           len(train), len(evals)])
         if cache.is_file():
@@ -206,15 +208,17 @@ class DPO(_Pairs):
                 return saved["table"]
         table = {}
         with torch.no_grad():
-            for chunk in _chunks(train + evals, self.cfg.batch.micro_batch):
+            for chunk in _chunks((train + evals)[self.world.rank::self.world.size], self.cfg.batch.micro_batch):
                 made = [self.make(r) for r in chunk]
                 pairs = _pair_batch(made, self.tokenizer.pad_token_id)[0].batch.to(self.device)
                 lp, _ = policy_logps(self.reference, pairs)
                 c, r = lp.chunk(2)
                 table.update({w: torch.stack([a, b]).cpu() for (w, _, _), a, b in zip(made, c, r)})
-        tmp = cache.with_name(f".{cache.name}.{id(self)}.tmp")  # every rank computes the same table
-        torch.save({"key": key, "table": table}, tmp)
-        tmp.replace(cache)
+        table = {w: lp for part in self.world.gather(table) for w, lp in part.items()}
+        if self.world.main:
+            tmp = cache.with_name(f".{cache.name}.tmp")
+            torch.save({"key": key, "table": table}, tmp)
+            tmp.replace(cache)
         log.info("reference log-probs of %d train / %d held-out pairs -> %s", len(train), len(evals), cache)
         return table
 
@@ -327,8 +331,8 @@ class RewardModel(nn.Module):
 class RM(_Pairs):
     name = "rm"
 
-    def prepare(self, model, tokenizer, processor, out_dir, train, evals, device):
-        super().prepare(model, tokenizer, processor, out_dir, train, evals, device)
+    def prepare(self, model, tokenizer, processor, out_dir, train, evals, world):
+        super().prepare(model, tokenizer, processor, out_dir, train, evals, world)
         return RewardModel(model)
 
     def trainable(self, globs):

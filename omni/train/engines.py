@@ -296,11 +296,6 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed partitions the client optimizer's param groups in place; the schedule sets their lr
         self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.steps)
 
-    @property
-    def inference_module(self) -> nn.Module:
-        """What held-out scoring calls: the bare model (no DDP gradient bookkeeping)."""
-        return self.model
-
     def modalities_to_run(self, in_step: set[str]) -> set[str]:
         return set(in_step) | self.trainable_modalities
 

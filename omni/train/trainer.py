@@ -118,7 +118,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
     processor = OmniProcessor(tokenizer, model)
     records = _records(cfg.data, cfg.data.records, cfg.data.split) if cfg.data.records else None
     evals = held_out(cfg.data)
-    module = method.prepare(model, tokenizer, processor, out_dir, records, evals, world.device)
+    module = method.prepare(model, tokenizer, processor, out_dir, records, evals, world)
     trainable = set_trainable(module, method.trainable(list(cfg.trainable)))
     if cfg.activation_checkpointing:
         model.enable_activation_checkpointing()

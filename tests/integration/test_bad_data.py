@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 import webdataset as wds
 import yaml
 from PIL import Image
@@ -18,6 +17,7 @@ from omni.data.loader import ExampleStream, SkipCounter, TooManyBadSamples, trai
 from omni.data.manifest import load_manifest
 from omni.processor import OmniProcessor
 from omni.train.config import load_stage
+from omni.train.distributed import World
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +63,7 @@ def _stream(manifest, tiny_model, counter):
     """The trainer's own path: raw sample -> record -> the stage method's example."""
     model, tok = tiny_model
     sft = SFT(load_stage(ROOT / "stages/tiny/2_sft.yaml", [f"data.manifest={manifest}", "init_from=null"]))
-    sft.prepare(model, tok, OmniProcessor(tok, model), manifest.parent, None, [], torch.device("cpu"))
+    sft.prepare(model, tok, OmniProcessor(tok, model), manifest.parent, None, [], World())
     entries = load_manifest(manifest).select("train")
     return ExampleStream(training_stream(entries, [1.0], 0, 10, counter),
                          lambda raw: sft.make(record_from_raw(raw)), counter)
