@@ -65,10 +65,10 @@ def init_model(cfg: StageConfig, skeleton: bool = False):
 def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True) -> Path:
     """Run one stage into `out_dir`; resumes from its newest checkpoint if there is one.
 
-    Under torchrun every rank reads the same seeded sample stream and keeps every world-th sample,
-    and the loss is normalised by the units (label tokens, pairs) of the whole step (all
-    micro-batches, all ranks), so N processes x micro-batch b train exactly like 1 process x
-    micro-batch N*b."""
+    Under torchrun (with `data.partition: sample`, the default) every rank reads the same seeded
+    sample stream and keeps every world-th sample, and the loss is normalised by the units (label
+    tokens, pairs) of the whole step (all micro-batches, all ranks), so N processes x micro-batch b
+    train exactly like 1 process x micro-batch N*b."""
     world = World.from_env(need_group=cfg.engine != "ddp")
     try:
         return _train(cfg, Path(out_dir), progress and world.main, world)
