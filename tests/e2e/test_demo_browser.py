@@ -7,7 +7,10 @@ One server (`python demos/app.py`, a tiny model trained a few steps) on a free l
    once are both answered (queued, one generation at a time);
 2. a fake camera and microphone (Chromium reads them from a .y4m and a .wav): the webcam streams
    frames into the window, the VAD ends the utterance after the tone, and an answer arrives
-   with the frames encoded ahead.
+   with the frames encoded ahead;
+3. a second server with `--pas` (a loopback endpoint plays the PAS model): a typed turn reaches
+   the model with its complement (the answer equals `stream_answer`'s for question + complement),
+   the complement is shown under the turn, and unticking the switch sends the next turn as typed.
 Screenshots land in the tests' tmp dirs.
 """
 from __future__ import annotations
@@ -49,15 +52,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(trained_tiny, tmp_path_factory):
+def _serve(model, tmp: Path, extra: list[str] = ()):
     """`python demos/app.py` on a free loopback port; yields its URL, stops it afterwards."""
-    tmp = tmp_path_factory.mktemp("demo-server")
     port = _free_port()
     log = open(tmp / "server.log", "w+")  # noqa: SIM115 - open while the server runs
     env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "demos/app.py"), "--model", str(trained_tiny),
-                             "--port", str(port), "--max-new-tokens", str(MAX_NEW_TOKENS)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "demos/app.py"), "--model", str(model),
+                             "--port", str(port), "--max-new-tokens", str(MAX_NEW_TOKENS), *extra],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 90
@@ -82,6 +83,11 @@ def server(trained_tiny, tmp_path_factory):
     log.seek(0)
     print(log.read()[-3000:])  # shown with -s or on failure: per-turn TTFT / tokens/s lines
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(trained_tiny, tmp_path_factory):
+    yield from _serve(trained_tiny, tmp_path_factory.mktemp("demo-server"))
 
 
 def _browser(p, tmp_path, extra=()):
@@ -215,3 +221,52 @@ def test_fake_camera_and_microphone_get_a_streamed_answer(server, tmp_path):
         page.screenshot(path=str(tmp_path / "demo-live.png"), full_page=True)
         context.close()
     assert (tmp_path / "demo-live.png").stat().st_size > 10_000
+
+
+COMPLEMENT = "answer with one colour word."
+
+
+@pytest.fixture(scope="module")
+def pas_server(trained_tiny, tmp_path_factory):
+    """The demo with `--pas` pointing at a loopback OpenAI-compatible endpoint playing the PAS model
+    (the real client talks to it); yields (URL, the endpoint with the requests it received)."""
+    from tests.unit.test_align_judge import StubChat
+
+    pas = StubChat(lambda messages: COMPLEMENT)
+    try:
+        for url in _serve(trained_tiny, tmp_path_factory.mktemp("pas-server"), ["--pas", pas.url]):
+            yield url, pas
+    finally:
+        pas.close()
+
+
+def test_the_pas_switch_adds_the_complement_before_the_model_reads_the_turn(pas_server, trained_tiny, tmp_path):
+    from omni.inference import load_media, stream_answer, with_placeholders
+    from omni.model import OmniModel
+    from omni.processor import OmniProcessor
+
+    url, pas = pas_server
+    img, _ = image_and_tone(tmp_path)
+    question = "what colour is the shape?"
+    model, tok = OmniModel.from_pretrained(trained_tiny)
+    model.eval()
+    augmented = [{"role": "user", "content": with_placeholders(f"{question}\n{COMPLEMENT}", {"image": 1})}]
+    expected = "".join(stream_answer(model, tok, OmniProcessor(tok, model), augmented, load_media(images=[img]),
+                                     MAX_NEW_TOKENS)).strip()
+    with sync_playwright() as p:
+        context = _browser(p, tmp_path)
+        page = _open(context, url)
+        assert page.is_checked("#omni-pas input[type=checkbox]")  # on when the demo has --pas
+        _ask(page, question, [img])
+        _wait_turn(page, 1)
+        assert _bot_messages(page) == [expected]  # the model read the question + the complement
+        users = page.locator('#omni-chat [data-testid="user"]')
+        assert f"PAS: {COMPLEMENT}" in users.last.inner_text()
+        page.screenshot(path=str(tmp_path / "demo-pas.png"), full_page=True)
+
+        page.uncheck("#omni-pas input[type=checkbox]")  # switched off: the turn goes as typed
+        _ask(page, "and now?")
+        _wait_turn(page, 2)
+        assert "PAS:" not in users.last.inner_text()
+        context.close()
+    assert [r["messages"] for r in pas.requests] == [[{"role": "user", "content": question}]]
