@@ -112,7 +112,6 @@ class OmniModel(nn.Module):
         e.g. `llm.norm_head=true`, `llm.max_z_loss=2e-4`, `video.max_frames=8`. `weights=False`:
         the architecture only (built under `torch.device("meta")` by ranks that receive the
         weights from rank 0, omni/train/engines.py)."""
-        from safetensors.torch import load_model
         from transformers import AutoTokenizer
 
         model_dir = Path(model_dir)
@@ -134,11 +133,17 @@ class OmniModel(nn.Module):
         model = cls(cfg, llm, meta["token_ids"], pretrained=False)
         try:
             if weights:
-                load_model(model, str(model_dir / WEIGHTS))
+                model.load_weights(model_dir)
         except RuntimeError as e:
             raise ConfigError(f"{model_dir}: weights do not fit the model config{' after overrides ' + str(list(overrides)) if overrides else ''}: {e}") from None
         tokenizer = AutoTokenizer.from_pretrained(model_dir / TOKENIZER_DIR)
         return model, tokenizer
+
+    def load_weights(self, model_dir: str | Path) -> None:
+        """Weights of a `save_pretrained` folder into this model, in place (what a resume reads)."""
+        from safetensors.torch import load_model
+
+        load_model(self, str(Path(model_dir) / WEIGHTS))
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute activations in backward: the LLM via transformers, the vision tower via open_clip."""

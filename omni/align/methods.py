@@ -46,7 +46,8 @@ HEAD = "value_head.safetensors"
 
 class Method(ABC):
     """What SFT / DPO / RM implement. `module` is the trained nn.Module the engine wraps (the omni
-    model, or a wrapper around it offering `save_pretrained(dir, tokenizer, state_dict=None)`)."""
+    model, or a wrapper around it offering `save_pretrained(dir, tokenizer, state_dict=None)` and
+    `load_weights(dir)`, as OmniModel does)."""
     name = "method"
 
     def __init__(self, cfg):
@@ -315,7 +316,7 @@ class RewardModel(nn.Module):
     def load_weights(self, path) -> None:
         from safetensors.torch import load_model
 
-        load_model(self.model, str(Path(path) / "model.safetensors"))
+        self.model.load_weights(path)
         load_model(self.value_head, str(Path(path) / HEAD))
 
     @classmethod

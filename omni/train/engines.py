@@ -130,12 +130,7 @@ class Engine:
         return {"optimizer": self.optimizer.state_dict()}
 
     def load(self, folder: Path, state: dict) -> None:
-        from safetensors.torch import load_model
-
-        if hasattr(self.model, "load_weights"):  # a wrapper with files of its own (the reward model's head)
-            self.model.load_weights(folder)
-        else:
-            load_model(self.model, str(folder / "model.safetensors"))
+        self.model.load_weights(folder)  # OmniModel, or a method's wrapper with files of its own (reward head)
         self.optimizer.load_state_dict(state["optimizer"])
 
     def full_state_dict(self) -> dict | None:
