@@ -20,14 +20,14 @@ from urllib.parse import urlparse
 import torch
 import webdataset as wds
 
+from omni.data.config import DataConfig
 from omni.data.loader import SkipCounter, decode_sample
 from omni.data.manifest import load_manifest
 from omni.data.sharded import make_training_stream
 from omni.data.synth import SynthConfig, write_corpus
-from omni.model import OmniModel
+from omni.model.omni_model import OmniModel
+from omni.model.processor import OmniProcessor
 from omni.presets import build_preset
-from omni.processor import OmniProcessor
-from omni.train.config import DataConfig
 
 READ = multiprocessing.Value("q", 0)  # shard bytes read, by this process and its forked workers
 

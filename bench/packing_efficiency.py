@@ -13,11 +13,11 @@ import numpy as np
 
 from omni.data.loader import SkipCounter, decode_sample, split_stream
 from omni.data.manifest import load_manifest
+from omni.data.packing import first_fit_decreasing
 from omni.data.synth import SynthConfig, write_corpus
-from omni.model import OmniModel
-from omni.packing import first_fit_decreasing
+from omni.model.omni_model import OmniModel
+from omni.model.processor import OmniProcessor
 from omni.presets import build_preset
-from omni.processor import OmniProcessor
 
 
 def fills(lengths: list[int], micro_batch: int, budget: int) -> tuple[float, float]:

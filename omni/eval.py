@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 from omni.data.loader import SkipCounter, decode_sample, split_stream
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
-from omni.model import OmniModel
-from omni.processor import OmniProcessor, collate
+from omni.model.omni_model import OmniModel
+from omni.model.processor import OmniProcessor, collate
 
 EVAL_FILE = "eval.json"
 

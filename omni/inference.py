@@ -14,8 +14,8 @@ from PIL import Image
 from transformers import TextIteratorStreamer
 
 from encoders import load_audio
+from omni.model.processor import OmniProcessor, collate
 from omni.presets import MODALITIES
-from omni.processor import OmniProcessor, collate
 from omni.tokenizer import PLACEHOLDERS
 
 

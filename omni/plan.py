@@ -23,7 +23,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from omni.model_table import meta_model
+from omni.model.table import meta_model
 from omni.train.config import StageConfig
 
 GIB = 1024 ** 3

@@ -10,7 +10,12 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from encoders import AnyResConfig, AudioTowerConfig, ImageTowerConfig, VideoSamplingConfig
+from encoders import (
+    AnyResConfig,
+    AudioTowerConfig,
+    ImageTowerConfig,
+    VideoSamplingConfig,
+)
 from omni.config import ConfigError, apply_overrides, from_dict, to_dict
 from omni.tokenizer import TINY_TOKENIZER
 

@@ -9,7 +9,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from omni.model import OmniModel
+    from omni.model.omni_model import OmniModel
     from omni.presets import build_preset
 
     torch.manual_seed(0)

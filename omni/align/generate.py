@@ -48,7 +48,7 @@ class LocalGenerator:
     @classmethod
     def load(cls, path: str | Path, batch_size: int = 8, device: str | None = None) -> LocalGenerator:
         """An omni model folder (has omni_config.json) or a transformers model folder/name."""
-        from omni.model import CONFIG, OmniModel
+        from omni.model.omni_model import CONFIG, OmniModel
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if (Path(path) / CONFIG).is_file():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from omni.processor import IGNORE
+from omni.model.fusion import IGNORE
 
 LOSS_TYPES = ("sigmoid", "ipo", "sigmoid_norm", "simpo")
 REFERENCE_FREE = ("simpo",)

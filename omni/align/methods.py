@@ -32,13 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni.align.data import preference_examples, sft_example
 from omni.align.losses import REFERENCE_FREE, preference_loss, sequence_logps
-from omni.batch import MediaBatch
-from omni.model import OmniModel
-from omni.packing import collate_packed
-from omni.processor import IGNORE, Batch, OmniProcessor, collate
-from omni.train.distributed import World
+from omni.data.packing import collate_packed
+from omni.data.records import preference_examples, sft_example
+from omni.distributed import World
+from omni.model.batch import MediaBatch
+from omni.model.fusion import IGNORE
+from omni.model.omni_model import OmniModel
+from omni.model.processor import Batch, OmniProcessor, collate
 
 log = logging.getLogger(__name__)
 HEAD = "value_head.safetensors"

@@ -27,8 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omni.align.data import read_records
 from omni.align.generate import Generator
+from omni.data.records import read_records
 
 log = logging.getLogger(__name__)
 

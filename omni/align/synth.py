@@ -166,9 +166,9 @@ def make_base_model(out_dir: str | Path, seed: int = 0, overrides: list[str] = (
     """A random-init tiny omni model with this world's tokenizer, saved as a model folder."""
     import torch
 
-    from omni.model import OmniModel
+    from omni.model.load import save_model_dir
+    from omni.model.omni_model import OmniModel
     from omni.presets import build_preset
-    from omni.train.checkpoint import save_model_dir
 
     torch.manual_seed(seed)
     tok = build_tokenizer()

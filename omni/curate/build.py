@@ -41,8 +41,17 @@ from tqdm import tqdm
 
 from encoders import VideoSamplingConfig, read_video_frames
 from omni.curate.common import (
-    KIND_OF_EXT, PLACEHOLDERS, CurationError, Reject, RejectLog, ShardSink, check_name, drop_manifest_entry,
-    strip_placeholders, write_json, write_manifest,
+    KIND_OF_EXT,
+    PLACEHOLDERS,
+    CurationError,
+    Reject,
+    RejectLog,
+    ShardSink,
+    check_name,
+    drop_manifest_entry,
+    strip_placeholders,
+    write_json,
+    write_manifest,
 )
 from omni.data.loader import EXTENSIONS, decode_sample
 from omni.errors import SampleError

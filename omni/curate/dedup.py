@@ -39,7 +39,6 @@ import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 from tqdm import tqdm
 
-from omni.data.loader import read_meta
 from omni.curate.common import (
     CurationError,
     ReadErrors,
@@ -54,6 +53,7 @@ from omni.curate.common import (
     write_json,
     write_manifest,
 )
+from omni.data.loader import read_meta
 from omni.data.manifest import DatasetEntry, load_manifest
 from omni.errors import SampleError
 

@@ -44,11 +44,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from omni.data.loader import read_meta
 from omni.curate.common import (
     CurationError,
-    Reject,
     ReadErrors,
+    Reject,
     RejectLog,
     ShardSink,
     conversation_text,
@@ -59,7 +58,7 @@ from omni.curate.common import (
     write_json,
     write_manifest,
 )
-from omni.data.loader import EXTENSIONS
+from omni.data.loader import EXTENSIONS, read_meta
 from omni.data.manifest import DatasetEntry, load_manifest
 from omni.errors import SampleError
 

@@ -32,7 +32,6 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from omni.data.loader import read_meta
 from omni.curate.common import (
     PLACEHOLDERS,
     CurationError,
@@ -42,6 +41,7 @@ from omni.curate.common import (
     media_members,
     write_json,
 )
+from omni.data.loader import read_meta
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
 
@@ -69,13 +69,13 @@ class TokenCounter:
 
     @classmethod
     def from_preset(cls, preset: str) -> "TokenCounter":
-        from omni.model_table import meta_model
+        from omni.model.table import meta_model
 
         return cls(meta_model(preset))
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "TokenCounter":
-        from omni.model import OmniModel
+        from omni.model.omni_model import OmniModel
 
         model, tokenizer = OmniModel.from_pretrained(model_dir)
         return cls(model, tokenizer)

@@ -23,12 +23,18 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from omni.config import ConfigError
-from omni.data.loader import ExampleStream, SkipCounter, mix_by_weight, training_stream, where
+from omni.data.loader import (
+    ExampleStream,
+    SkipCounter,
+    mix_by_weight,
+    training_stream,
+    where,
+)
 from omni.data.manifest import DatasetEntry
 from omni.errors import SampleError
 
 if TYPE_CHECKING:
-    from omni.train.config import DataConfig
+    from omni.data.config import DataConfig
 
 
 def seed_of(purpose: str, *parts: int) -> int:

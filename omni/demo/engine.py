@@ -29,7 +29,7 @@ from torch import nn
 
 from omni.errors import SampleError
 from omni.inference import stream_answer
-from omni.processor import OmniProcessor
+from omni.model.processor import OmniProcessor
 
 log = logging.getLogger("omni.demo")
 
@@ -37,9 +37,9 @@ log = logging.getLogger("omni.demo")
 def load_model(model_dir: str | Path):
     """(model, tokenizer) from a stage's `final/`, a checkpoint folder, or an `omni export` folder."""
     try:  # exported Hugging Face folders too, where that loader is installed
-        from omni.hf.load import load_model_dir
+        from omni.model.load import load_model_dir
     except ImportError:
-        from omni.model import OmniModel
+        from omni.model.omni_model import OmniModel
 
         load_model_dir = OmniModel.from_pretrained
     return load_model_dir(model_dir)

@@ -138,7 +138,7 @@ def convert_baichuan2(src: str | Path, out: str | Path, max_shard_size: str = "5
     from huggingface_hub import save_torch_state_dict
     from transformers import AutoModelForCausalLM
 
-    from omni.train.checkpoint import atomic_dir
+    from omni.files import atomic_dir
 
     llama_cfg, state = load_baichuan2_as_llama(src)
     with torch.device("meta"):  # strict check of the mapping against the real Llama parameter names

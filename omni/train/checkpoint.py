@@ -10,53 +10,17 @@ torch.distributed.checkpoint folder `dcp/`, deepspeed its own `deepspeed/` tag f
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from omni.config import ConfigError
+from omni.files import replace_dir
 
 STATE = "trainer_state.pt"
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | Path):
-    """Yield a temp folder beside `target`; on success it replaces `target` in one rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        _replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def save_model_dir(model, tokenizer, target: str | Path, state_dict: dict | None = None) -> Path:
-    """The `final/` folder; `state_dict`: full weights gathered from a sharded engine."""
-    with atomic_dir(target) as tmp:
-        if state_dict is None:
-            model.save_pretrained(tmp, tokenizer)
-        else:
-            model.save_pretrained(tmp, tokenizer, state_dict=state_dict)
-    return Path(target)
 
 
 def seed_everything(seed: int) -> None:
@@ -99,7 +63,7 @@ def save_resumable(engine, tokenizer, step: int, samples: list, ckpt_root: str |
     if world.main:
         torch.save({"engine": engine.description, "world_size": world.size, "step": step, "samples": samples,
                     "scheduler": engine.scheduler.state_dict(), "rng": rngs, **extra}, tmp / STATE)
-        _replace(tmp, target)
+        replace_dir(tmp, target)
         for old in sorted(ckpt_root.glob("step-*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     world.barrier()

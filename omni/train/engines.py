@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from omni.distributed import World
 from omni.presets import MODALITIES
 from omni.train.config import StageConfig
-from omni.train.distributed import World
 from omni.train.flops import TOWER_BLOCKS
 from omni.train.optim import build_optimizer, build_scheduler
 
@@ -176,7 +176,10 @@ class FSDP2Engine(Engine):
         shard), then copy every buffer: the non-persistent ones (e.g. rotary frequencies) are in
         no state dict, and `to_empty` left them uninitialised."""
         import torch.distributed as dist
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
 
         if not self.world.main:
             model.to_empty(device=self.world.device)
@@ -224,7 +227,7 @@ class FSDP2Engine(Engine):
 
 def omni_model(module: nn.Module) -> nn.Module:
     """The OmniModel a method trains: the module itself or the one it wraps (the reward model)."""
-    from omni.model import OmniModel
+    from omni.model.omni_model import OmniModel
 
     return next(m for m in module.modules() if isinstance(m, OmniModel))
 

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from omni.config import ConfigError
-from omni.train.checkpoint import atomic_dir
+from omni.files import atomic_dir
 from omni.train.config import load_schedule, load_stage
 from omni.train.trainer import FINAL, train_stage
 

@@ -20,24 +20,25 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from omni.align.data import read_records, record_from_raw, record_stream
 from omni.align.methods import METHOD_CLASSES, Method
 from omni.config import to_dict
+from omni.data.config import DataConfig
 from omni.data.loader import ExampleStream, SkipCounter
 from omni.data.manifest import load_manifest
+from omni.data.records import read_records, record_from_raw, record_stream
 from omni.data.sharded import ShardStream, make_training_stream
-from omni.model import OmniModel
+from omni.distributed import World
+from omni.model.load import save_model_dir
+from omni.model.omni_model import OmniModel
+from omni.model.processor import OmniProcessor
 from omni.presets import MODALITIES, build_preset
-from omni.processor import OmniProcessor
 from omni.train.checkpoint import (
     latest_resumable,
     load_resumable,
-    save_model_dir,
     save_resumable,
     seed_everything,
 )
-from omni.train.config import DataConfig, StageConfig
-from omni.train.distributed import World
+from omni.train.config import StageConfig
 from omni.train.engines import build_engine, write_engine_config
 from omni.train.flops import FlopCounter, peak_tflops
 from omni.train.optim import set_trainable

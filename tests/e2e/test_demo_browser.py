@@ -129,8 +129,8 @@ def _ask(page, text: str, files=(), send: bool = True):
 
 def test_uploaded_image_and_audio_get_the_stream_answer_answer(server, trained_tiny, tmp_path):
     from omni.inference import load_media, stream_answer
-    from omni.model import OmniModel
-    from omni.processor import OmniProcessor
+    from omni.model.omni_model import OmniModel
+    from omni.model.processor import OmniProcessor
 
     img, wav = image_and_tone(tmp_path)
     question = "which note is played?"
@@ -242,8 +242,8 @@ def pas_server(trained_tiny, tmp_path_factory):
 
 def test_the_pas_switch_adds_the_complement_before_the_model_reads_the_turn(pas_server, trained_tiny, tmp_path):
     from omni.inference import load_media, stream_answer, with_placeholders
-    from omni.model import OmniModel
-    from omni.processor import OmniProcessor
+    from omni.model.omni_model import OmniModel
+    from omni.model.processor import OmniProcessor
 
     url, pas = pas_server
     img, _ = image_and_tone(tmp_path)

@@ -9,10 +9,10 @@ import re
 import yaml
 
 from omni.align.generate import LocalGenerator
-from omni.cli import main as cli_main
-from omni.demo.engine import DemoEngine
 from omni.align.pas import GENERATE_INSTRUCTIONS, JUDGE_INSTRUCTIONS, PromptAugmenter
 from omni.align.synth import PAS_KINDS, AlignSynthConfig, write_align_corpus
+from omni.cli.main import main as cli_main
+from omni.demo.engine import DemoEngine
 from tests.integration.test_align_pipeline import CONFIGS, omni_align
 from tests.unit.test_align_judge import StubChat
 

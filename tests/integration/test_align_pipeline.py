@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from omni.align.cli import add_align_commands
+from omni.cli.align import add_align_commands
 
 CONFIGS = "omni/align/configs"
 
@@ -104,9 +104,9 @@ def test_ipo_with_reference_on_the_fly_and_simpo_train(world):
 
 
 def test_reward_model_ranks_held_out_pairs(world):
-    from omni.align.data import preference_messages, read_records
     from omni.align.methods import RewardModel
-    from omni.processor import OmniProcessor
+    from omni.data.records import preference_messages, read_records
+    from omni.model.processor import OmniProcessor
 
     omni_align("rm", f"{CONFIGS}/tiny_rm.yaml", "--out", str(world / "rm"), *_data(world, "pref"), "steps=24")
     ev = json.loads((world / "rm/eval.json").read_text())

@@ -11,13 +11,18 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from omni.align.data import record_from_raw
 from omni.align.methods import SFT
-from omni.data.loader import ExampleStream, SkipCounter, TooManyBadSamples, training_stream
+from omni.data.loader import (
+    ExampleStream,
+    SkipCounter,
+    TooManyBadSamples,
+    training_stream,
+)
 from omni.data.manifest import load_manifest
-from omni.processor import OmniProcessor
+from omni.data.records import record_from_raw
+from omni.distributed import World
+from omni.model.processor import OmniProcessor
 from omni.train.config import load_stage
-from omni.train.distributed import World
 
 ROOT = Path(__file__).resolve().parents[2]
 

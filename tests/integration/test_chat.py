@@ -5,12 +5,12 @@ import subprocess
 import sys
 
 from omni.inference import load_media, stream_answer
-from omni.processor import OmniProcessor
+from omni.model.processor import OmniProcessor
 from tests.helpers import image_and_tone
 
 
 def test_chat_cli_streams_the_api_answer(trained_tiny, tmp_path):
-    from omni.model import OmniModel
+    from omni.model.omni_model import OmniModel
 
     img, wav = image_and_tone(tmp_path)
     prompt = "which note is played?"

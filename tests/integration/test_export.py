@@ -30,10 +30,10 @@ from PIL import Image
 from safetensors import safe_open
 
 from omni.eval import evaluate, write_results
-from omni.hf.export import ExportError, add_export_command, export_model
-from omni.hf.load import is_exported_dir, load_exported
-from omni.model import OmniModel
-from omni.processor import OmniProcessor, collate
+from omni.export.writer import ExportError, add_export_command, export_model
+from omni.model.load import is_exported_dir, load_exported
+from omni.model.omni_model import OmniModel
+from omni.model.processor import OmniProcessor, collate
 from omni.train.config import load_stage
 from omni.train.schedule import run_schedule
 from omni.train.trainer import train_stage
@@ -274,7 +274,7 @@ def test_export_refuses_a_non_empty_folder_without_force(run, exported, tmp_path
 
 
 def test_a_failed_export_leaves_the_target_untouched(run, tmp_path, monkeypatch):
-    import omni.hf.remote_code
+    import omni.export.remote_code
 
     out = tmp_path / "out"
     out.mkdir()
@@ -282,7 +282,7 @@ def test_a_failed_export_leaves_the_target_untouched(run, tmp_path, monkeypatch)
 
     def boom(_):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(omni.hf.remote_code, "write_remote_code", boom)
+    monkeypatch.setattr(omni.export.remote_code, "write_remote_code", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         export_model(run, out, force=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]

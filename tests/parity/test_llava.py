@@ -13,11 +13,20 @@ import json
 import open_clip
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+from transformers import (
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2Config,
+)
 
-from omni.batch import MediaBatch
-from omni.hf.llava import llava_to_omni_state_dict, load_llava_weights, omni_image_config_from_llava
-from omni.model import OmniModel, build_llm
+from omni.hf.llava import (
+    llava_to_omni_state_dict,
+    load_llava_weights,
+    omni_image_config_from_llava,
+)
+from omni.model.batch import MediaBatch
+from omni.model.omni_model import OmniModel, build_llm
 from omni.presets import LLMConfig, ProjectorConfig, build_preset
 
 IMAGE_ID, VIDEO_ID, AUDIO_ID = 60, 61, 62

@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from omni.align.data import (
+from omni.align.pas import dedup_prompts
+from omni.align.synth import AlignSynthConfig, build_tokenizer, write_align_corpus
+from omni.data.records import (
     AlignDataError,
     last_span,
     preference_examples,
@@ -17,9 +19,8 @@ from omni.align.data import (
     record_stream,
     sft_example,
 )
-from omni.align.pas import dedup_prompts
-from omni.align.synth import AlignSynthConfig, build_tokenizer, write_align_corpus
-from omni.processor import IGNORE, OmniProcessor
+from omni.model.fusion import IGNORE
+from omni.model.processor import OmniProcessor
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def processor():
     from omni.align.synth import TINY_TEXT_OVERRIDES
-    from omni.model import OmniModel
+    from omni.model.omni_model import OmniModel
     from omni.presets import build_preset
 
     model, tok = OmniModel.from_config(build_preset("tiny", TINY_TEXT_OVERRIDES), tokenizer=build_tokenizer())

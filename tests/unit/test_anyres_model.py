@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from encoders import num_tiles
-from omni.model import OmniModel
+from omni.model.omni_model import OmniModel
+from omni.model.processor import OmniProcessor, collate
 from omni.presets import build_preset
-from omni.processor import OmniProcessor, collate
 
 SIZES = [(33, 31), (47, 29), (320, 8), (8, 320), (1, 100), (3, 3), (1, 1), (2000, 1500), (64, 32), (32, 96)]
 

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from omni.baichuan2 import MAX_Z_COEF, NormHead
 from omni.config import ConfigError
-from omni.model import OmniModel
+from omni.model.baichuan2 import MAX_Z_COEF, NormHead
+from omni.model.omni_model import OmniModel
+from omni.model.processor import OmniProcessor, collate
 from omni.presets import build_preset
-from omni.processor import OmniProcessor, collate
 
 
 def _batch(model, tok):

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from omni.baichuan2 import NormHead
 from omni.config import ConfigError
 from omni.hf.baichuan2_convert import convert_baichuan2, load_baichuan2_as_llama
+from omni.model.baichuan2 import NormHead
 
 CFG = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 64,
        "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 512,
@@ -102,7 +102,7 @@ def test_converted_llama_with_norm_head_equals_the_baichuan2_forward(baichuan_di
 
 
 def test_converted_checkpoint_fills_the_omni_llm_slot(baichuan_dir, tmp_path):
-    from omni.model import OmniModel
+    from omni.model.omni_model import OmniModel
     from omni.presets import build_preset
 
     src, state = baichuan_dir

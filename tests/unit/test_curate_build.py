@@ -12,8 +12,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from omni.cli.data import add_data_commands
 from omni.curate import build as B
-from omni.curate.cli import add_data_commands
 from omni.curate.common import CurationError
 from omni.data.loader import decode_sample
 from omni.data.manifest import load_manifest
@@ -155,7 +155,7 @@ def test_llava_rejects_name_key_line_and_reason(llava_build):
 def test_built_samples_feed_the_processor(llava_build, tiny_model):
     """Shards from `build` are training-ready: the processor expands every placeholder."""
     from omni.data.loader import decode_sample
-    from omni.processor import OmniProcessor
+    from omni.model.processor import OmniProcessor
 
     model, tokenizer = tiny_model
     proc = OmniProcessor(tokenizer, model)

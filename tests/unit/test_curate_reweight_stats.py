@@ -10,15 +10,21 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+from test_curate_build import write_image, write_mp4, write_wav
 
 from omni.curate.common import CurationError, Reject, ShardSink, write_manifest
 from omni.curate.reweight import (
-    QualityConfig, Unit, mixture_weights, parse_boosts, quality_check, repetition_ratio, reweight,
+    QualityConfig,
+    Unit,
+    mixture_weights,
+    parse_boosts,
+    quality_check,
+    repetition_ratio,
+    reweight,
 )
 from omni.curate.stats import DatasetStats, TokenCounter, sample_stats, stats
 from omni.data.loader import SkipCounter, training_stream
 from omni.data.manifest import load_manifest
-from test_curate_build import write_image, write_mp4, write_wav
 
 
 def msgs(user, reply):

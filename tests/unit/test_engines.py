@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from omni.align import methods
-from omni.batch import MediaBatch
 from omni.config import ConfigError
-from omni.model import OmniModel
+from omni.distributed import World
+from omni.model.batch import MediaBatch
+from omni.model.omni_model import OmniModel
+from omni.model.processor import Batch
 from omni.presets import build_preset
-from omni.processor import Batch
 from omni.train.config import load_stage
-from omni.train.distributed import World
 from omni.train.engines import build_engine, deepspeed_config, fsdp_units
 from omni.train.flops import PEAK_BF16_TFLOPS, FlopCounter, peak_for_gpu, peak_tflops
 from omni.train.optim import set_trainable
@@ -155,7 +155,7 @@ def test_flops_follow_the_documented_formula():
     assert counter(lengths, None) == 6 * n_llm * 40 + attention  # PaLM: 6N per token + attention
     for p in model.encoders.parameters():  # frozen towers: forward only
         p.requires_grad_(False)
-    from omni.batch import MediaBatch
+    from omni.model.batch import MediaBatch
 
     tower = model.encoders["image"]
     n_tower = sum(p.numel() for p in tower.parameters())
@@ -200,9 +200,8 @@ def test_a_skeleton_is_the_architecture_without_reading_weights(tiny_model, tmp_
     """What FSDP2's ranks other than 0 build (`init_model(skeleton=True)`): every parameter and buffer
     of the real model, by name and shape, on the meta device, and no weights file is read (from a
     stage folder, an export, or the preset)."""
+    from omni.export.writer import export_model
     from omni.train.trainer import init_model
-
-    from omni.hf.export import export_model
 
     model, tok = tiny_model
     model.save_pretrained(tmp_path / "stage", tok)

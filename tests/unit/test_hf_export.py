@@ -9,29 +9,34 @@ import pytest
 import torch
 from PIL import Image
 
+from omni.export.remote_code import (
+    RemoteCodeError,
+    flat_name,
+    remote_code_files,
+    rewrite,
+)
 from omni.hf.mapping import (
     hf_config_from_model,
     model_config_from_hf,
     processor_configs,
 )
-from omni.hf.remote_code import RemoteCodeError, flat_name, remote_code_files, rewrite
-from omni.processor import OmniProcessor, collate
+from omni.model.processor import OmniProcessor, collate
 
 
 def test_flat_names_and_rewrites():
     assert flat_name("encoders.image") == "omni_encoders_image"
     assert flat_name("projectors") == "omni_projectors"
-    assert flat_name("omni.fusion") == "omni_fusion"
-    assert flat_name("omni.hf.modeling_omni") == "modeling_omni"
-    src = "import torch\nfrom encoders.audio import AudioEncoder\nfrom omni.fusion import scatter_features\n"
+    assert flat_name("omni.model.fusion") == "omni_model_fusion"
+    assert flat_name("omni.export.modeling_omni") == "modeling_omni"
+    src = "import torch\nfrom encoders.audio import AudioEncoder\nfrom omni.model.fusion import scatter_features\n"
     out, deps = rewrite("encoders.x", src, "x.py")
     assert out.splitlines()[1:] == ["from .omni_encoders_audio import AudioEncoder",
-                                    "from .omni_fusion import scatter_features"]
-    assert deps == ["encoders.audio", "omni.fusion"]
+                                    "from .omni_model_fusion import scatter_features"]
+    assert deps == ["encoders.audio", "omni.model.fusion"]
     with pytest.raises(RemoteCodeError, match="x.py:1: `import encoders.audio`"):
         rewrite("encoders.x", "import encoders.audio\n", "x.py")
     with pytest.raises(RemoteCodeError, match="not a torch-only omni module"):
-        rewrite("encoders.x", "from omni.model import OmniModel\n", "x.py")
+        rewrite("encoders.x", "from omni.model.omni_model import OmniModel\n", "x.py")
     with pytest.raises(RemoteCodeError, match="relative imports"):
         rewrite("encoders.x", "from .image import ImageEncoder\n", "x.py")
     with pytest.raises(RemoteCodeError, match="by name"):
@@ -40,8 +45,8 @@ def test_flat_names_and_rewrites():
 
 def test_remote_code_closure_is_the_entry_points_and_leaf_modules():
     files = remote_code_files()
-    assert {"configuration_omni.py", "modeling_omni.py", "processing_omni.py", "omni_fusion.py",
-            "omni_baichuan2.py", "omni_encoders_image.py", "omni_encoders_audio.py", "omni_encoders_video.py",
+    assert {"configuration_omni.py", "modeling_omni.py", "processing_omni.py", "omni_model_fusion.py",
+            "omni_model_baichuan2.py", "omni_encoders_image.py", "omni_encoders_audio.py", "omni_encoders_video.py",
             "omni_encoders_anyres.py", "omni_projectors.py", "omni_projectors_mlp.py",
             "omni_projectors_conv_gmlp.py"} == set(files)
     for name, text in files.items():
@@ -68,9 +73,9 @@ def test_config_round_trip(tiny_model):
 
 def _hf_pair(*overrides):
     """An OmniModel and the exported OmniForCausalLM class (repository copy) with its weights."""
-    from omni.hf.modeling_omni import OmniForCausalLM
-    from omni.hf.processing_omni import OmniProcessor as HFProcessor
-    from omni.model import OmniModel
+    from omni.export.modeling_omni import OmniForCausalLM
+    from omni.export.processing_omni import OmniProcessor as HFProcessor
+    from omni.model.omni_model import OmniModel
     from omni.presets import build_preset
 
     torch.manual_seed(0)
@@ -114,8 +119,8 @@ def test_text_path_equals_messages_path():
 def test_bfloat16_export_writes_bf16_weights_and_loads_back(tmp_path, tiny_model):
     from safetensors import safe_open
 
-    from omni.hf.export import export_model
-    from omni.hf.load import load_exported
+    from omni.export.writer import export_model
+    from omni.model.load import load_exported
 
     model, tok = tiny_model
     model.save_pretrained(tmp_path / "m", tok)
@@ -132,8 +137,8 @@ def test_7b_transformers_model_has_omnimodel_keys_and_shapes():
     """The SigLIP (timm) + whisper-large-v3 + Qwen2-7B layout, built on the meta device both ways."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from omni.hf.modeling_omni import OmniForCausalLM
-    from omni.model import OmniModel
+    from omni.export.modeling_omni import OmniForCausalLM
+    from omni.model.omni_model import OmniModel
     from omni.presets import build_preset
 
     cfg = build_preset("7b", ["image.pretrained=null", "audio.checkpoint=null", "llm.pretrained=null"])

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from omni.batch import MediaBatch
-from omni.fusion import PlaceholderMismatchError
-from omni.processor import IGNORE, OmniProcessor, collate
+from omni.model.batch import MediaBatch
+from omni.model.fusion import IGNORE, PlaceholderMismatchError
+from omni.model.processor import OmniProcessor, collate
 from omni.train.config import OptimConfig
 from omni.train.optim import build_optimizer, set_trainable
 
@@ -98,7 +98,7 @@ def test_batched_forward_equals_per_sample_forward(model_and_processor):
 
 
 def test_frozen_parts_stay_bit_identical_and_trainable_parts_learn(tiny_model):
-    from omni.model import OmniModel
+    from omni.model.omni_model import OmniModel
     from omni.presets import build_preset
 
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def test_unmatched_trainable_glob_is_an_error(tiny_model):
 
 
 def test_save_and_load_roundtrip(tmp_path, model_and_processor):
-    from omni.model import OmniModel
+    from omni.model.omni_model import OmniModel
 
     model, tok, proc = model_and_processor
     model.eval()
@@ -152,7 +152,7 @@ def test_save_and_load_roundtrip(tmp_path, model_and_processor):
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    from omni.model import OmniModel
+    from omni.model.omni_model import OmniModel
     from omni.presets import build_preset
 
     grads = []

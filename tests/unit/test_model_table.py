@@ -1,6 +1,6 @@
 """docs/model.md is generated from the code and must match it."""
-from omni.model_table import DOC, render
+from omni.model.table import DOC, render
 
 
 def test_model_doc_matches_the_code():
-    assert DOC.read_text() == render(), "docs/model.md is stale: run `python -m omni.model_table`"
+    assert DOC.read_text() == render(), "docs/model.md is stale: run `python -m omni.model.table`"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from omni.packing import collate_packed, first_fit_decreasing
-from omni.processor import OmniProcessor, collate
+from omni.data.packing import collate_packed, first_fit_decreasing
+from omni.model.processor import OmniProcessor, collate
 
 
 def test_first_fit_decreasing_respects_the_budget():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from omni.model_table import meta_model
+from omni.model.table import meta_model
 from omni.plan import GIB, plan_stage
 from omni.train.config import load_stage
 

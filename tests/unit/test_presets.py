@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from omni.model_table import meta_model
+from omni.model.table import meta_model
 
 # Published sizes of the parts (parameters):
 # Qwen2-7B: 7.62B (model card). SigLIP So400m/14 vision tower: 428M ("Getting ViT in Shape",

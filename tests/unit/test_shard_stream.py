@@ -11,11 +11,16 @@ import torch
 import webdataset as wds
 
 from omni.config import ConfigError
-from omni.data.loader import ExampleStream, SkipCounter, TooManyBadSamples, decode_sample
+from omni.data.config import DataConfig
+from omni.data.loader import (
+    ExampleStream,
+    SkipCounter,
+    TooManyBadSamples,
+    decode_sample,
+)
 from omni.data.manifest import DatasetEntry, load_manifest
 from omni.data.sharded import ShardStream, make_training_stream, take_every
-from omni.processor import OmniProcessor
-from omni.train.config import DataConfig
+from omni.model.processor import OmniProcessor
 
 
 def _write(root: Path, name: str, shards: int, per_shard: int, bad_json: tuple[str, ...] = ()) -> DatasetEntry:

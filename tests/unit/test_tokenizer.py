@@ -4,7 +4,13 @@ from __future__ import annotations
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from omni.tokenizer import IM_END, PLACEHOLDERS, build_wordlevel_tokenizer, load_tokenizer, placeholder_ids
+from omni.tokenizer import (
+    IM_END,
+    PLACEHOLDERS,
+    build_wordlevel_tokenizer,
+    load_tokenizer,
+    placeholder_ids,
+)
 
 CHAT = [{"role": "system", "content": "answer in one word"}, {"role": "user", "content": "<image> hello"},
         {"role": "assistant", "content": "world"}]

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 from omni.config import ConfigError
-from omni.hf.card import Provenance, StageRecord, model_card, read_eval
+from omni.export.card import Provenance, StageRecord, model_card, read_eval
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _manifests(stages: list[StageRecord]) -> dict[str, dict]:
 
 def resolve_source(ckpt: str | Path) -> tuple[Path, Provenance]:
     """(model folder to load, provenance for the card) for whatever `--ckpt` names."""
-    from omni.hf.load import is_exported_dir
+    from omni.model.load import is_exported_dir
 
     src = Path(ckpt)
     if not src.is_dir():
@@ -179,7 +179,7 @@ def _write_weights(state: dict, out: Path, max_shard_size: str | int) -> None:
     from huggingface_hub import save_torch_state_dict
     from safetensors import safe_open
 
-    from omni.hf.load import weight_files
+    from omni.model.load import weight_files
 
     save_torch_state_dict(state, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
     seen = set()
@@ -232,13 +232,13 @@ def write_export(model, tokenizer, out: Path, prov: Provenance, name: str, licen
     import torch
     from transformers import GenerationConfig
 
+    from omni.export.processing_omni import OmniProcessor
+    from omni.export.remote_code import write_remote_code
     from omni.hf.mapping import (
         PROCESSOR_AUTO_MAP,
         hf_config_from_model,
         processor_configs,
     )
-    from omni.hf.processing_omni import OmniProcessor
-    from omni.hf.remote_code import write_remote_code
 
     torch_dtype = getattr(torch, dtype) if dtype else None
     _warn_unbundled_open_clip(model.config.image.open_clip_model)
@@ -268,8 +268,8 @@ def export_model(ckpt: str | Path, out: str | Path | None, force: bool = False, 
     """Export `ckpt` into `out` (see the module docstring); with `push_to_hub`, upload it too.
     `out=None` with `push_to_hub` writes into a temporary folder that is removed after the upload.
     `api`: an `huggingface_hub.HfApi` to upload with (default: one with the usual token lookup)."""
-    from omni.hf.load import load_model_dir
-    from omni.train.checkpoint import atomic_dir
+    from omni.files import atomic_dir
+    from omni.model.load import load_model_dir
 
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}")

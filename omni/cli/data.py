@@ -68,7 +68,12 @@ def _dedup(args) -> None:
 
 
 def _reweight(args) -> None:
-    from omni.curate.reweight import QualityConfig, format_result, parse_boosts, reweight
+    from omni.curate.reweight import (
+        QualityConfig,
+        format_result,
+        parse_boosts,
+        reweight,
+    )
 
     quality = QualityConfig(min_words=args.min_words, max_words=args.max_words,
                             min_reply_words=args.min_reply_words, max_repetition=args.max_repetition,

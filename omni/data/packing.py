@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from omni.batch import MediaBatch
-from omni.processor import IGNORE, Batch, Example
+from omni.model.batch import MediaBatch
+from omni.model.fusion import IGNORE
+from omni.model.processor import Batch, Example
 
 
 def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:

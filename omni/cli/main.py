@@ -58,8 +58,8 @@ def _eval(args) -> None:
 
 def _chat(args) -> None:
     from omni.inference import load_media, stream_answer, with_placeholders
-    from omni.model import OmniModel
-    from omni.processor import OmniProcessor
+    from omni.model.omni_model import OmniModel
+    from omni.model.processor import OmniProcessor
 
     model, tokenizer = OmniModel.from_pretrained(args.model)
     model.eval()
@@ -178,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pas-endpoint-model", default="default", help="model name to ask a --pas endpoint for")
     p.set_defaults(func=_chat)
 
-    from omni.align.cli import add_align_commands
-    from omni.curate.cli import add_data_commands
+    from omni.cli.align import add_align_commands
+    from omni.cli.data import add_data_commands
     from omni.demo.app import add_demo_command
-    from omni.hf.export import add_export_command
+    from omni.export.writer import add_export_command
 
     add_data_commands(sub)
     add_align_commands(sub)
@@ -209,5 +209,3 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"not found: {e}")
 
 
-if __name__ == "__main__":
-    main()

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from omni.config import ConfigError, apply_overrides
+from omni.files import atomic_dir
 from omni.hf.configuration_omni import MODEL_TYPE
 
 HF_CONFIG = "config.json"
@@ -68,7 +69,7 @@ def load_exported(model_dir: str | Path, overrides: list[str] = (), weights: boo
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from omni.hf.mapping import model_config_from_hf
-    from omni.model import OmniModel, attention_backend
+    from omni.model.omni_model import OmniModel, attention_backend
     from omni.presets import model_config_from_dict, model_config_to_dict
 
     model_dir = Path(model_dir)
@@ -104,8 +105,18 @@ def load_exported(model_dir: str | Path, overrides: list[str] = (), weights: boo
 
 def load_model_dir(model_dir: str | Path, overrides: list[str] = ()):
     """Either kind of model folder: an omni export, or a stage's `final/` / a checkpoint."""
-    from omni.model import OmniModel
+    from omni.model.omni_model import OmniModel
 
     if is_exported_dir(model_dir):
         return load_exported(model_dir, overrides)
     return OmniModel.from_pretrained(model_dir, overrides)
+
+
+def save_model_dir(model, tokenizer, target: str | Path, state_dict: dict | None = None) -> Path:
+    """The `final/` folder; `state_dict`: full weights gathered from a sharded engine."""
+    with atomic_dir(target) as tmp:
+        if state_dict is None:
+            model.save_pretrained(tmp, tokenizer)
+        else:
+            model.save_pretrained(tmp, tokenizer, state_dict=state_dict)
+    return Path(target)

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from encoders import anyres_tiles, read_video_frames
-from omni.batch import MediaBatch
 from omni.errors import SampleError
-from omni.fusion import IGNORE, expand_placeholders
-from omni.model import OmniModel
+from omni.model.batch import MediaBatch
+from omni.model.fusion import IGNORE, expand_placeholders
+from omni.model.omni_model import OmniModel
 from omni.presets import MODALITIES
 from omni.tokenizer import PLACEHOLDERS
 

@@ -23,11 +23,16 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from encoders import AudioEncoder, ImageEncoder
-from omni.baichuan2 import max_z_loss, use_norm_head
 from omni.config import ConfigError, apply_overrides
-from omni.batch import MediaBatch
-from omni.fusion import scatter_features
-from omni.presets import MODALITIES, ModelConfig, model_config_from_dict, model_config_to_dict
+from omni.model.baichuan2 import max_z_loss, use_norm_head
+from omni.model.batch import MediaBatch
+from omni.model.fusion import scatter_features
+from omni.presets import (
+    MODALITIES,
+    ModelConfig,
+    model_config_from_dict,
+    model_config_to_dict,
+)
 from omni.tokenizer import load_tokenizer, placeholder_ids
 from projectors import build_projector
 
@@ -116,7 +121,7 @@ class OmniModel(nn.Module):
 
         model_dir = Path(model_dir)
         if not (model_dir / CONFIG).is_file() and (model_dir / "config.json").is_file():  # an `omni export` folder
-            from omni.hf.load import load_exported
+            from omni.model.load import load_exported
 
             return load_exported(model_dir, overrides, weights)
         if not (model_dir / CONFIG).is_file() or not (model_dir / WEIGHTS).is_file():

@@ -27,7 +27,7 @@ from transformers import BatchFeature, ProcessorMixin
 from encoders.anyres import AnyResConfig, anyres_tiles
 from encoders.audio import AudioEncoder, AudioTowerConfig
 from encoders.video import VideoSamplingConfig, read_video_frames
-from omni.fusion import IGNORE, expand_placeholders
+from omni.model.fusion import IGNORE, expand_placeholders
 from projectors import build_projector
 
 MODALITIES = ("image", "video", "audio")

@@ -28,11 +28,18 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from omni.data.loader import EXTENSIONS, SkipCounter, decode_sample, read_json, split_stream
+from omni.data.loader import (
+    EXTENSIONS,
+    SkipCounter,
+    decode_sample,
+    read_json,
+    split_stream,
+)
 from omni.data.loader import where as sample_where
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
-from omni.processor import IGNORE, Example
+from omni.model.fusion import IGNORE
+from omni.model.processor import Example
 
 _MEDIA_EXTS = {e for exts in EXTENSIONS.values() for e in exts}
 

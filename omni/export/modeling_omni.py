@@ -33,11 +33,10 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from encoders.audio import AudioEncoder, AudioTowerConfig
 from encoders.image import ImageEncoder, ImageTowerConfig
-from omni.baichuan2 import max_z_loss, use_norm_head
-from omni.fusion import scatter_features
+from omni.hf.configuration_omni import OmniConfig
+from omni.model.baichuan2 import max_z_loss, use_norm_head
+from omni.model.fusion import scatter_features
 from projectors import build_projector
-
-from .configuration_omni import OmniConfig
 
 MODALITIES = ("image", "video", "audio")
 

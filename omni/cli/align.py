@@ -22,11 +22,11 @@ OVERRIDES_HELP = "dotted key=value overrides of the align YAML, e.g. steps=50 dp
 
 def _run(verb: str, fn, args) -> None:
     from omni.align.bench import BenchmarkDataError
-    from omni.align.data import AlignDataError
     from omni.align.generate import GenerationError
     from omni.align.judge import UndecidedError
     from omni.align.metrics import MetricError
     from omni.config import ConfigError
+    from omni.data.records import AlignDataError
     from omni.errors import SampleError
 
     try:

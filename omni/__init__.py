@@ -1,0 +1,1 @@
+"""omni: train and serve an omni-modal LLM (docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""The `omni` command line: every command, including those that drive training for align (main.py)."""

@@ -1,0 +1,1 @@
+"""The model layer: composition (encoders -> projectors -> LLM), the processor, and model folders."""
