@@ -93,6 +93,18 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def not_learned(results: dict, min_gain: float) -> list[str]:
+    """Rows whose accuracy does not beat chance and the blanked control by `min_gain` (text rows have
+    no media to blank: chance only), as lines for the user; [] when the model learned every task."""
+    failures = []
+    for key, r in results.items():
+        bar = r["chance"] if key == "text" else max(r["chance"], r["blanked_accuracy"])
+        if r["accuracy"] < bar + min_gain:
+            failures.append(f"{key} ({r['task']}): accuracy {r['accuracy']:.3f} < {bar:.3f} + {min_gain} "
+                            f"(chance {r['chance']:.3f}, blanked {r['blanked_accuracy']:.3f})")
+    return failures
+
+
 def write_results(results: dict, out_dir: str | Path) -> Path:
     path = Path(out_dir) / EVAL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def _schedule(args) -> None:
 
 
 def _eval(args) -> None:
-    from omni.eval import evaluate, format_table, write_results
+    from omni.eval import evaluate, format_table, not_learned, write_results
 
     datasets = args.datasets.split(",") if args.datasets else None
     results = evaluate(args.model, args.data, split=args.split, datasets=datasets, limit=args.limit,
@@ -54,6 +54,12 @@ def _eval(args) -> None:
     print(format_table(results))
     if args.out:
         print(f"wrote {write_results(results, args.out)}")
+    if args.min_gain is not None:
+        failures = not_learned(results, args.min_gain)
+        if failures:
+            sys.exit("not learned (accuracy must beat chance and the blanked control by --min-gain):\n  "
+                     + "\n  ".join(failures))
+        print(f"every task beats chance and its blanked control by >= {args.min_gain}")
 
 
 def _chat(args) -> None:
@@ -152,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most this many samples per dataset")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", help="folder for eval.json")
+    p.add_argument("--min-gain", type=float, metavar="G",
+                   help="exit 1 unless every task's accuracy beats chance and its blanked control by G")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plan", help="per-GPU memory of a stage on N GPUs, before you launch it")
