@@ -55,7 +55,7 @@ def build_wordlevel_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
 def load_tokenizer(spec: str):
     """`synth-wordlevel` (tiny, offline) or a Hugging Face name/dir (e.g. the 7B LLM's own)."""
     if spec == TINY_TOKENIZER:
-        from omni.data.synth import vocabulary
+        from omni.tiny_world import vocabulary
 
         return build_wordlevel_tokenizer(vocabulary())
     tok = AutoTokenizer.from_pretrained(spec)

@@ -15,6 +15,7 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
+from omni import tiny_world as world
 from omni.data import synth
 
 SMALL = dict(train_per_task=8, val_per_task=4, samples_per_shard=3, seed=0)
@@ -50,7 +51,7 @@ def dominant_colour(pixels):
     saturated = pixels[pixels.max(1) - pixels.min(1) > 80]
     assert len(saturated) >= 20, "no saturated shape found"
     mean = saturated.mean(0)
-    return min(synth.COLOURS, key=lambda c: np.sum((np.array(synth.COLOUR_RGB[c]) - mean) ** 2))
+    return min(world.COLOURS, key=lambda c: np.sum((np.array(world.COLOUR_RGB[c]) - mean) ** 2))
 
 
 def read_wav(data):
@@ -71,12 +72,12 @@ def png(sample):
 def test_manifest_lists_every_task_and_split(corpus):
     manifest, spec, samples = corpus
     assert spec["name"] == "synth"
-    expected = [(task, split) for task in synth.TASKS for split in ("train", "val")]
+    expected = [(task, split) for task in world.TASKS for split in ("train", "val")]
     assert [(e["task"], e["split"]) for e in spec["datasets"]] == expected
     for e in spec["datasets"]:
         assert not Path(e["urls"]).is_absolute() and e["urls"].startswith("shards/")
         assert e["name"] == e["task"] and e["weight"] == 1.0
-        assert e["modalities"] == synth.MODALITIES[e["task"]]
+        assert e["modalities"] == world.MODALITIES[e["task"]]
         assert e["num_samples"] == len(samples[e["task"], e["split"]]) == SMALL[f"{e['split']}_per_task"]
     assert "urls: shards/image_colour-train-{000000..000002}.tar" in manifest.read_text()
 
@@ -91,10 +92,10 @@ def test_samples_follow_the_contract(corpus):
             user, assistant = m["messages"]
             assert (user["role"], assistant["role"]) == ("user", "assistant")
             assert m["task"] == task and m["source"] == "synth"
-            assert m["answer"] == assistant["content"] and m["answer"] in synth.ANSWERS[task]
-            for kind, ext in synth.MEDIA_EXT.items():
+            assert m["answer"] == assistant["content"] and m["answer"] in world.ANSWERS[task]
+            for kind, ext in world.MEDIA_EXT.items():
                 assert user["content"].count(f"<{kind}>") == len(media_files(s, ext)), (s["__key__"], kind)
-            assert [k for k in synth.MEDIA_EXT if f"<{k}>" in user["content"]] == synth.MODALITIES[task]
+            assert [k for k in world.MEDIA_EXT if f"<{k}>" in user["content"]] == world.MODALITIES[task]
             assert s["__key__"].startswith(f"{task}-{split}-")
     assert max(keys.values()) == 1
 
@@ -107,7 +108,7 @@ def test_images_show_the_answer_colour(corpus):
             assert dominant_colour(png(s)) == meta(s)["answer"]
         for s in samples["image_caption", split]:
             article, colour, shape = meta(s)["answer"].split()
-            assert article == "a" and shape in synth.SHAPES and dominant_colour(png(s)) == colour
+            assert article == "a" and shape in world.SHAPES and dominant_colour(png(s)) == colour
 
 
 def test_video_changes_from_a_to_the_answer(corpus):
@@ -130,7 +131,7 @@ def test_audio_plays_the_answer_note(corpus):
             signal = read_wav(s["wav"])
             assert len(signal) == 16000
             note = meta(s)["answer"].split()[1] if task == "audio_caption" else meta(s)["answer"]
-            assert dominant_hz(signal) == pytest.approx(synth.NOTE_HZ[note], abs=3)
+            assert dominant_hz(signal) == pytest.approx(world.NOTE_HZ[note], abs=3)
             loud = np.flatnonzero(np.abs(signal) > 0.1)
             assert 0.25 * 16000 < loud[-1] - loud[0] < 0.8 * 16000 and loud[-1] < 0.95 * 16000
 
@@ -140,13 +141,13 @@ def test_cross_task_answer_is_the_colour_on_the_tone_side(corpus):
     answers = Counter()
     for s in samples["image_audio_side", "train"] + samples["image_audio_side", "val"]:
         hz = dominant_hz(read_wav(s["wav"]))
-        side = min(synth.SIDE_HZ, key=lambda k: abs(synth.SIDE_HZ[k] - hz))
-        assert abs(synth.SIDE_HZ[side] - hz) < 3
+        side = min(world.SIDE_HZ, key=lambda k: abs(world.SIDE_HZ[k] - hz))
+        assert abs(world.SIDE_HZ[side] - hz) < 3
         image = png(s)
         top, bottom = dominant_colour(image[:16]), dominant_colour(image[16:])
         assert top != bottom
         assert meta(s)["answer"] == (top if side == "top" else bottom)
-        assert synth.SIDE_HZ["top"] > synth.SIDE_HZ["bottom"]  # a high tone points up
+        assert world.SIDE_HZ["top"] > world.SIDE_HZ["bottom"]  # a high tone points up
         answers[side] += 1
     assert set(answers) == {"top", "bottom"}
 
@@ -155,32 +156,32 @@ def test_text_arith_sums(corpus):
     _, _, samples = corpus
     for s in samples["text_arith", "train"]:
         a, b = re.fullmatch(r"What is (\w+) plus (\w+)\?", meta(s)["messages"][0]["content"]).groups()
-        assert synth.NUMBERS.index(a) + synth.NUMBERS.index(b) == synth.NUMBERS.index(meta(s)["answer"])
-        assert not any(k.endswith(tuple(synth.MEDIA_EXT.values())) for k in s)
+        assert world.NUMBERS.index(a) + world.NUMBERS.index(b) == world.NUMBERS.index(meta(s)["answer"])
+        assert not any(k.endswith(tuple(world.MEDIA_EXT.values())) for k in s)
 
 
 def test_vocabulary_covers_every_word(corpus):
     _, _, samples = corpus
-    vocab = set(synth.vocabulary())
+    vocab = set(world.vocabulary())
     assert {"?", "."} <= vocab and all(w == w.lower() for w in vocab)
     for items in samples.values():
         for s in items:
             for message in meta(s)["messages"]:
                 text = re.sub(r"<(image|video|audio)>", " ", message["content"]).lower()
                 assert set(re.findall(r"[a-z]+|[?.,]", text)) <= vocab
-    assert set(synth.CHANCE) == set(synth.TASKS)
-    assert synth.CHANCE["image_colour"] == pytest.approx(1 / 6) and synth.CHANCE["text_arith"] == pytest.approx(1 / 9)
+    assert set(world.CHANCE) == set(world.TASKS)
+    assert world.CHANCE["image_colour"] == pytest.approx(1 / 6) and world.CHANCE["text_arith"] == pytest.approx(1 / 9)
 
 
 def test_splits_are_disjoint(corpus):
     _, _, samples = corpus
     digest = lambda b: hashlib.sha1(b).digest()  # noqa: E731
-    for task in synth.TASKS:
+    for task in world.TASKS:
         train = {digest(v) for s in samples[task, "train"] for k, v in s.items() if k.endswith(("png", "mp4", "wav"))}
         val = {digest(v) for s in samples[task, "val"] for k, v in s.items() if k.endswith(("png", "mp4", "wav"))}
         assert not train & val, task
     cfg = synth.SynthConfig(out_dir="", **SMALL)
-    for task in synth.TASKS:
+    for task in world.TASKS:
         generated = list(synth.iter_task(cfg, task))
         # what write_corpus wrote is exactly what iter_task yields
         written = [s["json"] for split in ("train", "val") for s in samples[task, split]]
