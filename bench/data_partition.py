@@ -64,7 +64,7 @@ def main() -> None:
     torch.set_num_threads(1)  # as in each DataLoader worker: the modes differ by processes, not threads
     wds.gopen_schemes["counted"] = open_counted
     model, tok = OmniModel.from_config(build_preset("tiny"))
-    processor = OmniProcessor(tok, model)
+    processor = OmniProcessor.from_config(model.config, tok, model.token_ids)
 
     def make(raw):
         _, messages, media = decode_sample(raw)

@@ -33,7 +33,7 @@ def fills(lengths: list[int], micro_batch: int, budget: int) -> tuple[float, flo
 
 def synth_lengths(n_per_task: int) -> list[int]:
     model, tok = OmniModel.from_config(build_preset("tiny"))
-    proc = OmniProcessor(tok, model)
+    proc = OmniProcessor.from_config(model.config, tok, model.token_ids)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = load_manifest(write_corpus(SynthConfig(out_dir=tmp, train_per_task=n_per_task, val_per_task=1),
                                               progress=False))

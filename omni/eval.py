@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from omni.data.loader import SkipCounter, decode_sample, split_stream
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
-from omni.model.omni_model import OmniModel
+from omni.model.load import load_model
 from omni.model.processor import OmniProcessor, collate
 
 EVAL_FILE = "eval.json"
@@ -53,9 +53,9 @@ def evaluate(model_dir: str | Path, manifest_path: str | Path, split: str = "val
              datasets: list[str] | None = None, limit: int | None = None, batch_size: int = 32,
              max_new_tokens: int = 8, progress: bool = True) -> dict:
     """Accuracy table keyed by modality ("image", "video", "audio", "image+audio", "text")."""
-    model, tokenizer = OmniModel.from_pretrained(model_dir)
+    model, tokenizer = load_model(model_dir)
     model.eval()
-    processor = OmniProcessor(tokenizer, model)
+    processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
     entries = load_manifest(manifest_path).select(split, datasets)
     keys = ["+".join(e.modalities) or "text" for e in entries]
     results = {}

@@ -48,11 +48,12 @@ class LocalGenerator:
     @classmethod
     def load(cls, path: str | Path, batch_size: int = 8, device: str | None = None) -> LocalGenerator:
         """An omni model folder (has omni_config.json) or a transformers model folder/name."""
-        from omni.model.omni_model import CONFIG, OmniModel
+        from omni.model.load import load_model
+        from omni.model.omni_model import CONFIG
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if (Path(path) / CONFIG).is_file():
-            model, tok = OmniModel.from_pretrained(path)
+            model, tok = load_model(path)
             return cls(model.to(device), tok, batch_size, omni=True)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -38,6 +38,7 @@ from omni.data.records import preference_examples, sft_example
 from omni.distributed import World
 from omni.model.batch import MediaBatch
 from omni.model.fusion import IGNORE
+from omni.model.load import load_model
 from omni.model.omni_model import OmniModel
 from omni.model.processor import Batch, OmniProcessor, collate
 
@@ -190,7 +191,7 @@ class DPO(_Pairs):
         ref_path = d.reference or self.cfg.init_from
         if ref_path is None:
             raise ValueError("dpo: a reference model is needed; set dpo.reference or init_from")
-        self.reference, _ = OmniModel.from_pretrained(ref_path, self.cfg.model_overrides)
+        self.reference, _ = load_model(ref_path, self.cfg.model_overrides)
         self.reference.to(self.device).eval().requires_grad_(False)
         if d.precompute_ref:
             self.ref_table = self._precompute(out_dir / "ref_logps.pt", ref_path, train or [], evals)
@@ -324,7 +325,7 @@ class RewardModel(nn.Module):
     def from_pretrained(cls, path) -> tuple[RewardModel, object]:
         if not (Path(path) / HEAD).is_file():
             raise FileNotFoundError(f"{path}: not a reward model folder (no {HEAD}; train one with `omni align rm`)")
-        model, tok = OmniModel.from_pretrained(path)
+        model, tok = load_model(path)
         rm = cls(model)
         rm.load_weights(path)
         return rm, tok

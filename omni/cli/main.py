@@ -64,12 +64,12 @@ def _eval(args) -> None:
 
 def _chat(args) -> None:
     from omni.inference import load_media, stream_answer, with_placeholders
-    from omni.model.omni_model import OmniModel
+    from omni.model.load import load_model
     from omni.model.processor import OmniProcessor
 
-    model, tokenizer = OmniModel.from_pretrained(args.model)
+    model, tokenizer = load_model(args.model)
     model.eval()
-    processor = OmniProcessor(tokenizer, model)
+    processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
     media = load_media(args.image, args.video, args.audio)
     augmenter = None
     if args.pas:

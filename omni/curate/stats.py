@@ -75,9 +75,9 @@ class TokenCounter:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "TokenCounter":
-        from omni.model.omni_model import OmniModel
+        from omni.model.load import load_model
 
-        model, tokenizer = OmniModel.from_pretrained(model_dir)
+        model, tokenizer = load_model(model_dir)
         return cls(model, tokenizer)
 
     def text(self, messages: list[dict]) -> int:

@@ -29,20 +29,10 @@ from torch import nn
 
 from omni.errors import SampleError
 from omni.inference import stream_answer
+from omni.model.load import load_model
 from omni.model.processor import OmniProcessor
 
 log = logging.getLogger("omni.demo")
-
-
-def load_model(model_dir: str | Path):
-    """(model, tokenizer) from a stage's `final/`, a checkpoint folder, or an `omni export` folder."""
-    try:  # exported Hugging Face folders too, where that loader is installed
-        from omni.model.load import load_model_dir
-    except ImportError:
-        from omni.model.omni_model import OmniModel
-
-        load_model_dir = OmniModel.from_pretrained
-    return load_model_dir(model_dir)
 
 
 class FrameFeatureCache(nn.Module):
@@ -142,7 +132,7 @@ class DemoEngine:
             self.augmenter = PromptAugmenter.load(pas, pas_endpoint_model)
         self.model, self.tokenizer = load_model(model_dir)
         self.model.eval()
-        self.processor = OmniProcessor(self.tokenizer, self.model)  # keeps the unwrapped tower
+        self.processor = OmniProcessor.from_config(self.model.config, self.tokenizer, self.model.token_ids)
         self.video = self.model.config.video
         self.max_new_tokens = max_new_tokens
         audio = self.model.encoders["audio"]
@@ -181,7 +171,7 @@ class DemoEngine:
     def encode_ahead(self, frame: Image.Image) -> float:
         """Preprocess one webcam frame and run it through the image tower now; returns seconds."""
         t0 = time.perf_counter()
-        pixels = self.processor.image_encoder.preprocess([frame.convert("RGB")])
+        pixels = self.processor.pixels([frame.convert("RGB")])
         self.frame_cache.encode_ahead(pixels)
         return time.perf_counter() - t0
 

@@ -1,8 +1,8 @@
 """Hugging Face model of an exported omni model (remote code: ships inside every export).
 
-`OmniForCausalLM` is the same computation as `omni.model.OmniModel`, built from the same
-modules, with the same parameter names (so the exported weights are OmniModel's state dict
-as is):
+`OmniForCausalLM` is the same computation as `omni.model.omni_model.OmniModel`: both are built
+and run by `omni.model.composition.OmniComposition`, with the same parameter names (so the
+exported weights are OmniModel's state dict as is):
 - `encoders.image`: encoders.ImageEncoder (open_clip tower -> patch tokens); video frames too.
 - `encoders.audio`: encoders.AudioEncoder (whisper encoder over log-mel windows).
 - `projectors.{image,video,audio}`: projectors.build_projector (2x2-pool MLP, Conv-GMLP).
@@ -11,11 +11,11 @@ as is):
   the raw weight is what is stored), and `config.max_z_loss` adds the max-z loss when labels
   are given, as in training.
 - Fusion: each modality's projected tokens replace its placeholder tokens in order
-  (omni.fusion.scatter_features; a count mismatch raises).
+  (omni.model.fusion.scatter_features; a count mismatch raises).
 
 `omni export` copies this file with the imports of `encoders`, `projectors` and `omni.*` leaf
 modules rewritten to relative imports of flattened copies of those modules
-(omni/hf/remote_code.py), so the consumer needs torch, transformers, open_clip, whisper and
+(omni/export/remote_code.py), so the consumer needs torch, transformers, open_clip, whisper and
 PyAV, but not omni.
 
 `generate` embeds the prompt (media included) once and hands `inputs_embeds` to the LM's own
@@ -28,17 +28,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from encoders.audio import AudioEncoder, AudioTowerConfig
-from encoders.image import ImageEncoder, ImageTowerConfig
+from encoders.audio import AudioTowerConfig
+from encoders.image import ImageTowerConfig
 from omni.hf.configuration_omni import OmniConfig
-from omni.model.baichuan2 import max_z_loss, use_norm_head
-from omni.model.fusion import scatter_features
-from projectors import build_projector
-
-MODALITIES = ("image", "video", "audio")
+from omni.model.batch import MediaBatch
+from omni.model.composition import OmniComposition
 
 
 class OmniPreTrainedModel(PreTrainedModel):
@@ -54,28 +50,17 @@ class OmniPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
 
-class OmniForCausalLM(OmniPreTrainedModel, GenerationMixin):
+class OmniForCausalLM(OmniPreTrainedModel, GenerationMixin, OmniComposition):
     def __init__(self, config: OmniConfig):
         super().__init__(config)
-        self.llm = AutoModelForCausalLM.from_config(config.text_config)
-        if config.norm_head:
-            use_norm_head(self.llm)
         vc, ac = config.vision_config, config.audio_config
         image_cfg = ImageTowerConfig(open_clip_model=vc.open_clip_model, vision_cfg=vc.vision_cfg,
                                      feature_layer=vc.feature_layer)
         audio_cfg = AudioTowerConfig(n_mels=ac.n_mels, n_ctx=ac.n_ctx, n_state=ac.n_state,
                                      n_head=ac.n_head, n_layer=ac.n_layer)
-        self.encoders = nn.ModuleDict({"image": ImageEncoder(image_cfg), "audio": AudioEncoder(audio_cfg)})
-        image_dim = self.encoders["image"].out_dim
-        in_dims = {"image": image_dim, "video": image_dim, "audio": self.encoders["audio"].out_dim}
-        hidden = config.text_config.hidden_size
-        self.projectors = nn.ModuleDict({
-            m: build_projector(config.projectors[m]["kind"], in_dim=in_dims[m], out_dim=hidden,
-                               **config.projectors[m].get("options", {}))
-            for m in MODALITIES
-        })
-        self.token_ids = {"image": config.image_token_id, "video": config.video_token_id,
-                          "audio": config.audio_token_id}
+        token_ids = {"image": config.image_token_id, "video": config.video_token_id, "audio": config.audio_token_id}
+        self.compose(AutoModelForCausalLM.from_config(config.text_config), image_cfg, audio_cfg,
+                     config.projectors, token_ids, config.norm_head)
         self.post_init()
 
     # ---- transformers plumbing ------------------------------------------------------------
@@ -98,34 +83,14 @@ class OmniForCausalLM(OmniPreTrainedModel, GenerationMixin):
         # `_init_weights` (rotary buffers included) and they never reach this method.
         pass
 
-    # ---- the omni computation ---------------------------------------------------------------
-    def encode(self, modality: str, media: torch.Tensor, audio_valid=None) -> torch.Tensor:
-        """Projected tokens of every medium of `modality`, flattened to [n, D] (OmniModel.encode)."""
-        if modality in ("image", "video"):
-            feats = self.projectors[modality](self.encoders["image"](media))
-            return feats.reshape(-1, feats.shape[-1])
-        if modality == "audio":
-            encoder = self.encoders["audio"]
-            feats = self.projectors["audio"](encoder(media.to(encoder.encoder.conv1.weight.dtype)))
-            valid = [int(v) for v in audio_valid]
-            if len(valid) != feats.shape[0]:
-                raise ValueError(f"audio: {feats.shape[0]} log-mel windows but {len(valid)} audio_valid entries")
-            return torch.cat([feats[w, : self.projectors["audio"].num_tokens(v)] for w, v in enumerate(valid)])
-        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
-
-    def embed(self, input_ids, pixel_values=None, pixel_values_videos=None, input_features=None,
-              audio_valid=None) -> torch.Tensor:
-        """Text embeddings with every placeholder replaced by its medium's tokens (OmniModel.embed)."""
-        embeds = self.llm.get_input_embeddings()(input_ids)
-        media = {"image": pixel_values, "video": pixel_values_videos, "audio": input_features}
-        for modality in MODALITIES:
-            tensor = media[modality]
-            if tensor is None:
-                features = embeds.new_zeros(0, embeds.shape[-1])
-            else:
-                features = self.encode(modality, tensor, audio_valid)
-            embeds = scatter_features(embeds, input_ids, self.token_ids[modality], features, modality)
-        return embeds
+    # ---- the omni computation (omni/model/composition.py) -------------------------------------
+    @staticmethod
+    def media_batch(pixel_values=None, image_tiles=None, pixel_values_videos=None, video_frames=None,
+                    input_features=None, audio_valid=None) -> MediaBatch:
+        """The processor's outputs as the composition's MediaBatch."""
+        as_list = lambda t: [] if t is None else [int(v) for v in t]  # noqa: E731
+        return MediaBatch(image=pixel_values, image_tiles=as_list(image_tiles), video=pixel_values_videos,
+                          video_frames=as_list(video_frames), audio=input_features, audio_valid=as_list(audio_valid))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 pixel_values=None, image_tiles=None, pixel_values_videos=None, video_frames=None,
@@ -134,13 +99,12 @@ class OmniForCausalLM(OmniPreTrainedModel, GenerationMixin):
         from the processor: the placeholder counts already encode them. Other keyword arguments
         (cache, use_cache, num_items_in_batch, ...) go to the LM."""
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values, pixel_values_videos, input_features, audio_valid)
+            media = self.media_batch(pixel_values, image_tiles, pixel_values_videos, video_frames,
+                                     input_features, audio_valid)
+            inputs_embeds = self.embed(input_ids, media)
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                        labels=labels, **kwargs)
-        if labels is not None and self.config.max_z_loss > 0:  # normalised like the LM's cross-entropy
-            out.loss = out.loss + max_z_loss(out.logits, labels, self.config.max_z_loss,
-                                             kwargs.get("num_items_in_batch"))
-        return out
+        return self.add_max_z_loss(out, labels, self.config.max_z_loss, kwargs.get("num_items_in_batch"))
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_tiles=None,
@@ -148,7 +112,9 @@ class OmniForCausalLM(OmniPreTrainedModel, GenerationMixin):
                  generation_config=None, **kwargs):
         """Prompt + continuation ids (left-pad batched prompts). Media enter once, in the prompt
         embeddings; the LM's `generate` continues from them with its KV cache."""
-        embeds = self.embed(input_ids, pixel_values, pixel_values_videos, input_features, audio_valid)
+        media = self.media_batch(pixel_values, image_tiles, pixel_values_videos, video_frames,
+                                 input_features, audio_valid)
+        embeds = self.embed(input_ids, media)
         generation_config = copy.deepcopy(generation_config or self.generation_config)
         model_kwargs = generation_config.update(**kwargs)  # generation settings in, the rest returned
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,

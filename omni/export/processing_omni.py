@@ -1,13 +1,13 @@
 """Hugging Face processor of an exported omni model (remote code: ships inside every export).
 
-The same rules as `omni.processor.OmniProcessor`, from the same functions:
-- images: AnyRes tiles (encoders.anyres.anyres_tiles), each through open_clip's eval transform
-  built from the training tower's resolved preprocess config (`image_config["preprocess"]`);
+A transformers `ProcessorMixin` around omni's own processor (omni.model.processor.OmniProcessor,
+shipped next to this file), built from the same four dicts (`processor_config.json`), so media
+preprocessing and placeholder token counts are training's, not a copy:
+- images: AnyRes tiles, each through open_clip's eval transform of the training tower;
 - videos: frames sampled by encoders.video.read_video_frames (decord; fps + cap), same transform;
-- audio (float32 mono 16 kHz): whisper log-mel windows, windowing and valid-frame rule of
-  encoders.audio.AudioEncoder (built on the meta device: its methods need no weights);
+- audio (float32 mono 16 kHz): whisper log-mel windows and valid-frame rule;
 - each `<image>` / `<video>` / `<audio>` placeholder token becomes exactly the number of tokens
-  the projector emits (`num_tokens` of projectors built on the meta device);
+  the projector emits;
 - labels (with `messages` and `return_labels=True`): the ids inside assistant replies (the chat
   template's `{% generation %}` mask), -100 elsewhere, media positions included.
 
@@ -19,95 +19,27 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
 from transformers import BatchFeature, ProcessorMixin
 
-from encoders.anyres import AnyResConfig, anyres_tiles
-from encoders.audio import AudioEncoder, AudioTowerConfig
-from encoders.video import VideoSamplingConfig, read_video_frames
-from omni.model.fusion import IGNORE, expand_placeholders
-from projectors import build_projector
-
-MODALITIES = ("image", "video", "audio")
-
-
-def _meta_projector(spec: dict):
-    """A projector for its `num_tokens` rule only: built on the meta device, no memory."""
-    with torch.device("meta"):
-        return build_projector(spec["kind"], in_dim=1, out_dim=1, **spec.get("options", {}))
+from omni.model.fusion import IGNORE
+from omni.model.processor import OmniProcessor as OmniProcessorCore
 
 
 class OmniProcessor(ProcessorMixin):
-    """`image_config`: {"preprocess": open_clip PreprocessCfg fields, "image_size", "num_patches",
-    "anyres": {"max_tiles", "thumbnail"}, "projector": {"kind", "options"}};
-    `video_config`: {"fps", "max_frames", "projector"}; `audio_config`: whisper dims
-    {"n_mels", "n_ctx", "n_state", "n_head", "n_layer"} + "projector"; `token_config`:
-    {"placeholders": {modality: string}, "token_ids": {modality: id}, "max_length"}."""
+    """`image_config`, `video_config`, `audio_config`, `token_config`: see omni.model.processor."""
 
     def __init__(self, tokenizer=None, image_config=None, video_config=None, audio_config=None,
                  token_config=None, chat_template=None, **kwargs):
-        self.image_config = dict(image_config)
-        self.video_config = dict(video_config)
-        self.audio_config = dict(audio_config)
-        self.token_config = dict(token_config)
-        preprocess = {k: tuple(v) if isinstance(v, list) else v for k, v in self.image_config["preprocess"].items()}
-        self._transform = image_transform_v2(PreprocessCfg(**preprocess), is_train=False)  # = ImageEncoder's
-        self._anyres = AnyResConfig(**self.image_config["anyres"])
-        self._video = VideoSamplingConfig(fps=self.video_config["fps"], max_frames=self.video_config["max_frames"])
-        dims = {k: self.audio_config[k] for k in ("n_mels", "n_ctx", "n_state", "n_head", "n_layer")}
-        with torch.device("meta"):
-            self._audio = AudioEncoder(AudioTowerConfig(**dims))
-        self._projectors = {"image": _meta_projector(self.image_config["projector"]),
-                            "video": _meta_projector(self.video_config["projector"]),
-                            "audio": _meta_projector(self.audio_config["projector"])}
-        num_patches = self.image_config["num_patches"]
-        self.image_tokens = self._projectors["image"].num_tokens(num_patches)   # per tile
-        self.video_tokens = self._projectors["video"].num_tokens(num_patches)   # per frame
-        self.token_ids = {m: int(self.token_config["token_ids"][m]) for m in MODALITIES}
+        self.core = OmniProcessorCore(tokenizer, image_config, video_config, audio_config, token_config)
         super().__init__(tokenizer, chat_template=chat_template, **kwargs)
 
     def to_dict(self) -> dict:
-        """What processor_config.json holds: the four configs (the helpers above are rebuilt from them)."""
-        out = {"image_config": self.image_config, "video_config": self.video_config,
-               "audio_config": self.audio_config, "token_config": self.token_config,
-               "processor_class": type(self).__name__}
+        """What processor_config.json holds: the four configs (the core is rebuilt from them)."""
+        out = {**self.core.configs(), "processor_class": type(self).__name__}
         if getattr(self, "auto_map", None):
             out["auto_map"] = self.auto_map
         return copy.deepcopy(out)
-
-    # ---- media ----------------------------------------------------------------------------
-    def _pixels(self, images) -> torch.Tensor:
-        return torch.stack([self._transform(im) for im in images])
-
-    def _images(self, images):
-        tiles, counts = [], []
-        for im in images:
-            parts, _ = anyres_tiles(im.convert("RGB"), self.image_config["image_size"], self._anyres)
-            tiles.extend(parts)
-            counts.append(len(parts))
-        return self._pixels(tiles), counts
-
-    def _videos(self, videos):
-        frames, counts = [], []
-        for v in videos:
-            clip = v if isinstance(v, list) else read_video_frames(v, self._video)
-            frames.append(self._pixels([f.convert("RGB") for f in clip]))
-            counts.append(len(clip))
-        return torch.cat(frames), counts
-
-    def _audios(self, audios):
-        mels, valid, tokens = [], [], []
-        for wav in audios:
-            n = 0
-            for window in self._audio.split_windows(np.asarray(wav, dtype=np.float32)):
-                mels.append(self._audio.log_mel(window))
-                v = self._audio.valid_frames(len(window))
-                valid.append(v)
-                n += self._projectors["audio"].num_tokens(v)
-            tokens.append(n)
-        return torch.stack(mels), valid, tokens
 
     # ---- text + media -> model inputs -------------------------------------------------------
     def __call__(self, messages=None, text=None, images=None, videos=None, audio=None,
@@ -133,25 +65,15 @@ class OmniProcessor(ProcessorMixin):
             batch = [text] if isinstance(text, str) else list(text)
             rendered = batch
         media = {"image": list(images or []), "video": list(videos or []), "audio": list(audio or [])}
-        for modality, ph in self.token_config["placeholders"].items():
-            n_ph = sum(r.count(ph) for r in rendered)
-            if n_ph != len(media[modality]):
-                raise ValueError(f"{modality}: {n_ph} '{ph}' placeholder(s) in the text but "
-                                 f"{len(media[modality])} item(s) passed")
-
+        self.core.check_placeholders(rendered, media)
+        media_batch, counts = self.core.media(media)
         data: dict = {}
-        counts: dict[str, list[int]] = {}
-        if media["image"]:
-            data["pixel_values"], tiles = self._images(media["image"])
-            data["image_tiles"] = torch.tensor(tiles)
-            counts["image"] = [self.image_tokens * t for t in tiles]
-        if media["video"]:
-            data["pixel_values_videos"], frames = self._videos(media["video"])
-            data["video_frames"] = torch.tensor(frames)
-            counts["video"] = [self.video_tokens * f for f in frames]
-        if media["audio"]:
-            data["input_features"], valid, counts["audio"] = self._audios(media["audio"])
-            data["audio_valid"] = torch.tensor(valid)
+        if media_batch.image is not None:
+            data["pixel_values"], data["image_tiles"] = media_batch.image, torch.tensor(media_batch.image_tiles)
+        if media_batch.video is not None:
+            data["pixel_values_videos"], data["video_frames"] = media_batch.video, torch.tensor(media_batch.video_frames)
+        if media_batch.audio is not None:
+            data["input_features"], data["audio_valid"] = media_batch.audio, torch.tensor(media_batch.audio_valid)
 
         seen: dict[str, int] = {}
         rows, label_rows = [], []
@@ -165,9 +87,7 @@ class OmniProcessor(ProcessorMixin):
             else:
                 ids = self.tokenizer(sample, add_special_tokens=False)["input_ids"]
                 targets = [0] * len(ids)
-            out_ids, out_labels = expand_placeholders(ids, targets, self.token_ids, counts, seen)
-            if len(out_ids) > self.token_config["max_length"]:
-                raise ValueError(f"sequence of {len(out_ids)} tokens exceeds max_length {self.token_config['max_length']}")
+            out_ids, out_labels = self.core.expand(ids, targets, counts, seen)
             rows.append(out_ids)
             label_rows.append(out_labels)
 

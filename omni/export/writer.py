@@ -234,15 +234,13 @@ def write_export(model, tokenizer, out: Path, prov: Provenance, name: str, licen
 
     from omni.export.processing_omni import OmniProcessor
     from omni.export.remote_code import write_remote_code
-    from omni.hf.mapping import (
-        PROCESSOR_AUTO_MAP,
-        hf_config_from_model,
-        processor_configs,
-    )
+    from omni.hf.mapping import PROCESSOR_AUTO_MAP, hf_config_from_model_config
+    from omni.model.processor import OmniProcessor as OmniProcessorCore
 
     torch_dtype = getattr(torch, dtype) if dtype else None
     _warn_unbundled_open_clip(model.config.image.open_clip_model)
-    config = hf_config_from_model(model)
+    config = hf_config_from_model_config(model.config, model.llm.config.to_dict(), model.token_ids,
+                                         next(model.parameters()).dtype)
     if torch_dtype is not None:
         config.dtype = torch_dtype
     config.save_pretrained(out)
@@ -250,7 +248,9 @@ def write_export(model, tokenizer, out: Path, prov: Provenance, name: str, licen
                      bos_token_id=tokenizer.bos_token_id, do_sample=False,
                      max_new_tokens=256).save_pretrained(out)
     _write_weights(_state_dict(model, torch_dtype), out, max_shard_size)
-    processor = OmniProcessor(tokenizer, chat_template=tokenizer.chat_template, **processor_configs(model))
+    core = OmniProcessorCore.from_config(model.config, tokenizer, model.token_ids,
+                                         model.llm.config.max_position_embeddings)
+    processor = OmniProcessor(tokenizer, chat_template=tokenizer.chat_template, **core.configs())
     processor.auto_map = dict(PROCESSOR_AUTO_MAP)
     processor.save_pretrained(out)
     _clean_tokenizer_config(out / "tokenizer_config.json")
@@ -269,7 +269,7 @@ def export_model(ckpt: str | Path, out: str | Path | None, force: bool = False, 
     `out=None` with `push_to_hub` writes into a temporary folder that is removed after the upload.
     `api`: an `huggingface_hub.HfApi` to upload with (default: one with the usual token lookup)."""
     from omni.files import atomic_dir
-    from omni.model.load import load_model_dir
+    from omni.model.load import load_model
 
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}")
@@ -288,7 +288,7 @@ def export_model(ckpt: str | Path, out: str | Path | None, force: bool = False, 
     _check_out(out, model_dir, force)
     if eval_path is not None:
         prov.eval_path, prov.eval = str(eval_path), read_eval(Path(eval_path))
-    model, tokenizer = load_model_dir(model_dir)
+    model, tokenizer = load_model(model_dir)
     model.eval()
     with atomic_dir(out) as tmp:
         write_export(model, tokenizer, tmp, prov, name=push_to_hub or out.name, license=license,

@@ -33,14 +33,11 @@ config has no `max_position_embeddings` and conversion refuses it. Weights are r
 safetensors only: convert a `pytorch_model.bin` first (e.g. `safetensors.torch.save_file` of
 `torch.load(path, weights_only=True)`) if you trust its source.
 
-    python -m omni.hf.baichuan2_convert SRC_DIR OUT_DIR
-
-writes a transformers Llama folder and prints the model overrides that put it in the LLM slot
-(`llm.pretrained=OUT_DIR llm.norm_head=true llm.hf_config=...`).
+This module converts keys, weights and config only; `python -m omni.export.baichuan2 SRC OUT`
+writes the converted transformers Llama folder.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -132,31 +129,6 @@ def load_baichuan2_as_llama(src: str | Path):
     return llama_cfg, state
 
 
-def convert_baichuan2(src: str | Path, out: str | Path, max_shard_size: str = "5GB") -> list[str]:
-    """Write a transformers LlamaForCausalLM folder converted from `src`; returns the omni
-    model overrides that load it into the LLM slot with Baichuan 2's NormHead."""
-    from huggingface_hub import save_torch_state_dict
-    from transformers import AutoModelForCausalLM
-
-    from omni.files import atomic_dir
-
-    llama_cfg, state = load_baichuan2_as_llama(src)
-    with torch.device("meta"):  # strict check of the mapping against the real Llama parameter names
-        expected = set(AutoModelForCausalLM.from_config(llama_cfg).state_dict())
-    expected = {k for k in expected if not k.endswith("inv_freq")}
-    if expected != set(state):
-        raise ConfigError(f"{src}: converted keys differ from LlamaForCausalLM's: missing "
-                          f"{sorted(expected - set(state))[:5]}, extra {sorted(set(state) - expected)[:5]}")
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        llama_cfg.architectures = ["LlamaForCausalLM"]
-        llama_cfg.save_pretrained(tmp)
-        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
-        (tmp / "omni_baichuan2.json").write_text(json.dumps(
-            {"converted_from": str(src), "norm_head": True, "overrides": llm_overrides(out, llama_cfg)}, indent=2))
-    return llm_overrides(out, llama_cfg)
-
-
 def llm_overrides(out: str | Path, llama_cfg) -> list[str]:
     """Model overrides (preset or stage `model_overrides`) that put the converted LM in the LLM slot."""
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -164,17 +136,3 @@ def llm_overrides(out: str | Path, llama_cfg) -> list[str]:
     hf = {"model_type": "llama", **{k: getattr(llama_cfg, k) for k in keys},
           "rope_theta": ROPE_THETA, "tie_word_embeddings": False}
     return [f"llm.pretrained={out}", "llm.norm_head=true", f"llm.hf_config={json.dumps(hf)}"]
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m omni.hf.baichuan2_convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("src", help="Baichuan-2-style checkpoint folder (config.json + safetensors)")
-    p.add_argument("out", help="output folder (a transformers Llama checkpoint)")
-    p.add_argument("--max-shard-size", default="5GB")
-    args = p.parse_args(argv)
-    overrides = convert_baichuan2(args.src, args.out, args.max_shard_size)
-    print("model overrides for the LLM slot:\n  " + " ".join(f"'{o}'" for o in overrides))
-
-
-if __name__ == "__main__":
-    main()

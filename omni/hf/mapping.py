@@ -1,4 +1,4 @@
-"""omni <-> Hugging Face export: configs both ways, processor settings, weight keys.
+"""omni <-> Hugging Face export: configs both ways, weight keys.
 
 Weight keys: the identity. The exported `OmniForCausalLM` holds its modules under the same names
 as `OmniModel` (`llm.*`, `encoders.image.*`, `encoders.audio.*`, `projectors.{image,video,audio}.*`),
@@ -21,7 +21,7 @@ Config: `ModelConfig` (omni/presets.py) <-> `OmniConfig` (configuration_omni.py)
 | name, llm.pretrained, image.pretrained, audio.checkpoint, tokenizer | origin.{preset, llm, image, audio, tokenizer} |
 
 `origin` is provenance (where the initial weights came from); the HF model never reads it, and
-`load_exported` keeps it as metadata without loading anything from it: all weights come from
+`omni.model.load.load_model` keeps it as metadata without loading anything from it: all weights come from
 the export. `llm.attn_implementation` is a runtime choice, not stored (transformers:
 `attn_implementation=`; omni: the `llm.attn_implementation` model override).
 """
@@ -31,30 +31,30 @@ import dataclasses
 
 from omni.hf.configuration_omni import OmniConfig
 from omni.presets import MODALITIES, ModelConfig, model_config_from_dict
-from omni.tokenizer import PLACEHOLDERS
 
 AUTO_MAP = {
     "AutoConfig": "configuration_omni.OmniConfig",
     "AutoModel": "modeling_omni.OmniForCausalLM",
     "AutoModelForCausalLM": "modeling_omni.OmniForCausalLM",
 }
-PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_omni.OmniProcessor"}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_omni.OmniProcessor"}  # its settings: omni.model.processor
 _AUDIO_DIMS = ("n_mels", "n_ctx", "n_state", "n_head", "n_layer")
 
 
-def hf_config_from_model(model) -> OmniConfig:
-    """The OmniConfig of an OmniModel (its ModelConfig + its LM's actual config + token ids)."""
-    cfg: ModelConfig = model.config
+def hf_config_from_model_config(cfg: ModelConfig, text_config: dict, token_ids: dict[str, int],
+                                dtype) -> OmniConfig:
+    """The OmniConfig of a model: its ModelConfig, its LM's actual transformers config (as a dict),
+    its placeholder token ids and the weights' dtype."""
     config = OmniConfig(
         vision_config={"open_clip_model": cfg.image.open_clip_model, "vision_cfg": cfg.image.vision_cfg,
                        "feature_layer": cfg.image.feature_layer},
         audio_config={k: getattr(cfg.audio, k) for k in _AUDIO_DIMS},
-        text_config=model.llm.config.to_dict(),
+        text_config=dict(text_config),
         projectors={m: {"kind": cfg.projectors[m].kind, "options": dict(cfg.projectors[m].options)}
                     for m in MODALITIES},
-        image_token_id=model.token_ids["image"],
-        video_token_id=model.token_ids["video"],
-        audio_token_id=model.token_ids["audio"],
+        image_token_id=token_ids["image"],
+        video_token_id=token_ids["video"],
+        audio_token_id=token_ids["audio"],
         norm_head=cfg.llm.norm_head,
         max_z_loss=cfg.llm.max_z_loss,
         video_config=dataclasses.asdict(cfg.video),
@@ -64,7 +64,7 @@ def hf_config_from_model(model) -> OmniConfig:
     )
     config.architectures = ["OmniForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
-    config.dtype = next(model.parameters()).dtype
+    config.dtype = dtype
     return config
 
 
@@ -88,20 +88,3 @@ def model_config_from_hf(config: dict) -> tuple[ModelConfig, dict, dict[str, int
     }
     token_ids = {m: config[f"{m}_token_id"] for m in MODALITIES}
     return model_config_from_dict(data), text, token_ids
-
-
-def processor_configs(model, max_length: int | None = None) -> dict:
-    """The OmniProcessor (processing_omni.py) settings of an OmniModel: what omni's processor
-    reads from the live model, written down."""
-    cfg: ModelConfig = model.config
-    image = model.encoders["image"]
-    spec = {m: {"kind": cfg.projectors[m].kind, "options": dict(cfg.projectors[m].options)} for m in MODALITIES}
-    return {
-        "image_config": {"preprocess": dict(image.preprocess_cfg), "image_size": image.image_size,
-                         "num_patches": image.num_patches, "anyres": dataclasses.asdict(cfg.anyres),
-                         "projector": spec["image"]},
-        "video_config": {**dataclasses.asdict(cfg.video), "projector": spec["video"]},
-        "audio_config": {**{k: getattr(cfg.audio, k) for k in _AUDIO_DIMS}, "projector": spec["audio"]},
-        "token_config": {"placeholders": dict(PLACEHOLDERS), "token_ids": dict(model.token_ids),
-                         "max_length": max_length or model.llm.config.max_position_embeddings},
-    }

@@ -15,9 +15,6 @@ class MediaBatch:
     audio: torch.Tensor | None = None           # [n_windows, n_mels, 2*n_ctx] whisper log-mel windows
     audio_valid: list[int] = field(default_factory=list)    # encoder frames with real audio, per window
 
-    def present(self) -> list[str]:
-        return [m for m in ("image", "video", "audio") if getattr(self, m) is not None]
-
     def to(self, device) -> "MediaBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return MediaBatch(move(self.image), list(self.image_tiles), move(self.video), list(self.video_frames),

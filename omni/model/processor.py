@@ -4,22 +4,40 @@ Each `<image>`, `<video>`, `<audio>` placeholder becomes exactly as many placeho
 the model's projector will produce for that medium (the model re-checks the count). Labels
 are the token ids inside assistant replies (via the chat template's generation mask) and -100
 everywhere else, media positions included.
+
+The processor is built from four plain dicts, never from a model, so training
+(`OmniProcessor.from_config(model_config, tokenizer, token_ids)`) and an export (whose
+`processor_config.json` holds `configs()`, wrapped by the export's transformers processor)
+run the same code:
+- image_config: {"preprocess": open_clip PreprocessCfg fields, "image_size", "num_patches",
+  "anyres": {"max_tiles", "thumbnail"}, "projector": {"kind", "options"}};
+- video_config: {"fps", "max_frames", "projector"};
+- audio_config: whisper dims {"n_mels", "n_ctx", "n_state", "n_head", "n_layer"} + "projector";
+- token_config: {"placeholders": {modality: string}, "token_ids": {modality: id}, "max_length"}.
+Token counts come from the projectors' `num_tokens` and whisper's window arithmetic, on modules
+built on the meta device (no memory, no weights). Torch-only: shipped as an export's remote code.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from open_clip.pretrained import get_pretrained_cfg, is_pretrained_cfg
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
-from encoders import anyres_tiles, read_video_frames
+from encoders.anyres import AnyResConfig, anyres_tiles
+from encoders.audio import AudioEncoder, AudioTowerConfig
+from encoders.image import ImageEncoder
+from encoders.video import VideoSamplingConfig, read_video_frames
 from omni.errors import SampleError
 from omni.model.batch import MediaBatch
 from omni.model.fusion import IGNORE, expand_placeholders
-from omni.model.omni_model import OmniModel
-from omni.presets import MODALITIES
-from omni.tokenizer import PLACEHOLDERS
+from projectors import build_projector
+
+MODALITIES = ("image", "video", "audio")
+AUDIO_DIMS = ("n_mels", "n_ctx", "n_state", "n_head", "n_layer")
 
 
 @dataclass
@@ -29,35 +47,84 @@ class Example:
     media: MediaBatch
 
 
+def _meta_projector(spec: dict):
+    """A projector for its `num_tokens` rule only: built on the meta device, no memory."""
+    with torch.device("meta"):
+        return build_projector(spec["kind"], in_dim=1, out_dim=1, **spec.get("options", {}))
+
+
+def _image_geometry(image_cfg) -> dict:
+    """image_size, num_patches and the eval preprocessing of the tower `image_cfg` builds (what
+    `ImageEncoder` resolves, including a pretrained tag's normalisation), without weights."""
+    with torch.device("meta"):
+        tower = ImageEncoder(dataclasses.replace(image_cfg, pretrained=None))
+    preprocess = dict(tower.preprocess_cfg)
+    name, tag = image_cfg.open_clip_model, image_cfg.pretrained
+    if name and tag and is_pretrained_cfg(name, tag):  # open_clip applies the tag's own settings
+        preprocess = {**merge_preprocess_dict(PreprocessCfg(), get_pretrained_cfg(name, tag)), "size": tower.image_size}
+    return {"preprocess": preprocess, "image_size": tower.image_size, "num_patches": tower.num_patches}
+
+
 class OmniProcessor:
-    def __init__(self, tokenizer, model: OmniModel, max_length: int | None = None):
+    def __init__(self, tokenizer, image_config: dict, video_config: dict, audio_config: dict, token_config: dict):
         self.tokenizer = tokenizer
-        self.image_encoder = model.encoders["image"]
-        self.audio_encoder = model.encoders["audio"]
-        self.video_cfg = model.config.video
-        self.anyres = model.config.anyres
-        self.image_tokens = model.image_tokens()
-        self.video_tokens = model.video_tokens
-        self.audio_window_tokens = model.audio_window_tokens
-        self.token_ids = dict(model.token_ids)
-        self.max_length = max_length or model.llm.config.max_position_embeddings
+        self.image_config, self.video_config = dict(image_config), dict(video_config)
+        self.audio_config, self.token_config = dict(audio_config), dict(token_config)
+        preprocess = {k: tuple(v) if isinstance(v, list) else v for k, v in self.image_config["preprocess"].items()}
+        self._transform = image_transform_v2(PreprocessCfg(**preprocess), is_train=False)  # = ImageEncoder's
+        self._anyres = AnyResConfig(**self.image_config["anyres"])
+        self._video = VideoSamplingConfig(fps=self.video_config["fps"], max_frames=self.video_config["max_frames"])
+        with torch.device("meta"):  # windowing and log-mel need no weights
+            self._audio = AudioEncoder(AudioTowerConfig(**{k: self.audio_config[k] for k in AUDIO_DIMS}))
+        self._audio_projector = _meta_projector(self.audio_config["projector"])
+        num_patches = self.image_config["num_patches"]
+        self.image_tokens = _meta_projector(self.image_config["projector"]).num_tokens(num_patches)  # per tile
+        self.frame_tokens = _meta_projector(self.video_config["projector"]).num_tokens(num_patches)  # per frame
+        self.placeholders = {m: self.token_config["placeholders"][m] for m in MODALITIES}
+        self.token_ids = {m: int(self.token_config["token_ids"][m]) for m in MODALITIES}
+        self.max_length = int(self.token_config["max_length"])
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, token_ids: dict[str, int], max_length: int | None = None) -> "OmniProcessor":
+        """The processor of a model config (omni.presets.ModelConfig) whose placeholder tokens are
+        `token_ids` in `tokenizer`; `max_length` defaults to the LM's max_position_embeddings."""
+        spec = {m: {"kind": cfg.projectors[m].kind, "options": dict(cfg.projectors[m].options)} for m in MODALITIES}
+        return cls(
+            tokenizer,
+            image_config={**_image_geometry(cfg.image), "anyres": dataclasses.asdict(cfg.anyres),
+                          "projector": spec["image"]},
+            video_config={**dataclasses.asdict(cfg.video), "projector": spec["video"]},
+            audio_config={**{k: getattr(cfg.audio, k) for k in AUDIO_DIMS}, "projector": spec["audio"]},
+            token_config={"placeholders": {m: tokenizer.convert_ids_to_tokens(int(token_ids[m])) for m in MODALITIES},
+                          "token_ids": {m: int(token_ids[m]) for m in MODALITIES},
+                          "max_length": max_length or cfg.llm.hf_config["max_position_embeddings"]},
+        )
+
+    def configs(self) -> dict:
+        """The four dicts this processor is built from (an export's processor_config.json)."""
+        return {"image_config": dict(self.image_config), "video_config": dict(self.video_config),
+                "audio_config": dict(self.audio_config), "token_config": dict(self.token_config)}
 
     # ---- media ----------------------------------------------------------------------------
-    def _images(self, images: list[Image.Image], blank: bool):
+    def pixels(self, images: list) -> torch.Tensor:
+        """open_clip's eval transform of the image tower -> float32 [N, 3, S, S]."""
+        return torch.stack([self._transform(im.convert("RGB")) for im in images])
+
+    def _images(self, images: list, blank: bool):
         """AnyRes: each image becomes [thumbnail] + grid tiles, each tile through the tower."""
         tiles, counts = [], []
         for im in images:
-            parts, _ = anyres_tiles(im.convert("RGB"), self.image_encoder.image_size, self.anyres)
+            parts, _ = anyres_tiles(im.convert("RGB"), self.image_config["image_size"], self._anyres)
             tiles.extend(parts)
             counts.append(len(parts))
-        pixels = self.image_encoder.preprocess(tiles)
+        pixels = self.pixels(tiles)
         return (torch.zeros_like(pixels) if blank else pixels), counts
 
     def _videos(self, videos: list, blank: bool):
         frames, counts = [], []
         for v in videos:
-            clip = v if isinstance(v, list) else read_video_frames(v, self.video_cfg)
-            pixels = self.image_encoder.preprocess([f.convert("RGB") for f in clip])
+            clip = v if isinstance(v, list) else read_video_frames(v, self._video)
+            pixels = self.pixels(clip)
             frames.append(torch.zeros_like(pixels) if blank else pixels)
             counts.append(len(clip))
         return torch.cat(frames), counts
@@ -69,48 +136,61 @@ class OmniProcessor:
             if blank:
                 wav = np.zeros_like(wav)
             n = 0
-            for window in self.audio_encoder.split_windows(wav):
-                mels.append(self.audio_encoder.log_mel(window))
-                v = self.audio_encoder.valid_frames(len(window))
+            for window in self._audio.split_windows(wav):
+                mels.append(self._audio.log_mel(window))
+                v = self._audio.valid_frames(len(window))
                 valid.append(v)
-                n += self.audio_window_tokens(v)
+                n += self._audio_projector.num_tokens(v)
             tokens.append(n)
         return torch.stack(mels), valid, tokens
+
+    def check_placeholders(self, texts: list[str], media: dict[str, list]) -> None:
+        """Every modality has exactly one medium per placeholder in `texts`."""
+        unknown = set(media) - set(MODALITIES)
+        if unknown:
+            raise SampleError(f"media: unknown modality {sorted(unknown)}")
+        for modality, ph in self.placeholders.items():
+            n_ph, n_media = sum(t.count(ph) for t in texts), len(media.get(modality) or [])
+            if n_ph != n_media:
+                raise SampleError(f"{modality}: {n_ph} '{ph}' placeholder(s) in the text but {n_media} item(s)")
+
+    def media(self, media: dict[str, list], blank: bool = False) -> tuple[MediaBatch, dict[str, list[int]]]:
+        """(preprocessed media, placeholder tokens per medium) of `media` (modality -> list in
+        placeholder order). `blank` zeroes media content (the control that shows answers come
+        from the media)."""
+        batch = MediaBatch()
+        counts: dict[str, list[int]] = {}
+        if media.get("image"):
+            batch.image, batch.image_tiles = self._images(media["image"], blank)
+            counts["image"] = [self.image_tokens * t for t in batch.image_tiles]
+        if media.get("video"):
+            batch.video, batch.video_frames = self._videos(media["video"], blank)
+            counts["video"] = [self.frame_tokens * f for f in batch.video_frames]
+        if media.get("audio"):
+            batch.audio, batch.audio_valid, counts["audio"] = self._audios(media["audio"], blank)
+        return batch, counts
+
+    def expand(self, ids: list[int], targets: list[int], counts: dict[str, list[int]],
+               seen: dict[str, int] | None = None) -> tuple[list[int], list[int]]:
+        """Placeholders expanded to their media's token counts, labels (see fusion.expand_placeholders)."""
+        out_ids, out_labels = expand_placeholders(ids, targets, self.token_ids, counts, seen)
+        if len(out_ids) > self.max_length:
+            raise SampleError(f"sequence of {len(out_ids)} tokens exceeds max_length {self.max_length}")
+        return out_ids, out_labels
 
     # ---- text -----------------------------------------------------------------------------
     def __call__(self, messages: list[dict], media: dict[str, list] | None = None,
                  add_generation_prompt: bool = False, blank: bool = False) -> Example:
         """`media` maps modality -> list in placeholder order: PIL images, videos (bytes/path or a
-        list of PIL frames), audio waveforms (float32 mono 16 kHz). `blank` zeroes media content
-        (the control that shows answers come from the media)."""
+        list of PIL frames), audio waveforms (float32 mono 16 kHz). `blank`: see `media`."""
         media = {k: v for k, v in (media or {}).items() if v}
-        unknown = set(media) - set(MODALITIES)
-        if unknown:
-            raise SampleError(f"media: unknown modality {sorted(unknown)}")
-        text = "".join(m.get("content", "") for m in messages)
-        for modality, ph in PLACEHOLDERS.items():
-            n_ph, n_media = text.count(ph), len(media.get(modality, []))
-            if n_ph != n_media:
-                raise SampleError(f"{modality}: {n_ph} '{ph}' placeholder(s) in messages but {n_media} media file(s)")
-
-        batch = MediaBatch()
-        counts: dict[str, list[int]] = {}
-        if "image" in media:
-            batch.image, batch.image_tiles = self._images(media["image"], blank)
-            counts["image"] = [self.image_tokens * t for t in batch.image_tiles]
-        if "video" in media:
-            batch.video, batch.video_frames = self._videos(media["video"], blank)
-            counts["video"] = [self.video_tokens(f) for f in batch.video_frames]
-        if "audio" in media:
-            batch.audio, batch.audio_valid, counts["audio"] = self._audios(media["audio"], blank)
-
+        self.check_placeholders(["".join(m.get("content", "") for m in messages)], media)
+        batch, counts = self.media(media, blank)
         enc = self.tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt,
             return_assistant_tokens_mask=True,
         )
-        out_ids, out_labels = expand_placeholders(enc["input_ids"], enc["assistant_masks"], self.token_ids, counts)
-        if len(out_ids) > self.max_length:
-            raise SampleError(f"sequence of {len(out_ids)} tokens exceeds max_length {self.max_length}")
+        out_ids, out_labels = self.expand(enc["input_ids"], enc["assistant_masks"], counts)
         return Example(torch.tensor(out_ids), torch.tensor(out_labels), batch)
 
 

@@ -28,7 +28,7 @@ from omni.data.manifest import load_manifest
 from omni.data.records import read_records, record_from_raw, record_stream
 from omni.data.sharded import ShardStream, make_training_stream
 from omni.distributed import World
-from omni.model.load import save_model_dir
+from omni.model.load import load_model, save_model_dir
 from omni.model.omni_model import OmniModel
 from omni.model.processor import OmniProcessor
 from omni.presets import MODALITIES, build_preset
@@ -56,10 +56,10 @@ def init_model(cfg: StageConfig, skeleton: bool = False):
     if skeleton:
         with torch.device("meta"):
             if cfg.init_from:
-                return OmniModel.from_pretrained(cfg.init_from, cfg.model_overrides, weights=False)
+                return load_model(cfg.init_from, cfg.model_overrides, weights=False)
             return OmniModel.from_config(build_preset(cfg.preset, cfg.model_overrides), pretrained=False)
     if cfg.init_from:
-        return OmniModel.from_pretrained(cfg.init_from, cfg.model_overrides)
+        return load_model(cfg.init_from, cfg.model_overrides)
     return OmniModel.from_config(build_preset(cfg.preset, cfg.model_overrides))
 
 
@@ -116,7 +116,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
     method = METHOD_CLASSES[cfg.method](cfg)
     engine = build_engine(cfg, world)
     model, tokenizer = init_model(cfg, skeleton=engine.weights_from_rank0 and not world.main)
-    processor = OmniProcessor(tokenizer, model)
+    processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
     records = _records(cfg.data, cfg.data.records, cfg.data.split) if cfg.data.records else None
     evals = held_out(cfg.data)
     module = method.prepare(model, tokenizer, processor, out_dir, records, evals, world)

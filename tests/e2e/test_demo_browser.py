@@ -129,15 +129,15 @@ def _ask(page, text: str, files=(), send: bool = True):
 
 def test_uploaded_image_and_audio_get_the_stream_answer_answer(server, trained_tiny, tmp_path):
     from omni.inference import load_media, stream_answer
-    from omni.model.omni_model import OmniModel
+    from omni.model.load import load_model
     from omni.model.processor import OmniProcessor
 
     img, wav = image_and_tone(tmp_path)
     question = "which note is played?"
-    model, tok = OmniModel.from_pretrained(trained_tiny)
+    model, tok = load_model(trained_tiny)
     model.eval()
     msgs = [{"role": "user", "content": f"<image> <audio> {question}"}]
-    expected = "".join(stream_answer(model, tok, OmniProcessor(tok, model), msgs,
+    expected = "".join(stream_answer(model, tok, OmniProcessor.from_config(model.config, tok, model.token_ids), msgs,
                                      load_media(images=[img], audios=[wav]), MAX_NEW_TOKENS)).strip()
     assert expected
 
@@ -242,16 +242,16 @@ def pas_server(trained_tiny, tmp_path_factory):
 
 def test_the_pas_switch_adds_the_complement_before_the_model_reads_the_turn(pas_server, trained_tiny, tmp_path):
     from omni.inference import load_media, stream_answer, with_placeholders
-    from omni.model.omni_model import OmniModel
+    from omni.model.load import load_model
     from omni.model.processor import OmniProcessor
 
     url, pas = pas_server
     img, _ = image_and_tone(tmp_path)
     question = "what colour is the shape?"
-    model, tok = OmniModel.from_pretrained(trained_tiny)
+    model, tok = load_model(trained_tiny)
     model.eval()
     augmented = [{"role": "user", "content": with_placeholders(f"{question}\n{COMPLEMENT}", {"image": 1})}]
-    expected = "".join(stream_answer(model, tok, OmniProcessor(tok, model), augmented, load_media(images=[img]),
+    expected = "".join(stream_answer(model, tok, OmniProcessor.from_config(model.config, tok, model.token_ids), augmented, load_media(images=[img]),
                                      MAX_NEW_TOKENS)).strip()
     with sync_playwright() as p:
         context = _browser(p, tmp_path)

@@ -115,7 +115,7 @@ def test_reward_model_ranks_held_out_pairs(world):
     rm, tok = RewardModel.from_pretrained(world / "rm/final")
     rm.eval()
     recs = read_records(world / "synth/pref_val.jsonl")[:16]
-    proc = OmniProcessor(tok, rm.model)
+    proc = OmniProcessor.from_config(rm.model.config, tok, rm.model.token_ids)
     chosen = rm.score(proc, [preference_messages(r)[1] for r in recs])
     rejected = rm.score(proc, [preference_messages(r)[2] for r in recs])
     assert sum(c > r for c, r in zip(chosen, rejected)) >= 12

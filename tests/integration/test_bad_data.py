@@ -68,7 +68,7 @@ def _stream(manifest, tiny_model, counter):
     """The trainer's own path: raw sample -> record -> the stage method's example."""
     model, tok = tiny_model
     sft = SFT(load_stage(ROOT / "stages/tiny/2_sft.yaml", [f"data.manifest={manifest}", "init_from=null"]))
-    sft.prepare(model, tok, OmniProcessor(tok, model), manifest.parent, None, [], World())
+    sft.prepare(model, tok, OmniProcessor.from_config(model.config, tok, model.token_ids), manifest.parent, None, [], World())
     entries = load_manifest(manifest).select("train")
     return ExampleStream(training_stream(entries, [1.0], 0, 10, counter),
                          lambda raw: sft.make(record_from_raw(raw)), counter)

@@ -10,7 +10,7 @@ from tests.helpers import image_and_tone
 
 
 def test_chat_cli_streams_the_api_answer(trained_tiny, tmp_path):
-    from omni.model.omni_model import OmniModel
+    from omni.model.load import load_model
 
     img, wav = image_and_tone(tmp_path)
     prompt = "which note is played?"
@@ -18,11 +18,11 @@ def test_chat_cli_streams_the_api_answer(trained_tiny, tmp_path):
                           "--audio", str(wav), "--prompt", prompt, "--max-new-tokens", "6"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    model, tok = OmniModel.from_pretrained(trained_tiny)
+    model, tok = load_model(trained_tiny)
     model.eval()
     media = load_media(images=[img], audios=[wav])
     msgs = [{"role": "user", "content": f"<image> <audio> {prompt}"}]
-    expected = "".join(stream_answer(model, tok, OmniProcessor(tok, model), msgs, media, max_new_tokens=6))
+    expected = "".join(stream_answer(model, tok, OmniProcessor.from_config(model.config, tok, model.token_ids), msgs, media, max_new_tokens=6))
     assert expected.strip() and out.stdout.strip() == expected.strip()
 
 

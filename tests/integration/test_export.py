@@ -31,7 +31,7 @@ from safetensors import safe_open
 
 from omni.eval import evaluate, write_results
 from omni.export.writer import ExportError, add_export_command, export_model
-from omni.model.load import is_exported_dir, load_exported
+from omni.model.load import is_exported_dir, load_model
 from omni.model.omni_model import OmniModel
 from omni.model.processor import OmniProcessor, collate
 from omni.train.config import load_stage
@@ -136,9 +136,9 @@ def consumer(consumer_python, exported, variant, media, tmp_path_factory):
 
 def _reference(model_dir, media):
     """The training model's processor, logits and greedy continuation for the same inputs."""
-    model, tok = OmniModel.from_pretrained(model_dir)
+    model, tok = load_model(model_dir)
     model.eval()
-    proc = OmniProcessor(tok, model)
+    proc = OmniProcessor.from_config(model.config, tok, model.token_ids)
     images = [Image.open(p) for p in media["images"]]
     audio = [np.load(p) for p in media["audio"]]
     per_sample = [{"image": [images[0]], "video": media["videos"], "audio": [audio[0]]},
@@ -196,9 +196,9 @@ def test_norm_head_tied_embeddings_and_anyres_survive_the_export(consumer, varia
     assert not (variant[1] / "model.safetensors.index.json").exists()
     with safe_open(str(variant[1] / "model.safetensors"), framework="pt") as f:
         assert "llm.lm_head.weight" not in f.keys()  # noqa: SIM118  # tied: stored once, as the input embedding
-    loaded, _ = load_exported(variant[1])
+    loaded, _ = load_model(variant[1])
     assert loaded.llm.get_output_embeddings().weight is loaded.llm.get_input_embeddings().weight
-    original, _ = OmniModel.from_pretrained(variant[0])
+    original, _ = load_model(variant[0])
     for k, v in original.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
@@ -300,7 +300,7 @@ def test_export_reads_and_writes_no_pickles(run, tmp_path, monkeypatch):
     for mod, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
         monkeypatch.setattr(mod, name, no_pickles)
     out = export_model(ckpt, tmp_path / "from-checkpoint")
-    load_exported(out)
+    load_model(out)
     for f in out.iterdir():
         assert f.suffix in (".json", ".safetensors", ".py", ".md", ".jinja"), f.name
         assert f.read_bytes()[:1] != b"\x80" and f.read_bytes()[:4] != b"PK\x03\x04", f.name
@@ -310,17 +310,17 @@ def test_export_reads_and_writes_no_pickles(run, tmp_path, monkeypatch):
 
 # ---- 4: an export is a starting point for more training ----------------------------------
 def test_init_from_an_export_continues_training(run, exported, tiny_corpus, tmp_path):
-    model, tok = load_exported(exported)
-    ref, _ = OmniModel.from_pretrained(run / "final")
+    model, tok = load_model(exported)
+    ref, _ = load_model(run / "final")
     for (k, a), (k2, b) in zip(sorted(model.state_dict().items()), sorted(ref.state_dict().items())):
         assert k == k2 and torch.equal(a, b), k
     assert tok.get_vocab() == _.get_vocab()
 
-    OmniModel.from_pretrained(exported)  # omni's own loader takes exports too
+    load_model(exported)  # omni's own loader takes exports too
     cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml",
                      [f"data.manifest={tiny_corpus}", *SMALL, "steps=2", f"init_from={exported}"])
     final = train_stage(cfg, tmp_path / "continued", progress=False)
-    after, _ = OmniModel.from_pretrained(final)
+    after, _ = load_model(final)
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
     assert changed and all(k.startswith(("llm.", "encoders.", "projectors.")) for k in changed)
 

@@ -36,7 +36,7 @@ def processor():
     from omni.presets import build_preset
 
     model, tok = OmniModel.from_config(build_preset("tiny", TINY_TEXT_OVERRIDES), tokenizer=build_tokenizer())
-    return OmniProcessor(tok, model)
+    return OmniProcessor.from_config(model.config, tok, model.token_ids)
 
 
 def _strip(recs):

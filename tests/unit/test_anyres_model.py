@@ -19,7 +19,7 @@ def tiled():
     torch.manual_seed(0)
     model, tok = OmniModel.from_config(build_preset("tiny", ["anyres.max_tiles=4"]))
     model.eval()
-    return model, tok, OmniProcessor(tok, model)
+    return model, tok, OmniProcessor.from_config(model.config, tok, model.token_ids)
 
 
 def _image(w, h, seed=0):

@@ -8,13 +8,14 @@ from PIL import Image
 
 from omni.config import ConfigError
 from omni.model.baichuan2 import MAX_Z_COEF, NormHead
+from omni.model.load import load_model
 from omni.model.omni_model import OmniModel
 from omni.model.processor import OmniProcessor, collate
 from omni.presets import build_preset
 
 
 def _batch(model, tok):
-    proc = OmniProcessor(tok, model)
+    proc = OmniProcessor.from_config(model.config, tok, model.token_ids)
     chats = [[{"role": "user", "content": "<image> what colour is the shape?"},
               {"role": "assistant", "content": c}] for c in ("red", "blue")]
     exs = [proc(c, {"image": [Image.new("RGB", (32, 32), rgb)]}) for c, rgb in zip(chats, [(200, 0, 0), (0, 0, 200)])]
@@ -58,11 +59,11 @@ def test_max_z_loss_adds_coef_times_squared_max_logit():
 def test_options_switch_on_when_continuing_from_a_trained_model(tmp_path):
     model, tok = _model()
     model.save_pretrained(tmp_path / "m", tok)
-    loaded, _ = OmniModel.from_pretrained(tmp_path / "m", ["llm.norm_head=true", "llm.max_z_loss=2e-4"])
+    loaded, _ = load_model(tmp_path / "m", ["llm.norm_head=true", "llm.max_z_loss=2e-4"])
     assert isinstance(loaded.llm.get_output_embeddings(), NormHead)
     torch.testing.assert_close(loaded.llm.lm_head.weight, model.llm.lm_head.weight, rtol=0, atol=0)
     loaded.save_pretrained(tmp_path / "n", tok)
-    again, _ = OmniModel.from_pretrained(tmp_path / "n")
+    again, _ = load_model(tmp_path / "n")
     assert again.config.llm.norm_head and again.config.llm.max_z_loss == 2e-4
 
 
@@ -70,6 +71,6 @@ def test_overrides_that_change_weight_shapes_are_refused(tmp_path):
     model, tok = _model()
     model.save_pretrained(tmp_path / "m", tok)
     with pytest.raises(ConfigError, match="architecture is fixed"):
-        OmniModel.from_pretrained(tmp_path / "m", ["llm.hf_config.num_hidden_layers=1"])
+        load_model(tmp_path / "m", ["llm.hf_config.num_hidden_layers=1"])
     with pytest.raises(ConfigError, match="weights do not fit"):
-        OmniModel.from_pretrained(tmp_path / "m", ["audio.n_state=64"])
+        load_model(tmp_path / "m", ["audio.n_state=64"])

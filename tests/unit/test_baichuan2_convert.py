@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from omni.config import ConfigError
-from omni.hf.baichuan2_convert import convert_baichuan2, load_baichuan2_as_llama
+from omni.export.baichuan2 import convert_baichuan2
+from omni.hf.baichuan2_convert import load_baichuan2_as_llama
 from omni.model.baichuan2 import NormHead
 
 CFG = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 64,

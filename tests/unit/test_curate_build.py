@@ -158,7 +158,7 @@ def test_built_samples_feed_the_processor(llava_build, tiny_model):
     from omni.model.processor import OmniProcessor
 
     model, tokenizer = tiny_model
-    proc = OmniProcessor(tokenizer, model)
+    proc = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
     _, samples = read_shards(llava_build[1].manifest, "llava_mini")
     for raw in samples:
         _, messages, media_ = decode_sample(raw)

@@ -15,12 +15,13 @@ from omni.export.remote_code import (
     remote_code_files,
     rewrite,
 )
-from omni.hf.mapping import (
-    hf_config_from_model,
-    model_config_from_hf,
-    processor_configs,
-)
+from omni.hf.mapping import hf_config_from_model_config, model_config_from_hf
 from omni.model.processor import OmniProcessor, collate
+
+
+def _hf_config(model):
+    return hf_config_from_model_config(model.config, model.llm.config.to_dict(), model.token_ids,
+                                       next(model.parameters()).dtype)
 
 
 def test_flat_names_and_rewrites():
@@ -46,7 +47,8 @@ def test_flat_names_and_rewrites():
 def test_remote_code_closure_is_the_entry_points_and_leaf_modules():
     files = remote_code_files()
     assert {"configuration_omni.py", "modeling_omni.py", "processing_omni.py", "omni_model_fusion.py",
-            "omni_model_baichuan2.py", "omni_encoders_image.py", "omni_encoders_audio.py", "omni_encoders_video.py",
+            "omni_model_baichuan2.py", "omni_model_composition.py", "omni_model_processor.py",
+            "omni_model_batch.py", "omni_errors.py", "omni_encoders_image.py", "omni_encoders_audio.py", "omni_encoders_video.py",
             "omni_encoders_anyres.py", "omni_projectors.py", "omni_projectors_mlp.py",
             "omni_projectors_conv_gmlp.py"} == set(files)
     for name, text in files.items():
@@ -55,7 +57,7 @@ def test_remote_code_closure_is_the_entry_points_and_leaf_modules():
 
 def test_config_round_trip(tiny_model):
     model, _ = tiny_model
-    config = hf_config_from_model(model)
+    config = _hf_config(model)
     cfg, text, token_ids = model_config_from_hf(json.loads(config.to_json_string()))
     assert token_ids == model.token_ids
     want, got = model.config, cfg
@@ -80,10 +82,11 @@ def _hf_pair(*overrides):
 
     torch.manual_seed(0)
     model, tok = OmniModel.from_config(build_preset("tiny", list(overrides)))
-    hf = OmniForCausalLM(hf_config_from_model(model))
+    hf = OmniForCausalLM(_hf_config(model))
     hf.load_state_dict(model.state_dict(), strict=True)
-    hf_proc = HFProcessor(tok, chat_template=tok.chat_template, **processor_configs(model))
-    return model.eval(), hf.eval(), tok, OmniProcessor(tok, model), hf_proc
+    proc = OmniProcessor.from_config(model.config, tok, model.token_ids)
+    hf_proc = HFProcessor(tok, chat_template=tok.chat_template, **proc.configs())
+    return model.eval(), hf.eval(), tok, proc, hf_proc
 
 
 def test_hf_training_loss_equals_omni_with_norm_head_and_max_z():
@@ -120,7 +123,7 @@ def test_bfloat16_export_writes_bf16_weights_and_loads_back(tmp_path, tiny_model
     from safetensors import safe_open
 
     from omni.export.writer import export_model
-    from omni.model.load import load_exported
+    from omni.model.load import load_model
 
     model, tok = tiny_model
     model.save_pretrained(tmp_path / "m", tok)
@@ -128,7 +131,7 @@ def test_bfloat16_export_writes_bf16_weights_and_loads_back(tmp_path, tiny_model
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 == {torch.bfloat16}
-    loaded, _ = load_exported(out)
+    loaded, _ = load_model(out)
     w = model.state_dict()["llm.model.embed_tokens.weight"]
     assert torch.equal(loaded.state_dict()["llm.model.embed_tokens.weight"], w.to(torch.bfloat16).float())
 
@@ -146,7 +149,7 @@ def test_7b_transformers_model_has_omnimodel_keys_and_shapes():
         kwargs = dict(cfg.llm.hf_config)
         llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs))
         model = OmniModel(cfg, llm, {"image": 151646, "video": 151647, "audio": 151648}, pretrained=False)
-        hf = OmniForCausalLM(hf_config_from_model(model))
+        hf = OmniForCausalLM(_hf_config(model))
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert ours == {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     assert sum(v.numel() for v in model.parameters()) == sum(v.numel() for v in hf.parameters())

@@ -26,7 +26,7 @@ def _chat(prompt, answer):
 @pytest.fixture(scope="module")
 def model_and_processor(tiny_model):
     model, tok = tiny_model
-    return model, tok, OmniProcessor(tok, model)
+    return model, tok, OmniProcessor.from_config(model.config, tok, model.token_ids)
 
 
 def test_processor_expands_each_placeholder_to_the_projector_token_count(model_and_processor):
@@ -103,7 +103,7 @@ def test_frozen_parts_stay_bit_identical_and_trainable_parts_learn(tiny_model):
 
     torch.manual_seed(0)
     model, tok = OmniModel.from_config(build_preset("tiny"))
-    proc = OmniProcessor(tok, model)
+    proc = OmniProcessor.from_config(model.config, tok, model.token_ids)
     trainable = set_trainable(model, ["projectors.image.*", "llm.lm_head.*"])
     assert trainable and all(n.startswith(("projectors.image.", "llm.lm_head.")) for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -137,12 +137,12 @@ def test_unmatched_trainable_glob_is_an_error(tiny_model):
 
 
 def test_save_and_load_roundtrip(tmp_path, model_and_processor):
-    from omni.model.omni_model import OmniModel
+    from omni.model.load import load_model
 
     model, tok, proc = model_and_processor
     model.eval()
     model.save_pretrained(tmp_path / "m", tok)
-    loaded, tok2 = OmniModel.from_pretrained(tmp_path / "m")
+    loaded, tok2 = load_model(tmp_path / "m")
     loaded.eval()
     ex = proc(_chat("<image> what colour is the shape?", "red"), {"image": [_img(RED)]})
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model.train()
         if checkpointing:
             model.enable_activation_checkpointing()
-        proc = OmniProcessor(tok, model)
+        proc = OmniProcessor.from_config(model.config, tok, model.token_ids)
         batch = collate([proc(_chat("<image> what colour is the shape?", "red"), {"image": [_img(RED)]}),
                          proc(_chat("<image> what colour is the shape?", "green"), {"image": [_img(GREEN)]})],
                         tok.pad_token_id)

@@ -22,7 +22,7 @@ def test_first_fit_decreasing_respects_the_budget():
 @pytest.fixture(scope="module")
 def examples(tiny_model):
     model, tok = tiny_model
-    proc = OmniProcessor(tok, model)
+    proc = OmniProcessor.from_config(model.config, tok, model.token_ids)
     rng = np.random.default_rng(1)
     chats = []
     for i, (prompt, answer) in enumerate([("<image> what colour is the shape?", "red"),

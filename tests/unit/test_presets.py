@@ -46,3 +46,21 @@ def test_tiny_and_7b_share_llm_and_projector_classes(model_7b, tiny_model):
     assert type(model_7b.llm) is type(tiny.llm)
     for m in ("image", "video", "audio"):
         assert type(model_7b.projectors[m]) is type(tiny.projectors[m])
+
+
+def test_7b_processor_counts_come_from_the_config(model_7b, tiny_model):
+    """The processor's token arithmetic, from the model config alone, equals the built model's;
+    its image transform is the one open_clip resolves for the preset's pretrained tag."""
+    from open_clip.pretrained import get_pretrained_cfg
+
+    from omni.model.processor import OmniProcessor
+
+    _, tok = tiny_model  # any tokenizer holding the placeholders
+    ids = {m: tok.convert_tokens_to_ids(f"<{m}>") for m in ("image", "video", "audio")}
+    proc = OmniProcessor.from_config(model_7b.config, tok, ids)
+    assert proc.image_tokens == model_7b.image_tokens() == 182
+    assert proc.frame_tokens == model_7b.video_tokens(1)
+    assert proc.max_length == model_7b.llm.config.max_position_embeddings
+    webli = get_pretrained_cfg("ViT-SO400M-14-SigLIP-384", "webli")
+    preprocess = proc.configs()["image_config"]["preprocess"]
+    assert (tuple(preprocess["mean"]), preprocess["size"]) == (tuple(webli["mean"]), 384)

@@ -114,7 +114,7 @@ def test_a_restored_stream_continues_exactly(tmp_path, resample, workers):
 
 def test_a_restored_stream_of_real_examples_continues_exactly(tiny_corpus, tiny_model):
     model, tokenizer = tiny_model
-    processor = OmniProcessor(tokenizer, model)
+    processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
     entries = load_manifest(tiny_corpus).select("train")
 
     def make(raw):
