@@ -29,20 +29,10 @@ from torch import nn
 
 from omni.errors import SampleError
 from omni.inference import stream_answer
+from omni.model.load import load_model_dir
 from omni.model.processor import OmniProcessor
 
 log = logging.getLogger("omni.demo")
-
-
-def load_model(model_dir: str | Path):
-    """(model, tokenizer) from a stage's `final/`, a checkpoint folder, or an `omni export` folder."""
-    try:  # exported Hugging Face folders too, where that loader is installed
-        from omni.model.load import load_model_dir
-    except ImportError:
-        from omni.model.omni_model import OmniModel
-
-        load_model_dir = OmniModel.from_pretrained
-    return load_model_dir(model_dir)
 
 
 class FrameFeatureCache(nn.Module):
@@ -140,7 +130,7 @@ class DemoEngine:
             from omni.align.pas import PromptAugmenter
 
             self.augmenter = PromptAugmenter.load(pas, pas_endpoint_model)
-        self.model, self.tokenizer = load_model(model_dir)
+        self.model, self.tokenizer = load_model_dir(model_dir)  # a final/, a checkpoint or an export
         self.model.eval()
         self.processor = OmniProcessor(self.tokenizer, self.model)  # keeps the unwrapped tower
         self.video = self.model.config.video
