@@ -21,11 +21,12 @@ removed and reported with the key it duplicates (across datasets and splits too:
 that repeats a train sample is removed from val when train comes first in the manifest).
 
 Map/reduce (docs/curation.md, "Beyond one machine"): `Signer` is the map (sample -> `Signature`,
-pure), `DedupIndex` is the one reduce (exact digests + the LSH index + signatures of kept samples, in memory: about
-`DedupIndex.bytes_per_sample` per kept sample, measured in docs/benchmarks.md), and writing the
-kept samples is a filter. In-process the three run in one streaming pass; a Ray path would map
-`Signer` over blocks, feed the signatures to one `DedupIndex` actor in manifest order, and filter.
-`dedup_texts` runs the same pair over plain strings (PAS prompts).
+pure), `DedupIndex` is the one reduce (exact digests + the LSH index + signatures of kept
+samples, in memory: about `DedupIndex.bytes_per_sample` per kept sample, measured in
+docs/benchmarks.md), and writing the kept samples is a filter. In-process the three run in one
+streaming pass; a Ray path would map `Signer` over blocks, feed the signatures to one
+`DedupIndex` actor in manifest order, and filter. `dedup_texts` runs the same pair over plain
+strings (PAS prompts).
 """
 from __future__ import annotations
 
