@@ -5,7 +5,7 @@ the pitfalls), appended to the prompt before the main model answers. Three parts
 
 (a) data  `build_pas_data`: collect prompts (JSONL/JSON/WebDataset; a record's `prompt`,
           `instruction` or first user message) -> deduplicate (exact after normalisation, then
-          MinHash-LSH near-duplicates with datasketch when installed) -> classify into categories
+          MinHash-LSH near-duplicates: `omni.curate.dedup.dedup_texts`) -> classify into categories
           (keywords, or an LLM) and optionally cap each category for balance -> generate a
           complement per prompt with a generator LLM (local model or OpenAI-compatible endpoint),
           few-shot per category -> filter: rules (non-empty, short, not a copy of the prompt, not
@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omni.align.generate import Generator
+from omni.curate.common import normalise
+from omni.curate.dedup import DedupConfig, dedup_texts
 from omni.data.records import read_records
 
 log = logging.getLogger(__name__)
@@ -81,50 +82,15 @@ def collect_prompts(sources: list[str]) -> list[str]:
     return prompts
 
 
-def normalise(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
-
-
-def _shingles(text: str, n: int = 3) -> set[str]:
-    if re.search(r"[\u3400-\u9fff]", text):  # no spaces between words: character n-grams
-        chars = text.replace(" ", "")
-        return {chars[i:i + n] for i in range(max(1, len(chars) - n + 1))}
-    words = text.split()
-    return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
-
-
 def dedup_prompts(prompts: list[str], threshold: float = 0.8, num_perm: int = 128
                   ) -> tuple[list[str], list[tuple[str, str]]]:
-    """(kept prompts in order, [(dropped, the kept prompt it duplicates)]). Exact duplicates after
-    normalisation always go; near-duplicates (MinHash Jaccard >= threshold) when threshold < 1
-    and datasketch is installed."""
-    lsh = None
-    if threshold < 1:
-        try:
-            from datasketch import MinHash, MinHashLSH
-
-            lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        except ImportError:
-            log.warning("datasketch is not installed: exact deduplication only")
-    seen: dict[str, str] = {}
-    kept, dropped = [], []
-    for p in prompts:
-        key = normalise(p)
-        if key in seen:
-            dropped.append((p, seen[key]))
-            continue
-        if lsh is not None:
-            mh = MinHash(num_perm=num_perm)
-            for s in _shingles(key):
-                mh.update(s.encode("utf-8"))
-            hits = lsh.query(mh)
-            if hits:
-                dropped.append((p, kept[min(int(h) for h in hits)]))
-                continue
-            lsh.insert(str(len(kept)), mh)
-        seen[key] = p
-        kept.append(p)
-    return kept, dropped
+    """(kept prompts in order, [(dropped, the kept prompt it duplicates)]) by curate's detector:
+    exact duplicates after normalisation always go; near-duplicates (MinHash Jaccard >= threshold,
+    word 3-grams, character 3-grams for CJK) when threshold < 1."""
+    near = threshold < 1
+    cfg = DedupConfig(exact="text", near=near, threshold=threshold if near else 1.0, num_perm=num_perm,
+                      shingle="auto", ngram=3)
+    return dedup_texts(prompts, cfg)
 
 
 # ---------------------------------------------------------------- classify

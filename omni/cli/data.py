@@ -134,7 +134,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-near", action="store_true", help="exact pass only")
     p.add_argument("--threshold", type=float, default=0.7, help="Jaccard threshold of near-duplicates")
     p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
-    p.add_argument("--shingle", default="word", choices=["word", "char"], help="shingle unit")
+    p.add_argument("--shingle", default="word", choices=["word", "char", "auto"],
+                   help="shingle unit (auto: char when the text has CJK)")
     p.add_argument("--ngram", type=int, default=3, help="shingle length (words or characters)")
     p.add_argument("--seed", type=int, default=1, help="MinHash seed")
     p.add_argument("--near-ignore-media", action="store_true",

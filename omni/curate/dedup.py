@@ -7,23 +7,26 @@ A sample is a *document*: its whole conversation (every message, roles included)
     media   the media bytes only (the same image with a different question counts; text-only
             samples fall back to their text)
     off     no exact pass.
-- **Near** (`near`): datasketch MinHash over the document's shingles (word n-grams, or character
-  n-grams for scripts without spaces), indexed in a `MinHashLSH` at `threshold` (Jaccard). Every
-  shingle is prefixed with the digest of the sample's media, so two samples are near-duplicates
-  only when their media are byte-identical and their texts are near-identical: a caption dataset
-  whose prompts are all the same template is not collapsed. `near_ignore_media` drops the prefix
-  (text-only near-dup across different media). LSH candidates are verified against the stored
-  signature (estimated Jaccard >= threshold) unless `verify` is off.
+- **Near** (`near`): datasketch MinHash over the document's shingles (word n-grams, character
+  n-grams for scripts without spaces, or `auto`: characters when the text has CJK), indexed in
+  a `MinHashLSH` at `threshold` (Jaccard). Every shingle is prefixed with the digest of the
+  sample's media, so two samples are near-duplicates only when their media are byte-identical
+  and their texts are near-identical: a caption dataset whose prompts are all the same template
+  is not collapsed. `near_ignore_media` drops the prefix (text-only near-dup across different
+  media). LSH candidates are verified against the stored signature (estimated Jaccard >=
+  threshold) unless `verify` is off.
 
 Order: manifest order, shard order; the first occurrence is kept and every later duplicate is
 removed and reported with the key it duplicates (across datasets and splits too: a val sample
 that repeats a train sample is removed from val when train comes first in the manifest).
 
-Map/reduce (ARCHITECTURE §7): `Signer` is the map (sample -> `Signature`, pure), `DedupIndex` is
-the one reduce (exact digests + the LSH index + signatures of kept samples, in memory: about
-`DedupIndex.bytes_per_sample` per kept sample, measured in docs/benchmarks.md), and writing the
-kept samples is a filter. In-process the three run in one streaming pass; a Ray path would map
-`Signer` over blocks, feed the signatures to one `DedupIndex` actor in manifest order, and filter.
+Map/reduce (docs/curation.md, "Beyond one machine"): `Signer` is the map (sample -> `Signature`,
+pure), `DedupIndex` is the one reduce (exact digests + the LSH index + signatures of kept
+samples, in memory: about `DedupIndex.bytes_per_sample` per kept sample, measured in
+docs/benchmarks.md), and writing the kept samples is a filter. In-process the three run in one
+streaming pass; a Ray path would map `Signer` over blocks, feed the signatures to one
+`DedupIndex` actor in manifest order, and filter. `dedup_texts` runs the same pair over plain
+strings (PAS prompts).
 """
 from __future__ import annotations
 
@@ -60,8 +63,9 @@ from omni.errors import SampleError
 log = logging.getLogger(__name__)
 
 EXACT_MODES = ("sample", "text", "media", "off")
-SHINGLES = ("word", "char")
+SHINGLES = ("word", "char", "auto")
 _TOKEN = re.compile(r"\w+")
+_CJK = re.compile(r"[\u3400-\u9fff]")
 _REMOVED = (-1, "")
 
 
@@ -71,7 +75,7 @@ class DedupConfig:
     near: bool = True
     threshold: float = 0.7          # Jaccard similarity of shingle sets
     num_perm: int = 128             # MinHash permutations
-    shingle: str = "word"           # word | char
+    shingle: str = "word"           # word | char | auto (char when the text has CJK)
     ngram: int = 3                  # shingle length in words or characters
     seed: int = 1                   # MinHash permutation seed (same seed = comparable signatures)
     near_ignore_media: bool = False
@@ -116,7 +120,10 @@ class Signer:
         if not words:
             return set()
         n = self.cfg.ngram
-        if self.cfg.shingle == "word":
+        unit = self.cfg.shingle
+        if unit == "auto":
+            unit = "char" if _CJK.search(text) else "word"
+        if unit == "word":
             return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
         s = " ".join(words)
         return {s[i:i + n] for i in range(max(1, len(s) - n + 1))}
@@ -201,6 +208,21 @@ class DedupIndex:
     def bytes_per_sample(self) -> int:
         """Signature storage per kept sample (the LSH buckets come on top; see docs/benchmarks.md)."""
         return 4 * self.cfg.num_perm
+
+
+def dedup_texts(texts: list[str], cfg: DedupConfig) -> tuple[list[str], list[tuple[str, str]]]:
+    """Plain strings through the same `Signer` and `DedupIndex` as `dedup`, each text a one-message
+    document without media: (kept texts in order, [(removed text, the kept text it duplicates)])."""
+    signer, index = Signer(cfg), DedupIndex(cfg)
+    kept: dict[int, str] = {}
+    dropped = []
+    for sid, text in enumerate(texts):
+        decision = index.add(sid, signer({"messages": [{"role": "user", "content": text}]}, {}))
+        if decision is None:
+            kept[sid] = text
+        else:
+            dropped.append((text, kept[decision.duplicate_of]))
+    return list(kept.values()), dropped
 
 
 # ---------------------------------------------------------------- the verb

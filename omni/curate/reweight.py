@@ -26,9 +26,9 @@ length (words of the whole conversation, words of the assistant replies), repeti
 of word n-grams that repeat an earlier n-gram of the same sample), charset/language (fraction of
 letters in the allowed scripts), and garbage characters (U+FFFD and control characters).
 
-Map/reduce (ARCHITECTURE §7): `quality_check` and `group_of` are maps over samples; counting
-per unit is the reduce; `mixture_weights` is a pure function of the counts; the k-means fit is
-a reduce over a bounded reservoir.
+Map/reduce (docs/curation.md, "Beyond one machine"): `quality_check` and `group_of` are maps over
+samples; counting per unit is the reduce; `mixture_weights` is a pure function of the counts;
+the k-means fit is a reduce over a bounded reservoir.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 from them with the omni processor (same chat template, same assistant-only label mask).
 
 Records
-    chat        {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}   (ARCHITECTURE §3)
-    preference  {"prompt": messages or a string, "chosen": reply, "rejected": reply}  (ARCHITECTURE §3)
+    chat        {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}   (docs/data_format.md)
+    preference  {"prompt": messages or a string, "chosen": reply, "rejected": reply}  (docs/data_format.md)
                 a reply is a string, an assistant message, or a list of messages (TRL's
                 conversational format); the prompt may hold earlier turns and media placeholders.
 Sources (`read_records(spec)`, $VARS expanded): a `.jsonl` file (one record per line), a `.json` array, a
@@ -82,7 +82,7 @@ def read_records(spec: str | Path, split: str = "train", datasets: list[str] | N
 
 
 def record_from_raw(raw: dict) -> dict:
-    """A WebDataset sample (ARCHITECTURE §3) as a record: its json fields, its media members kept
+    """A WebDataset sample (docs/data_format.md) as a record: its json fields, its media members kept
     as undecoded bytes under `__media__`, and where it came from."""
     rec = read_json(raw)
     media = {k: v for k, v in raw.items() if k.rpartition(".")[2].lower() in _MEDIA_EXTS}

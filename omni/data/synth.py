@@ -22,7 +22,7 @@ Tasks (answers are lowercase words from the fixed lists below; every question ne
     text_arith           "What is two plus three?"                -> "five"   (no media)
 
 Colour and pitch are the only things to learn: they are learned fast from almost any features,
-unlike shape identity or motion direction (see shared/notes/tiny-quickstart-measurements.md).
+unlike shape identity or motion direction (docs/decisions.md, "Synthetic corpus").
 
 Splits: train and val come from different seeds (seed*1000 + task_index*10 + split_index), and a
 val sample whose parameter tuple (the semantic layout: colours, shapes, sizes, positions, note,

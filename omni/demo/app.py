@@ -1,7 +1,7 @@
 """`omni demo`: a single-process Gradio app to talk to a model with webcam, microphone and files.
 
     omni demo --model runs/quickstart/final        # http://127.0.0.1:7860
-    python demos/app.py --model DIR --port 8000
+    omni demo --model DIR --port 8000
 
 Inputs: typed text with uploaded images / videos / audio (a multimodal textbox), a live webcam
 (frames sampled at the model's video fps into a rolling window of its max frames, each frame
@@ -374,20 +374,9 @@ def _demo(args) -> None:
 
 
 def add_demo_command(subparsers) -> argparse.ArgumentParser:
-    """Register `omni demo` on the `omni` parser's subparsers (as omni/cli.py build_parser does)."""
+    """Register `omni demo` on the `omni` parser's subparsers (as omni.cli.main.build_parser does)."""
     p = subparsers.add_parser("demo", help="real-time browser demo: webcam, microphone, files and chat")
     _add_arguments(p)
     p.set_defaults(func=_demo)
     return p
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="omni demo", description=__doc__.split("\n\n")[0])
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _demo(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -130,7 +130,7 @@ class DemoEngine:
             from omni.align.pas import PromptAugmenter
 
             self.augmenter = PromptAugmenter.load(pas, pas_endpoint_model)
-        self.model, self.tokenizer = load_model(model_dir)
+        self.model, self.tokenizer = load_model(model_dir)  # a final/, a checkpoint or an export
         self.model.eval()
         self.processor = OmniProcessor.from_config(self.model.config, self.tokenizer, self.model.token_ids)
         self.video = self.model.config.video

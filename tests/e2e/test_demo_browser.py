@@ -1,6 +1,6 @@
 """The demo in a real browser: Debian's Chromium, headless, driven by Playwright.
 
-One server (`python demos/app.py`, a tiny model trained a few steps) on a free loopback port;
+One server (`omni demo` as `python -m omni.cli demo`, a tiny model trained a few steps) on a free loopback port;
 1. uploads an image and an audio file, asks a question, and the streamed answer equals
    `stream_answer`'s for the same inputs (what `omni chat` prints, tests/integration/test_chat.py);
    a non-media upload gets a message and the next question is still answered; two tabs asking at
@@ -53,11 +53,13 @@ def _free_port() -> int:
 
 
 def _serve(model, tmp: Path, extra: list[str] = ()):
-    """`python demos/app.py` on a free loopback port; yields its URL, stops it afterwards."""
+    """`python -m omni.cli demo` on a free loopback port; yields its URL, stops it afterwards."""
     port = _free_port()
     log = open(tmp / "server.log", "w+")  # noqa: SIM115 - open while the server runs
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "demos/app.py"), "--model", str(model),
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # cwd is tmp
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONPATH": path}
+    proc = subprocess.Popen([sys.executable, "-m", "omni.cli", "demo", "--model", str(model),
                              "--port", str(port), "--max-new-tokens", str(MAX_NEW_TOKENS), *extra],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     url = f"http://127.0.0.1:{port}/"

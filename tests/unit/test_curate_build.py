@@ -14,6 +14,7 @@ from PIL import Image
 
 from omni.cli.data import add_data_commands
 from omni.curate import build as B
+from omni.curate import formats
 from omni.curate.common import CurationError
 from omni.data.loader import decode_sample
 from omni.data.manifest import load_manifest
@@ -244,18 +245,18 @@ def _chat(tmp_path):
 
 
 def test_json_array_is_streamed_and_bad_array_fails_loudly(tmp_path, monkeypatch):
-    monkeypatch.setattr(B, "_CHUNK", 16)  # force many refills, records straddling chunk borders
+    monkeypatch.setattr(formats, "_CHUNK", 16)  # force many refills, records straddling chunk borders
     recs = [{"id": i, "conversations": [turn("human", f"q{i} " * 7), turn("gpt", "a\n" * 3)]} for i in range(20)]
     src = tmp_path / "arr.json"
     src.write_text(json.dumps(recs, indent=2))
-    got = list(B.iter_json(src))
+    got = list(formats.iter_json(src))
     assert [r["id"] for _, r in got] == list(range(20))
     lines = src.read_text().splitlines()
     assert all(lines[int(w.rsplit(":", 1)[1]) - 1].strip() == "{" for w, _ in got)  # line of each record
     bad = tmp_path / "bad.json"
     bad.write_text('[\n {"a": 1},\n {"b": oops}\n]')
     with pytest.raises(CurationError, match=r"bad.json:3: invalid JSON"):
-        list(B.iter_json(bad))
+        list(formats.iter_json(bad))
 
 
 def test_cli_verb_and_clear_errors(media, tmp_path, capsys):

@@ -10,7 +10,7 @@ import webdataset as wds
 from PIL import Image
 
 from omni.curate.common import ShardSink, write_manifest
-from omni.curate.dedup import DedupConfig, Signer, dedup, format_result
+from omni.curate.dedup import DedupConfig, Signer, dedup, dedup_texts, format_result
 from omni.data.manifest import load_manifest
 
 # Measured at the defaults (word 3-grams, 128 perms, threshold 0.7) with fixture seeds 0-4:
@@ -182,3 +182,17 @@ def test_signatures_are_deterministic_and_configurable():
     assert len(Signer(DedupConfig(ngram=5)).shingles(meta["messages"])) == 6
     assert len(Signer(DedupConfig(shingle="char", ngram=4)).shingles(meta["messages"])) > 30
     assert not np.array_equal(Signer(DedupConfig(seed=2))(meta, s).minhash, a.minhash)
+
+
+def test_dedup_texts_exact_near_and_cjk():
+    long = "please write a short poem about the sea at night with the moon and the stars and a small boat"
+    zh = "请写一首关于夜晚大海的短诗，要有月亮、星星和一条小船，语言要优美，适合朗读给孩子们听。"
+    texts = [long, long.upper() + "  ", long.replace("small boat", "small red boat"), "what is two plus two ?",
+             zh, zh.replace("小船", "红色的小船")]
+    cfg = DedupConfig(exact="text", shingle="auto")
+    kept, dropped = dedup_texts(texts, cfg)
+    assert kept == [long, "what is two plus two ?", zh]
+    assert dropped == [(texts[1], long), (texts[2], long), (texts[5], zh)]
+    kept, dropped = dedup_texts(texts, DedupConfig(exact="text", near=False))
+    assert kept == [long, *texts[2:]] and dropped == [(texts[1], long)]
+    assert dedup_texts(texts[4:], DedupConfig(exact="text", shingle="word"))[0] == texts[4:]  # CJK: one "word"
