@@ -20,10 +20,10 @@ from urllib.parse import urlparse
 import torch
 import webdataset as wds
 
-from omni.data.config import DataConfig
 from omni.data.loader import SkipCounter, decode_sample
 from omni.data.manifest import load_manifest
-from omni.data.sharded import make_training_stream
+from omni.data.sharded import ShardStream
+from omni.data.stream import MixtureStream
 from omni.data.synth import SynthConfig, write_corpus
 from omni.model.omni_model import OmniModel
 from omni.model.processor import OmniProcessor
@@ -76,12 +76,12 @@ def main() -> None:
         for e in entries:
             e.urls = "counted:" + e.urls
         weights = [e.weight for e in entries]
-        common = {"manifest": tmp, "shuffle_buffer": args.shuffle_buffer}
-        modes = {"sample": DataConfig(**common),
-                 "shard, workers 0": DataConfig(**common, partition="shard"),
-                 "shard, workers 2": DataConfig(**common, partition="shard", workers=2)}
-        streams = {name: make_training_stream(data, entries, weights, 0, make, SkipCounter(), rank=0,
-                                              world_size=args.world) for name, data in modes.items()}
+        common = {"make": make, "rank": 0, "world_size": args.world}
+        shard = {**common, "seed": 0, "shuffle_buffer": args.shuffle_buffer, "resample": True}
+        streams = {"sample": MixtureStream(entries, weights, 0, args.shuffle_buffer, counter=SkipCounter(), **common),
+                   "shard, workers 0": ShardStream(entries, weights, counter=SkipCounter(), workers=0, **shard),
+                   "shard, workers 2": ShardStream(entries, weights, counter=SkipCounter(), workers=2, **shard)}
+        modes = list(streams)
         for stream in streams.values():
             stream.take(4 * len(entries) * args.shuffle_buffer)  # every worker's buffers full
         rates, read = {name: [] for name in modes}, dict.fromkeys(modes, 0)

@@ -23,16 +23,12 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+from omni.config import ConfigError
 from omni.model.table import meta_model
 from omni.train.config import StageConfig
+from omni.train.engines import LAYOUTS, fsdp_units, stage_layout
 
 GIB = 1024 ** 3
-SHARDING = {  # what is divided by N: (weights, gradients, optimizer)
-    "ddp": (False, False, False),
-    "zero2": (False, True, True),
-    "zero3": (True, True, True),
-    "fsdp2": (True, True, True),
-}
 
 
 @dataclass
@@ -69,16 +65,12 @@ def transformer_activation_bytes(tokens: int, batch: int, hidden: int, heads: in
     return layers * full_layer
 
 
-def stage_engine(cfg: StageConfig) -> str:
-    """The planner's name for the stage's own engine (deepspeed -> zero2 / zero3)."""
-    return f"zero{cfg.zero_stage}" if cfg.engine == "deepspeed" else cfg.engine
-
-
 def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None = None, seq_len: int = 4096) -> Plan:
-    """`engine`: ddp, zero2, zero3 or fsdp2; None: the stage's own (`engine`, `zero_stage`)."""
-    engine = engine or stage_engine(cfg)
-    if engine not in SHARDING:
-        raise ValueError(f"engine {engine!r}: choose one of {list(SHARDING)}")
+    """`engine`: a memory layout of omni/train/engines.py (`LAYOUTS`: what each shards over the N
+    GPUs); None: the stage's own (`engine`, `zero_stage`)."""
+    engine = engine or stage_layout(cfg)
+    if engine not in LAYOUTS:
+        raise ConfigError(f"engine {engine!r}: choose one of {list(LAYOUTS)}")
     if gpus < 1 or gpu_gib <= 0:
         raise ValueError("need gpus >= 1 and gpu memory > 0")
     model = meta_model(cfg.preset)
@@ -86,7 +78,7 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     trainable = sum(n for name, n in names.items() if any(fnmatch.fnmatchcase(name, g) for g in cfg.trainable))
     total = sum(names.values())
     width = 2 if cfg.precision == "bf16" else 4          # activations: autocast computes in bf16
-    shard_w, shard_g, shard_o = (gpus if s else 1 for s in SHARDING[engine])
+    shard_w, shard_g, shard_o = (gpus if s else 1 for s in LAYOUTS[engine])
 
     llm = model.llm.config
     tokens = cfg.batch.tokens_per_pack or seq_len
@@ -122,8 +114,6 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
 def _gathered_params(model) -> int:
     """Parameters a sharding engine holds unsharded at once: the root unit (what the LLM layers and
     towers leave over) for the whole step, plus the running and the prefetched unit."""
-    from omni.train.engines import fsdp_units
-
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     layers, units = fsdp_units(model)
     towers = list(model.encoders.values())

@@ -1,7 +1,7 @@
-"""The method sections of a stage config (omni/train/config.py `StageConfig`): one per `method:`.
+"""The objective sections of a stage config (omni/train/config.py `StageConfig`): one per `method:`.
 
 Align runs are ordinary stages: `omni align sft|dpo|rm CONFIG` and `omni train CONFIG` run the same
-config through the same trainer; `method:` picks the objective (omni/align/methods.py).
+config through the same trainer; `method:` picks the objective (omni/align/objectives/).
 
     name: align-dpo
     method: dpo                 # sft (the omni stages' default) | dpo | rm
@@ -18,8 +18,6 @@ from typing import Literal
 
 from omni.align.losses import LOSS_TYPES
 from omni.config import ConfigError
-
-METHODS = ("sft", "dpo", "rm")
 
 
 @dataclass

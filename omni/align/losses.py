@@ -10,7 +10,7 @@ rc, rr = the reference model's, lc, lr = completion lengths in tokens, beta > 0.
 The implicit rewards logged are beta * (pc - rc) and beta * (pr - rr) (SimPO: beta * pc / lc, ...).
 `tests/unit/test_align_trl_parity.py` checks each against TRL's own code (DPOTrainer, CPOTrainer).
 
-Reward model: Bradley-Terry, -log sigmoid(r_chosen - r_rejected), averaged over pairs.
+The reward model's Bradley-Terry loss is computed with its head (omni/align/objectives/rm.py).
 """
 from __future__ import annotations
 
@@ -63,7 +63,3 @@ def preference_loss(loss_type: str, beta: float, policy_chosen: torch.Tensor, po
         losses = -F.logsigmoid(beta * (chosen_ratio / lc - rejected_ratio / lr))
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
-
-def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
-    """Mean over pairs of -log sigmoid(r_c - r_r)."""
-    return -F.logsigmoid(reward_chosen - reward_rejected).mean()

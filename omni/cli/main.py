@@ -110,13 +110,15 @@ def _chat(args) -> None:
 
 
 def _plan(args) -> None:
-    from omni.plan import plan_stage, stage_engine
+    from omni.plan import plan_stage
     from omni.train.config import load_stage
+    from omni.train.engines import stage_layout
 
     cfg = load_stage(args.config, args.overrides)
-    engine = args.engine or stage_engine(cfg)
+    engine = args.engine or stage_layout(cfg)
+    table = plan_stage(cfg, args.gpus, args.gpu_mem, engine, args.seq_len).table()  # checks the name
     print(f"{cfg.name}: {args.gpus} x {args.gpu_mem:g} GiB, engine {engine}")
-    print(plan_stage(cfg, args.gpus, args.gpu_mem, engine, args.seq_len).table())
+    print(table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
     p.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU (default 80, an H100/A100-80G)")
-    p.add_argument("--engine", default=None, choices=["ddp", "zero2", "zero3", "fsdp2"],
-                   help="what is sharded: ddp nothing, zero2 grads+optimizer, zero3/fsdp2 everything "
-                        "(default: the stage's engine)")
+    p.add_argument("--engine", default=None,
+                   help="memory layout to plan: an engine's, deepspeed's per ZeRO stage (what each shards: "
+                        "omni/train/engines.py; an unknown name lists them); default: the stage's own")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sample when the stage does not pack")
     p.set_defaults(func=_plan)
 

@@ -11,8 +11,8 @@ from omni.config import ConfigError
 class DataConfig:
     """Training data is one of: `manifest`, a WebDataset mixture streamed by weight (the omni
     stages), or `records`, a record set read once into memory and shuffled per epoch (align runs:
-    a .jsonl / .json file, a manifest's split or a shard pattern; omni/align/data.py). `eval`
-    names held-out records of the same kind, scored by the method before, during and after."""
+    a .jsonl / .json file, a manifest's split or a shard pattern; omni/data/records.py). `eval`
+    names held-out records of the same kind, scored by the objective before, during and after."""
     manifest: str | None = None         # data_manifests-style YAML (urls relative to it)
     records: str | None = None          # .jsonl | .json | manifest .yaml | shard path/brace pattern ($VARS expanded)
     datasets: dict[str, float] = field(default_factory=dict)  # name -> weight; empty: whole split

@@ -1,16 +1,16 @@
-"""WebDataset streams -> processed examples, with bad samples skipped, counted and reported.
+"""WebDataset samples: their members decoded, bad samples counted and reported.
 
-Training reads each dataset as resampled shards (webdataset's own ResampledShards, so a stream
-never ends and nodes/workers draw independently), shuffles in a buffer and mixes datasets by
-weight. Evaluation reads a split once, in order. A sample that cannot be decoded or processed
-is skipped with its key and shard in the log; too many of them stop the run.
+One decoder for media members (`decode_media`), used for whole samples (`decode_sample`) and for
+the undecoded media a record keeps (omni/data/records.py). A sample that cannot be decoded or
+processed is skipped with its key and shard in the log; too many of them stop the run
+(`SkipCounter`). Evaluation reads a split once, in order (`split_stream`); the training streams are
+omni/data/stream.py and omni/data/sharded.py.
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -18,7 +18,6 @@ import webdataset as wds
 from PIL import Image
 
 from encoders import load_audio
-from omni.config import ConfigError
 from omni.data.manifest import DatasetEntry
 from omni.errors import SampleError
 
@@ -93,14 +92,14 @@ def read_meta(raw: dict) -> dict:
     return meta
 
 
-def decode_sample(raw: dict) -> tuple[dict, list[dict], dict[str, list]]:
-    """Raw tar members -> (meta json, messages, media by modality in index order)."""
-    meta = read_meta(raw)
-    messages = meta["messages"]
+def decode_media(members: dict, place: str) -> dict[str, list]:
+    """Media members (`0.jpg`, `1.wav`, `mp4`, ...) -> decoded media by modality, each in index order
+    (a bare `jpg` is index 0): images as RGB PIL images, audio as waveforms, video as its bytes
+    (the processor samples frames). `place` names the sample in errors. Other members are ignored."""
     media: dict[str, list] = {}
     for modality, exts in EXTENSIONS.items():
         found = []
-        for key, value in raw.items():
+        for key, value in members.items():
             stem, _, ext = key.rpartition(".") if "." in key else ("", "", key)
             if ext.lower() in exts:
                 index = int(stem) if stem.isdigit() else 0
@@ -114,37 +113,15 @@ def decode_sample(raw: dict) -> tuple[dict, list[dict], dict[str, list]]:
                 else:
                     item = value  # video bytes; frames are sampled by the processor
             except Exception as e:  # noqa: BLE001 - any decoder failure means a bad member
-                raise SampleError(f"{where(raw)}: field '{key}' does not decode ({e})") from None
+                raise SampleError(f"{place}: field '{key}' does not decode ({e})") from None
             media.setdefault(modality, []).append(item)
-    return meta, messages, media
+    return media
 
 
-def training_stream(entries: list[DatasetEntry], weights: list[float], seed: int,
-                    shuffle_buffer: int, counter: SkipCounter, rank: int = 0,
-                    world_size: int = 1) -> Iterator[dict]:
-    """Endless raw samples mixed by weight, deterministic for a given seed. Every rank draws the
-    same sequence and keeps every `world_size`-th sample from offset `rank`, so the ranks together
-    see exactly what one process would (undecoded members of other ranks are cheap to pass over)."""
-    pipes = []
-    for i, entry in enumerate(entries):
-        pipes.append(wds.DataPipeline(
-            # worker_seed: the same shard sequence on every rank (ranks stride over it below)
-            wds.ResampledShards(entry.urls, seed=seed * 1000 + i, deterministic=True, worker_seed=lambda: 0),
-            wds.tarfile_to_samples(handler=counter.handler),
-            wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 1000 + i)),
-        ))
-    for i, sample in enumerate(mix_by_weight([iter(p) for p in pipes], weights, random.Random(seed))):
-        if i % world_size == rank:
-            yield sample
-
-
-def mix_by_weight(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
-    """Endless samples, each from a stream drawn by weight with `rng` (wds.RandomMix draws from the
-    global `random`, so it could not be seeded per stream)."""
-    total = sum(weights)
-    probs = [w / total for w in weights]
-    while True:
-        yield next(streams[rng.choices(range(len(streams)), probs)[0]])
+def decode_sample(raw: dict) -> tuple[dict, list[dict], dict[str, list]]:
+    """Raw tar members -> (meta json, messages, media by modality in index order)."""
+    meta = read_meta(raw)
+    return meta, meta["messages"], decode_media(raw, where(raw))
 
 
 def split_stream(entry: DatasetEntry, counter: SkipCounter) -> Iterator[dict]:
@@ -153,43 +130,3 @@ def split_stream(entry: DatasetEntry, counter: SkipCounter) -> Iterator[dict]:
         wds.SimpleShardList(entry.urls),
         wds.tarfile_to_samples(handler=counter.handler),
     ))
-
-
-class ExampleStream:
-    """Raw samples -> training items by `make(raw)` (the stage method's, omni/align/methods.py);
-    a sample `make` rejects is skipped, counted and named. Counts raw samples consumed so a
-    resume can skip them."""
-
-    def __init__(self, raw: Iterator[dict], make, counter: SkipCounter):
-        self.raw, self.make, self.counter = raw, make, counter
-        self.consumed = 0
-
-    def skip(self, n: int) -> None:
-        """Advance past `n` raw samples without decoding them (exact resume)."""
-        for _ in range(n):
-            next(self.raw)
-            self.consumed += 1
-
-    def state(self) -> int:
-        """This rank's position for a checkpoint: raw samples consumed."""
-        return self.consumed
-
-    def restore(self, state: int) -> None:
-        """Continue from `state()` of an earlier run (before the first take)."""
-        if not isinstance(state, int):
-            raise ConfigError(f"the checkpoint's data position {state!r} was written by data.partition: shard; "
-                              "resume with data.partition: shard (as when it was written)")
-        self.skip(state)
-
-    def take(self, k: int) -> list:
-        out = []
-        while len(out) < k:
-            raw = next(self.raw)
-            self.consumed += 1
-            try:
-                out.append(self.make(raw))
-            except Exception as e:  # noqa: BLE001 - counted, reported with key+shard, rate-limited
-                self.counter.skip(where(raw), e)
-                continue
-            self.counter.ok()
-        return out

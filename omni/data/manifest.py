@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omni.config import ConfigError, load_config
-
-KNOWN_MODALITIES = ("image", "video", "audio")
+from omni.presets import MODALITIES
 
 
 @dataclass
@@ -21,9 +20,9 @@ class DatasetEntry:
     task: str | None = None
 
     def __post_init__(self):
-        bad = [m for m in self.modalities if m not in KNOWN_MODALITIES]
+        bad = [m for m in self.modalities if m not in MODALITIES]
         if bad:
-            raise ConfigError(f"dataset {self.name}: unknown modalities {bad}; known: {list(KNOWN_MODALITIES)}")
+            raise ConfigError(f"dataset {self.name}: unknown modalities {bad}; known: {list(MODALITIES)}")
         if self.weight <= 0 or self.num_samples < 0:
             raise ConfigError(f"dataset {self.name}: weight must be > 0 and num_samples >= 0")
 

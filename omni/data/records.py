@@ -1,28 +1,24 @@
 """Alignment data: chat and preference records from JSONL or WebDataset, and the examples built
 from them with the omni processor (same chat template, same assistant-only label mask).
 
-Records
-    chat        {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}   (docs/data_format.md)
-    preference  {"prompt": messages or a string, "chosen": reply, "rejected": reply}  (docs/data_format.md)
+Records (docs/data_format.md)
+    chat        {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
+    preference  {"prompt": messages or a string, "chosen": reply, "rejected": reply}
                 a reply is a string, an assistant message, or a list of messages (TRL's
                 conversational format); the prompt may hold earlier turns and media placeholders.
 Sources (`read_records(spec)`, $VARS expanded): a `.jsonl` file (one record per line), a `.json` array, a
 manifest YAML (its datasets of one split, read once through webdataset), or a shard path /
-brace pattern. WebDataset samples keep their raw members, and media are decoded only when an
-example is built, by the same `decode_sample` as training.
+brace pattern. WebDataset samples keep their media members undecoded, and media are decoded only
+when an example is built, by the data layer's one media decoder (`decode_media`).
 
 A stage's `data.records` are read once into memory (text is small; media stay undecoded bytes)
-and served by `record_stream`, a seeded epoch-by-epoch shuffle whose position is one integer, so a
-resumed run skips exactly what it had consumed. A stage's streamed `data.manifest` samples become
-the same records through `record_from_raw`: every method reads one record format.
+and served by a RecordStream (omni/data/stream.py). A stage's streamed `data.manifest` samples
+become the same records through `record_from_raw`: every objective reads one record format.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,7 +27,7 @@ import webdataset as wds
 from omni.data.loader import (
     EXTENSIONS,
     SkipCounter,
-    decode_sample,
+    decode_media,
     read_json,
     split_stream,
 )
@@ -82,13 +78,13 @@ def read_records(spec: str | Path, split: str = "train", datasets: list[str] | N
 
 
 def record_from_raw(raw: dict) -> dict:
-    """A WebDataset sample (docs/data_format.md) as a record: its json fields, its media members kept
-    as undecoded bytes under `__media__`, and where it came from."""
+    """A WebDataset sample (docs/data_format.md) as a record: its json fields, its media members
+    kept as undecoded bytes under `__media__`, and where it came from (`__where__`)."""
     rec = read_json(raw)
     media = {k: v for k, v in raw.items() if k.rpartition(".")[2].lower() in _MEDIA_EXTS}
     if media:
         rec["__media__"] = media
-    rec.update({"__where__": sample_where(raw), "__key__": raw.get("__key__", "?"), "__url__": raw.get("__url__", "?")})
+    rec["__where__"] = sample_where(raw)
     return rec
 
 
@@ -96,9 +92,7 @@ def record_media(rec: dict) -> dict[str, list]:
     """Decoded media of a WebDataset record (placeholder order), {} for text records."""
     if "__media__" not in rec:
         return {}
-    raw = {"__key__": rec.get("__key__", rec["__where__"]), "__url__": rec.get("__url__", "?"),
-           "json": json.dumps({"messages": []}).encode(), **rec["__media__"]}
-    return decode_sample(raw)[2]
+    return decode_media(rec["__media__"], rec["__where__"])
 
 
 def _reply(value, where: str, field: str) -> list[dict]:
@@ -167,17 +161,3 @@ def preference_examples(processor, rec: dict) -> tuple[Example, Example]:
         out.append(ex)
     return out[0], out[1]
 
-
-def record_stream(records: list, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
-    """Endless seeded epochs over in-memory records. Like `omni.data.loader.training_stream`, every
-    rank walks the same order and keeps every world-th record, so N processes see what one would."""
-    if not records:
-        raise AlignDataError("no training records")
-    n = 0
-    for epoch in itertools.count():
-        order = list(range(len(records)))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        for i in order:
-            if n % world_size == rank:
-                yield records[i]
-            n += 1

@@ -16,25 +16,17 @@ import itertools
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from omni.config import ConfigError
-from omni.data.loader import (
-    ExampleStream,
-    SkipCounter,
-    mix_by_weight,
-    training_stream,
-    where,
-)
+from omni.data.loader import SkipCounter, where
 from omni.data.manifest import DatasetEntry
+from omni.data.stream import Stream, mix_by_weight
 from omni.errors import SampleError
-
-if TYPE_CHECKING:
-    from omni.data.config import DataConfig
 
 
 def seed_of(purpose: str, *parts: int) -> int:
@@ -164,9 +156,8 @@ class Roles(IterableDataset):
         return self.readers.items(role, self.consumed[role])
 
 
-class ShardStream:
-    """This rank's training items, its logical workers' samples in round robin; the same interface
-    as ExampleStream (take, consumed, state, restore). `make(raw)` turns a raw WebDataset sample
+class ShardStream(Stream):
+    """This rank's training items, its logical workers' samples in round robin. `make(raw)` turns a raw WebDataset sample
     into an item and raises on a bad one (skipped, counted in `counter`, named by key and shard);
     for an exact resume its item may depend on the sample only, not on global RNGs."""
 
@@ -250,15 +241,3 @@ def _as_is(item: Item) -> Item:
     """collate_fn: items go to the main process as they are (the default would convert their contents)."""
     return item
 
-
-def make_training_stream(data: DataConfig, entries: list[DatasetEntry], weights: list[float], seed: int,
-                         make: Callable[[dict], Any], counter: SkipCounter, rank: int = 0,
-                         world_size: int = 1) -> ExampleStream | ShardStream:
-    """This rank's training stream for `data.partition`; both kinds have take(k), consumed, state()
-    and restore(state)."""
-    if data.partition == "sample":
-        raw = training_stream(entries, weights, seed, data.shuffle_buffer, counter, rank=rank,
-                              world_size=world_size)
-        return ExampleStream(raw, make, counter)
-    return ShardStream(entries, weights, seed=seed, shuffle_buffer=data.shuffle_buffer, resample=data.resample,
-                       make=make, counter=counter, rank=rank, world_size=world_size, workers=data.workers)

@@ -1,7 +1,7 @@
 """Stage and schedule configs: a stage is data (YAML), not code.
 
 Stages differ only by these fields: what trains (globs), with which objective (`method`: sft,
-dpo, rm — omni/align/methods.py), on which data, for how long, with which optimiser settings.
+dpo, rm — omni/align/objectives/), on which data, for how long, with which optimiser settings.
 The omni stages and the align runs (omni/align/configs) are the same kind of config, run by the
 same trainer. `stages/7b/*.yaml` and `stages/tiny/*.yaml` are twins with the same keys;
 `tests/unit/test_configs.py` loads every one of them.
@@ -13,29 +13,11 @@ from pathlib import Path
 from typing import Literal
 
 from omni.align.config import DPOSection, RMSection, SFTSection
+from omni.align.objectives import OBJECTIVES
 from omni.config import ConfigError, load_config
 from omni.data.config import DataConfig
-
-ENGINES = ("ddp", "fsdp2", "deepspeed")  # omni/train/engines.py; all run under torchrun (gloo on CPU)
-ZERO_STAGES = (2, 3)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    lr_groups: dict[str, float] = field(default_factory=dict)  # param-name glob -> lr; first match wins
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0              # 0 disables clipping
-
-    def __post_init__(self):
-        if self.lr <= 0 or any(v <= 0 for v in self.lr_groups.values()):
-            raise ConfigError("optim: learning rates must be > 0")
-        if len(self.betas) != 2:
-            raise ConfigError("optim.betas: expected two numbers")
+from omni.train.engines import ENGINES, ZERO_STAGES
+from omni.train.optim import OptimConfig
 
 
 @dataclass
@@ -76,13 +58,13 @@ class StageConfig:
     trainable: list[str]                # globs over parameter names, e.g. "projectors.image.*"
     data: DataConfig
     steps: int
-    method: Literal["sft", "dpo", "rm"] = "sft"  # the objective (omni/align/methods.py); its section below
+    method: str = "sft"                 # the objective, a name of omni/align/objectives OBJECTIVES; its section below
     preset: str | None = None           # model preset "tiny" or "7b" (omni.presets), when not init_from
     init_from: str | None = None        # "previous" (schedule fills it), a model dir, or None: preset init
     model_overrides: list[str] = field(default_factory=list)  # dotted key=value on the model config
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
-    engine: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"  # see omni/train/engines.py
+    engine: str = "ddp"                 # a name of omni/train/engines.py ENGINES; all run under torchrun
     zero_stage: int | None = None       # deepspeed only: 2 (shard grads + optimizer) or 3 (also weights)
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False  # recompute LLM and vision-tower activations in backward
@@ -95,6 +77,8 @@ class StageConfig:
     rm: RMSection = field(default_factory=RMSection)
 
     def __post_init__(self):
+        if self.method not in OBJECTIVES:
+            raise ConfigError(f"method: {self.method!r} is not an objective; choose one of {list(OBJECTIVES)}")
         if self.preset is None and self.init_from is None:
             raise ConfigError("give preset (tiny or 7b: a fresh model) or init_from (a model folder) to start from")
         if self.method != "sft" and self.batch.tokens_per_pack:

@@ -40,17 +40,26 @@ from torch import nn
 
 from omni.distributed import World
 from omni.presets import MODALITIES
-from omni.train.config import StageConfig
 from omni.train.flops import TOWER_BLOCKS
 from omni.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+ZERO_STAGES = (2, 3)  # the deepspeed ZeRO stages a stage's `zero_stage` may name
 
 
 class Engine:
-    """`ddp`. Subclasses override what their library does differently."""
+    """`ddp`. Subclasses override what their library does differently. `cfg`: the stage's config
+    (omni/train/config.py StageConfig, which reads the names here)."""
     name = "ddp"
     shards_modules = False  # weights gathered / gradients reduced per module: all ranks must run the same ones
+    # the memory layouts `omni plan` knows this engine by: name -> (weights, gradients, optimizer
+    # state) sharded over the ranks (omni/plan.py)
+    layouts = {"ddp": (False, False, False)}
+
+    @classmethod
+    def layout(cls, cfg) -> str:
+        """The layout (a key of `layouts`) a stage runs this engine in."""
+        return cls.name
 
     @property
     def weights_from_rank0(self) -> bool:
@@ -58,7 +67,7 @@ class Engine:
         sends them, so N ranks on a node hold one host copy of the model, not N."""
         return False
 
-    def __init__(self, cfg: StageConfig, world: World):
+    def __init__(self, cfg, world: World):
         self.cfg, self.world = cfg, world
         self.model: nn.Module | None = None      # the OmniModel (sharded in place by fsdp2)
         self.module: nn.Module | None = None     # what the trainer calls: wrapper or the model itself
@@ -130,7 +139,7 @@ class Engine:
         return {"optimizer": self.optimizer.state_dict()}
 
     def load(self, folder: Path, state: dict) -> None:
-        self.model.load_weights(folder)  # OmniModel, or a method's wrapper with files of its own (reward head)
+        self.model.load_weights(folder)  # OmniModel, or an objective's wrapper with files of its own (reward head)
         self.optimizer.load_state_dict(state["optimizer"])
 
     def full_state_dict(self) -> dict | None:
@@ -142,6 +151,7 @@ class Engine:
 class FSDP2Engine(Engine):
     name = "fsdp2"
     shards_modules = True
+    layouts = {"fsdp2": (True, True, True)}
 
     @property
     def weights_from_rank0(self) -> bool:
@@ -226,7 +236,7 @@ class FSDP2Engine(Engine):
 
 
 def omni_model(module: nn.Module) -> nn.Module:
-    """The OmniModel a method trains: the module itself or the one it wraps (the reward model)."""
+    """The OmniModel an objective trains: the module itself or the one it wraps (the reward model)."""
     from omni.model.omni_model import OmniModel
 
     return next(m for m in module.modules() if isinstance(m, OmniModel))
@@ -267,6 +277,11 @@ def _retie(model: nn.Module, full: dict) -> dict:
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
     shards_modules = True  # ZeRO-3 gathers per module; ZeRO-2 reduces gradient buckets per micro-batch
+    layouts = {f"zero{z}": (z == 3, True, True) for z in ZERO_STAGES}  # ZeRO-2: gradients + optimizer
+
+    @classmethod
+    def layout(cls, cfg) -> str:
+        return f"zero{cfg.zero_stage}"
 
     @property
     def description(self) -> str:
@@ -350,14 +365,20 @@ class DeepSpeedEngine(Engine):
         return {k: by_name.get(k, v) for k, v in self.model.state_dict().items()}  # buffers are not partitioned
 
 
-ENGINES = {"ddp": Engine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}
+ENGINES = {e.name: e for e in (Engine, FSDP2Engine, DeepSpeedEngine)}  # a stage's `engine:`
+LAYOUTS = {name: sharded for e in ENGINES.values() for name, sharded in e.layouts.items()}
 
 
-def build_engine(cfg: StageConfig, world: World) -> Engine:
+def stage_layout(cfg) -> str:
+    """The memory layout of the stage's own engine (deepspeed: zero2 / zero3)."""
+    return ENGINES[cfg.engine].layout(cfg)
+
+
+def build_engine(cfg, world: World) -> Engine:
     return ENGINES[cfg.engine](cfg, world)
 
 
-def deepspeed_config(cfg: StageConfig, world_size: int) -> dict:
+def deepspeed_config(cfg, world_size: int) -> dict:
     """The DeepSpeed JSON config of a stage (written to OUT/deepspeed_config.json for reference)."""
     micro, accum = cfg.batch.micro_batch, cfg.batch.grad_accum
     zero = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True}

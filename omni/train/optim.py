@@ -1,4 +1,4 @@
-"""What trains, at which learning rate, on which schedule.
+"""What trains, at which learning rate, on which schedule (a stage's `optim:` section, OptimConfig).
 
 Trainable parameters are chosen by globs over parameter names (a stage's `trainable` list);
 everything else is frozen (requires_grad=False) and never handed to the optimizer.
@@ -7,12 +7,31 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from omni.config import ConfigError
-from omni.train.config import OptimConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    lr_groups: dict[str, float] = field(default_factory=dict)  # param-name glob -> lr; first match wins
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0              # 0 disables clipping
+
+    def __post_init__(self):
+        if self.lr <= 0 or any(v <= 0 for v in self.lr_groups.values()):
+            raise ConfigError("optim: learning rates must be > 0")
+        if len(self.betas) != 2:
+            raise ConfigError("optim.betas: expected two numbers")
 
 
 def set_trainable(model: nn.Module, globs: list[str]) -> list[str]:

@@ -2,9 +2,9 @@
 
 One process, or one per GPU/CPU slot under torchrun, on the stage's engine (omni/train/engines.py:
 ddp, fsdp2, deepspeed ZeRO-2/3), with the stage's objective (`method:` sft, dpo or rm;
-omni/align/methods.py). Per step: `grad_accum` micro-batches, gradient clipping, AdamW with
+omni/align/objectives/). Per step: `grad_accum` micro-batches, gradient clipping, AdamW with
 per-group learning rates, warmup + cosine. Console progress bar plus a JSONL metrics file (with
-`log.profile`: tokens/s, model TFLOP/s and MFU); held-out records (`data.eval`) scored by the method
+`log.profile`: tokens/s, model TFLOP/s and MFU); held-out records (`data.eval`) scored by the objective
 before, every `eval_interval` steps and after (`eval.jsonl`, `eval.json`); resumable checkpoints
 every `checkpoint.interval` steps; the final model is written atomically to `<out>/final/`, the
 folder the next stage's `init_from` points at.
@@ -14,19 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from omni.align.methods import METHOD_CLASSES, Method
+from omni.align.objectives import OBJECTIVES
 from omni.config import to_dict
-from omni.data.config import DataConfig
-from omni.data.loader import ExampleStream, SkipCounter
-from omni.data.manifest import load_manifest
-from omni.data.records import read_records, record_from_raw, record_stream
-from omni.data.sharded import ShardStream, make_training_stream
+from omni.data.loader import SkipCounter
+from omni.data.training import held_out, training_records, training_stream
 from omni.distributed import World
 from omni.model.load import load_model, save_model_dir
 from omni.model.omni_model import OmniModel
@@ -77,50 +73,20 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True) ->
         world.close()
 
 
-def _records(data: DataConfig, spec: str, split: str) -> list[dict]:
-    return read_records(spec, split, list(data.datasets) or None)
-
-
-def held_out(data: DataConfig) -> list[dict]:
-    """The records the method scores before, during and after training."""
-    if data.eval is None:
-        return []
-    evals = _records(data, data.eval, data.eval_split)
-    return evals[:data.eval_limit] if data.eval_limit else evals
-
-
-def training_examples(cfg: StageConfig, method: Method, records: list | None, counter: SkipCounter,
-                      world: World) -> ExampleStream | ShardStream:
-    """This rank's training items: in-memory records in seeded epochs, or the manifest's weighted
-    WebDataset mixture (split by sample or by shard, `data.partition`; docs/data.md); either way
-    every sample becomes a record and the method makes it."""
-    if records is not None:
-        return ExampleStream(record_stream(records, cfg.seed, world.rank, world.size), method.make, counter)
-    entries = load_manifest(cfg.data.manifest).select(cfg.data.split, list(cfg.data.datasets) or None)
-    weights = [cfg.data.datasets.get(e.name, e.weight) for e in entries]
-    return make_training_stream(cfg.data, entries, weights, cfg.seed, partial(_make_sample, method), counter,
-                                rank=world.rank, world_size=world.size)
-
-
-def _make_sample(method: Method, sample: dict):
-    """A WebDataset sample -> the method's item (a module-level function: decode workers run it)."""
-    return method.make(record_from_raw(sample))
-
-
 def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     if world.main:
         (out_dir / "stage.json").write_text(json.dumps(to_dict(cfg), indent=2))
     seed_everything(cfg.seed)
 
-    method = METHOD_CLASSES[cfg.method](cfg)
+    objective = OBJECTIVES[cfg.method](cfg)
     engine = build_engine(cfg, world)
     model, tokenizer = init_model(cfg, skeleton=engine.weights_from_rank0 and not world.main)
     processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
-    records = _records(cfg.data, cfg.data.records, cfg.data.split) if cfg.data.records else None
+    records = training_records(cfg.data)
     evals = held_out(cfg.data)
-    module = method.prepare(model, tokenizer, processor, out_dir, records, evals, world)
-    trainable = set_trainable(module, method.trainable(list(cfg.trainable)))
+    module = objective.prepare(model, tokenizer, processor, out_dir, records, evals, world)
+    trainable = set_trainable(module, objective.trainable(list(cfg.trainable)))
     if cfg.activation_checkpointing:
         model.enable_activation_checkpointing()
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -131,7 +97,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
         write_engine_config(engine, out_dir)
 
     counter = SkipCounter(max_fraction=cfg.data.max_bad_fraction)
-    stream = training_examples(cfg, method, records, counter, world)
+    stream = training_stream(cfg.data, records, cfg.seed, objective.make, counter, world.rank, world.size)
     step = 0
     ckpt_root = out_dir / "checkpoints"
     resume = latest_resumable(ckpt_root)
@@ -150,7 +116,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
         scorer = engine.inference_module
         scorer.eval()
         with engine.autocast():
-            result = {"step": at, **method.evaluate(scorer, evals)}
+            result = {"step": at, **objective.evaluate(scorer, evals)}
         engine.train()
         if world.main:
             with open(out_dir / EVALS, "a") as f:
@@ -173,16 +139,16 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
             batches, fill = [], 0.0
             for _ in range(cfg.batch.grad_accum):
                 made = stream.take(cfg.batch.micro_batch)
-                batch, f = method.collate(made)
+                batch, f = objective.collate(made)
                 batches.append(batch.to(world.device))
                 fill += f / cfg.batch.grad_accum
                 if flops is not None:
-                    lengths = method.lengths(made)
+                    lengths = objective.lengths(made)
                     window_tokens += sum(lengths)
                     window_flops += flops(lengths, batch.media)
             # every unit of the step (label token, pair) weighs the same, whichever micro-batch or rank
             # holds it; engines that shard per module also learn which modalities any rank's step has
-            local = [sum(method.units(b) for b in batches)]
+            local = [sum(objective.units(b) for b in batches)]
             local += [any(getattr(b.media, m) is not None for b in batches) for m in MODALITIES]
             summed = world.sum_all(local)
             per_rank = max(summed[0], 1) / world.size
@@ -192,7 +158,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
                 blank = tuple(sorted(m for m in step_modalities if getattr(batch.media, m) is None))
                 with engine.micro_batch(last=i == len(batches) - 1):
                     with engine.autocast():
-                        loss, s = method.loss(engine.module, batch, per_rank, blank)
+                        loss, s = objective.loss(engine.module, batch, per_rank, blank)
                     engine.backward(loss)
                 total += loss.item()
                 for k, v in s.items():

@@ -104,7 +104,7 @@ def test_ipo_with_reference_on_the_fly_and_simpo_train(world):
 
 
 def test_reward_model_ranks_held_out_pairs(world):
-    from omni.align.methods import RewardModel
+    from omni.align.objectives.rm import RewardModel
     from omni.data.records import preference_messages, read_records
     from omni.model.processor import OmniProcessor
 
@@ -165,6 +165,6 @@ def test_preference_methods_run_on_fsdp2_like_one_process(world, method, tmp_pat
     a, b = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     if method == "rm":  # the value head, gathered from its shards, is saved beside the model
-        from omni.align.methods import RewardModel
+        from omni.align.objectives.rm import RewardModel
 
         RewardModel.from_pretrained(tmp_path / "two/final")

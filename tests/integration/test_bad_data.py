@@ -11,15 +11,9 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from omni.align.methods import SFT
-from omni.data.loader import (
-    ExampleStream,
-    SkipCounter,
-    TooManyBadSamples,
-    training_stream,
-)
-from omni.data.manifest import load_manifest
-from omni.data.records import record_from_raw
+from omni.align.objectives.sft import SFT
+from omni.data.loader import SkipCounter, TooManyBadSamples
+from omni.data.training import training_stream
 from omni.distributed import World
 from omni.model.processor import OmniProcessor
 from omni.train.config import load_stage
@@ -65,13 +59,14 @@ def _write(tmp_path: Path, bad_every: int, truncate_second: bool = False) -> Pat
 
 
 def _stream(manifest, tiny_model, counter):
-    """The trainer's own path: raw sample -> record -> the stage method's example."""
+    """The trainer's own path: raw sample -> record -> the stage objective's example."""
     model, tok = tiny_model
-    sft = SFT(load_stage(ROOT / "stages/tiny/2_sft.yaml", [f"data.manifest={manifest}", "init_from=null"]))
-    sft.prepare(model, tok, OmniProcessor.from_config(model.config, tok, model.token_ids), manifest.parent, None, [], World())
-    entries = load_manifest(manifest).select("train")
-    return ExampleStream(training_stream(entries, [1.0], 0, 10, counter),
-                         lambda raw: sft.make(record_from_raw(raw)), counter)
+    cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml", [f"data.manifest={manifest}", "init_from=null",
+                                                        "data.shuffle_buffer=10", "data.datasets={}"])
+    sft = SFT(cfg)
+    sft.prepare(model, tok, OmniProcessor.from_config(model.config, tok, model.token_ids), manifest.parent, None,
+                [], World())
+    return training_stream(cfg.data, None, 0, sft.make, counter)
 
 
 def test_bad_samples_are_skipped_counted_and_named(tmp_path, tiny_model, caplog):

@@ -2,7 +2,6 @@
 the record stream's determinism, and PAS prompt deduplication."""
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
@@ -10,15 +9,16 @@ import torch
 
 from omni.align.pas import dedup_prompts
 from omni.align.synth import AlignSynthConfig, build_tokenizer, write_align_corpus
+from omni.data.loader import SkipCounter
 from omni.data.records import (
     AlignDataError,
     last_span,
     preference_examples,
     preference_messages,
     read_records,
-    record_stream,
     sft_example,
 )
+from omni.data.stream import RecordStream
 from omni.model.fusion import IGNORE
 from omni.model.processor import OmniProcessor
 
@@ -89,13 +89,22 @@ def test_preference_reply_forms(processor):
         preference_messages({"prompt": "hi", "chosen": "a", "__where__": "x"})
 
 
+def _records(seed: int, rank: int = 0, world_size: int = 1) -> RecordStream:
+    return RecordStream(list(range(7)), seed, lambda r: r, SkipCounter(), rank=rank, world_size=world_size)
+
+
 def test_record_stream_is_deterministic_and_ranks_split_it():
-    first = list(itertools.islice(record_stream(list(range(7)), seed=3), 14))
+    first = _records(seed=3).take(14)
     assert sorted(first[:7]) == list(range(7)) and sorted(first[7:]) == list(range(7))  # epochs are permutations
     assert first[:7] != first[7:]  # reshuffled per epoch
-    assert first == list(itertools.islice(record_stream(list(range(7)), seed=3), 14))
-    ranks = [list(itertools.islice(record_stream(list(range(7)), 3, rank=r, world_size=2), 7)) for r in (0, 1)]
+    assert first == _records(seed=3).take(14)
+    ranks = [_records(3, rank=r, world_size=2).take(7) for r in (0, 1)]
     assert ranks[0] == first[0::2] and ranks[1] == first[1::2]
+    resumed = _records(seed=3)
+    resumed.restore(5)
+    assert resumed.take(9) == first[5:] and resumed.consumed == 14
+    with pytest.raises(AlignDataError, match="no training records"):
+        RecordStream([], 0, lambda r: r, SkipCounter())
 
 
 def test_prompt_dedup_exact_and_near():

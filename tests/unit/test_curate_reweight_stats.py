@@ -23,8 +23,9 @@ from omni.curate.reweight import (
     reweight,
 )
 from omni.curate.stats import DatasetStats, TokenCounter, sample_stats, stats
-from omni.data.loader import SkipCounter, training_stream
+from omni.data.loader import SkipCounter
 from omni.data.manifest import load_manifest
+from omni.data.stream import mixture_samples
 
 
 def msgs(user, reply):
@@ -136,7 +137,7 @@ def test_reweight_by_source_filters_and_the_sampler_honours_weights(web_corpus, 
         assert {json.loads(s["json"])["source"] for s in entry_samples(e)} == {name.split("-")[1]}
     # the trainer's own mixture sampler draws entries in proportion to the written weights
     order = list(entries.values())
-    stream = training_stream(order, [e.weight for e in order], seed=0, shuffle_buffer=8, counter=SkipCounter())
+    stream = mixture_samples(order, [e.weight for e in order], seed=0, shuffle_buffer=8, handler=SkipCounter().handler)
     drawn = Counter(json.loads(next(stream)["json"])["source"] for _ in range(3000))
     total = sum(expected.values())
     for name, w in expected.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from omni.align import methods
+from omni.align.objectives import sft
 from omni.config import ConfigError
 from omni.distributed import World
 from omni.model.batch import MediaBatch
@@ -117,7 +117,7 @@ def one_step_keeps_frozen_weights(engine: str, manifest: str) -> None:
         ids = torch.randint(10, 100, (2, 12))
         batch = Batch(ids, torch.ones_like(ids), ids.clone(), MediaBatch())
         with eng.micro_batch(last=True), eng.autocast():  # no media: towers and projectors run on blank inputs
-            loss, _ = methods.SFT(cfg).loss(eng.module, batch, float(ids.numel()), ("image", "video", "audio"))
+            loss, _ = sft.SFT(cfg).loss(eng.module, batch, float(ids.numel()), ("image", "video", "audio"))
             eng.backward(loss)
         assert eng.step() > 0
         full = eng.full_state_dict()
@@ -186,14 +186,15 @@ def test_peak_flops_table_and_configured_peak():
 
 
 def test_every_7b_stage_fits_8_gpus_of_80_gib_on_its_own_engine():
-    from omni.plan import plan_stage, stage_engine
+    from omni.plan import plan_stage
+    from omni.train.engines import stage_layout
 
     for path in sorted((ROOT / "stages/7b").glob("[12]*.yaml")):
         cfg = load_stage(path)
-        assert cfg.engine in ("fsdp2", "deepspeed") and stage_engine(cfg) in ("fsdp2", "zero3"), path.name
+        assert cfg.engine in ("fsdp2", "deepspeed") and stage_layout(cfg) in ("fsdp2", "zero3"), path.name
         plan = plan_stage(cfg, gpus=8, gpu_gib=80)  # the stage's own engine
         assert plan.fits, f"{path.name}:\n{plan.table()}"
-    assert stage_engine(load_stage(SFT, ["engine=deepspeed", "zero_stage=2"])) == "zero2"
+    assert stage_layout(load_stage(SFT, ["engine=deepspeed", "zero_stage=2"])) == "zero2"
 
 
 def test_a_skeleton_is_the_architecture_without_reading_weights(tiny_model, tmp_path):

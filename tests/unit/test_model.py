@@ -9,8 +9,7 @@ from PIL import Image
 from omni.model.batch import MediaBatch
 from omni.model.fusion import IGNORE, PlaceholderMismatchError
 from omni.model.processor import OmniProcessor, collate
-from omni.train.config import OptimConfig
-from omni.train.optim import build_optimizer, set_trainable
+from omni.train.optim import OptimConfig, build_optimizer, set_trainable
 
 RED, GREEN = (220, 30, 30), (30, 200, 30)
 

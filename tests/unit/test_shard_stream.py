@@ -1,5 +1,6 @@
 """data.partition: shard — ranks and decode workers read disjoint shards, deterministically, and a
-resume continues exactly where the stream stopped (omni/data/sharded.py, docs/data.md)."""
+resume continues exactly where the stream stopped (omni/data/sharded.py, docs/data.md); the one
+builder picks the stream of a stage's data section (omni/data/training.py)."""
 from __future__ import annotations
 
 import json
@@ -12,14 +13,11 @@ import webdataset as wds
 
 from omni.config import ConfigError
 from omni.data.config import DataConfig
-from omni.data.loader import (
-    ExampleStream,
-    SkipCounter,
-    TooManyBadSamples,
-    decode_sample,
-)
+from omni.data.loader import SkipCounter, TooManyBadSamples, decode_sample
 from omni.data.manifest import DatasetEntry, load_manifest
-from omni.data.sharded import ShardStream, make_training_stream, take_every
+from omni.data.sharded import ShardStream, take_every
+from omni.data.stream import MixtureStream, RecordStream
+from omni.data.training import training_stream
 from omni.model.processor import OmniProcessor
 
 
@@ -180,15 +178,21 @@ def test_a_position_only_restores_into_the_same_layout(tmp_path):
         started.restore(started.state())
 
 
-def test_the_factory_picks_the_partition_and_both_streams_restore(tmp_path):
+def test_the_builder_picks_the_stream_and_each_restores(tmp_path):
     entry = _write(tmp_path, "d", shards=4, per_shard=5)
-    args = ([entry], [1.0], 0, _key, SkipCounter())
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(json.dumps({"name": "m", "datasets": [
+        {"name": "d", "urls": entry.urls, "num_samples": entry.num_samples}]}))
+
+    def content(record):  # make(record): the stream hands every sample over as a record
+        return record["messages"][0]["content"]
 
     def stream(**data):
-        return make_training_stream(DataConfig(manifest="m.yaml", shuffle_buffer=8, **data), *args)
+        return training_stream(DataConfig(manifest=str(manifest), shuffle_buffer=8, **data), None, 0, content,
+                               SkipCounter())
 
     sample = stream()
-    assert isinstance(sample, ExampleStream)
+    assert isinstance(sample, MixtureStream)
     first = sample.take(7)
     assert sample.state() == 7
     again = stream()
@@ -198,3 +202,7 @@ def test_the_factory_picks_the_partition_and_both_streams_restore(tmp_path):
         stream().restore(_stream([entry]).state())
     shard = stream(partition="shard", workers=2, resample=False)
     assert isinstance(shard, ShardStream) and (shard.workers, shard.readers.resample) == (2, False)
+    assert sorted(shard.take(20)) == sorted(f"d-s{s:02d}-{i:03d}" for s in range(4) for i in range(5))
+    records = training_stream(DataConfig(records="r.jsonl"), [{"messages": [{"content": "x"}]}], 0, content,
+                              SkipCounter())
+    assert isinstance(records, RecordStream) and records.take(2) == ["x", "x"]

@@ -1,0 +1,10 @@
+"""The objectives a stage trains with, by the name its config's `method:` gives: the one place
+these names are defined (omni/train/config.py validates `method:` against it)."""
+from __future__ import annotations
+
+from omni.align.objectives.base import Objective
+from omni.align.objectives.dpo import DPO
+from omni.align.objectives.rm import RM
+from omni.align.objectives.sft import SFT
+
+OBJECTIVES: dict[str, type[Objective]] = {c.name: c for c in (SFT, DPO, RM)}

@@ -1,0 +1,118 @@
+"""DPO, with IPO / length-normalised / SimPO variants (`dpo.loss_type`, omni/align/losses.py).
+
+policy = the omni model being trained; reference = `dpo.reference` (default `init_from`), frozen.
+With `dpo.precompute_ref` the reference scores every train and held-out pair once (cached in
+`ref_logps.pt`, reused on resume) and is then freed, so training holds one model. Held-out: loss,
+implicit reward margin/accuracy, and the policy's own log-prob margin log p(chosen) - log p(rejected)
+(total and per token).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from omni.align.losses import REFERENCE_FREE, preference_loss
+from omni.align.objectives.base import chunks
+from omni.align.objectives.pairs import PairBatch, Pairs, pair_batch, policy_logps
+from omni.model.load import load_model
+
+log = logging.getLogger(__name__)
+
+
+class DPO(Pairs):
+    name = "dpo"
+
+    def prepare(self, model, tokenizer, processor, out_dir, train, evals, world):
+        super().prepare(model, tokenizer, processor, out_dir, train, evals, world)
+        d = self.cfg.dpo
+        self.reference = None
+        self.ref_table: dict[str, torch.Tensor] = {}
+        if d.loss_type in REFERENCE_FREE:
+            return model
+        ref_path = d.reference or self.cfg.init_from
+        if ref_path is None:
+            raise ValueError("dpo: a reference model is needed; set dpo.reference or init_from")
+        self.reference, _ = load_model(ref_path, self.cfg.model_overrides)
+        self.reference.to(self.device).eval().requires_grad_(False)
+        if d.precompute_ref:
+            self.ref_table = self._precompute(out_dir / "ref_logps.pt", ref_path, train or [], evals)
+            self.reference = None  # freed: training holds the policy only
+        return model
+
+    def _precompute(self, cache: Path, ref_path: str, train: list, evals: list) -> dict[str, torch.Tensor]:
+        """Reference log-probs [chosen, rejected] of every train and held-out pair, by the record's
+        `__where__`; each rank scores every world-th pair and all ranks then hold the whole table;
+        cached (reused on resume while the reference and data are the same)."""
+        key = json.dumps([str(ref_path), self.cfg.model_overrides, self.cfg.data.records, self.cfg.data.eval,
+                          len(train), len(evals)])
+        if cache.is_file():
+            saved = torch.load(cache, weights_only=False)
+            if saved.get("key") == key:
+                log.info("reference log-probs from %s", cache)
+                return saved["table"]
+        table = {}
+        with torch.no_grad():
+            for chunk in chunks((train + evals)[self.world.rank::self.world.size], self.cfg.batch.micro_batch):
+                made = [self.make(r) for r in chunk]
+                pairs = pair_batch(made, self.tokenizer.pad_token_id)[0].batch.to(self.device)
+                lp, _ = policy_logps(self.reference, pairs)
+                c, r = lp.chunk(2)
+                table.update({w: torch.stack([a, b]).cpu() for (w, _, _), a, b in zip(made, c, r)})
+        table = {w: lp for part in self.world.gather(table) for w, lp in part.items()}
+        if self.world.main:
+            tmp = cache.with_name(f".{cache.name}.tmp")
+            torch.save({"key": key, "table": table}, tmp)
+            tmp.replace(cache)
+        log.info("reference log-probs of %d train / %d held-out pairs -> %s", len(train), len(evals), cache)
+        return table
+
+    def _ref(self, made) -> torch.Tensor | None:
+        if not self.ref_table:
+            return None
+        pairs = torch.stack([self.ref_table[w] for w, _, _ in made])
+        return torch.cat([pairs[:, 0], pairs[:, 1]])
+
+    def collate(self, made):
+        return pair_batch(made, self.tokenizer.pad_token_id, self._ref(made))
+
+    def _losses(self, module, pb: PairBatch, blank=()):
+        d = self.cfg.dpo
+        lp, n = policy_logps(module, pb.batch, blank)
+        pc, pr = lp.chunk(2)
+        lc, lr = n.chunk(2)
+        rc = rr = None
+        if d.loss_type not in REFERENCE_FREE:
+            if pb.ref is not None:
+                ref = pb.ref
+            else:
+                with torch.no_grad():
+                    ref, _ = policy_logps(self.reference, pb.batch)
+            rc, rr = ref.chunk(2)
+        losses, cr, rj = preference_loss(d.loss_type, d.beta, pc, pr, rc, rr, lc, lr, d.gamma)
+        return losses, cr, rj, pc.detach(), pr.detach(), lc, lr
+
+    def loss(self, module, batch, denom, blank=()):
+        losses, cr, rj, pc, pr, _, _ = self._losses(module, batch, blank)
+        return losses.sum() / denom, {"reward_margin": float((cr - rj).mean()),
+                                      "reward_accuracy": float((cr > rj).float().mean()),
+                                      "logp_margin": float((pc - pr).mean())}
+
+    @torch.no_grad()
+    def evaluate(self, module, records):
+        acc = {"loss": [], "margin": [], "correct": [], "logp": [], "logp_tok": []}
+        for chunk in chunks(records, self.cfg.batch.micro_batch):
+            made = [self.make(r) for r in chunk]
+            pb = pair_batch(made, self.tokenizer.pad_token_id, self._ref(made))[0]
+            losses, cr, rj, pc, pr, lc, lr = self._losses(module, pb.to(self.device))
+            acc["loss"] += losses.tolist()
+            acc["margin"] += (cr - rj).tolist()
+            acc["correct"] += (cr > rj).float().tolist()
+            acc["logp"] += (pc - pr).tolist()
+            acc["logp_tok"] += (pc / lc.clamp(min=1) - pr / lr.clamp(min=1)).tolist()
+        mean = lambda xs: sum(xs) / max(len(xs), 1)
+        return {"loss": mean(acc["loss"]), "reward_margin": mean(acc["margin"]),
+                "reward_accuracy": mean(acc["correct"]), "logp_margin": mean(acc["logp"]),
+                "logp_margin_per_token": mean(acc["logp_tok"]), "pairs": len(acc["loss"])}
