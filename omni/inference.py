@@ -14,9 +14,8 @@ from PIL import Image
 from transformers import TextIteratorStreamer
 
 from encoders import load_audio
+from omni.modalities import MODALITIES, PLACEHOLDERS
 from omni.model.processor import OmniProcessor, collate
-from omni.presets import MODALITIES
-from omni.tokenizer import PLACEHOLDERS
 
 
 def load_media(images=(), videos=(), audios=()) -> dict[str, list]:

@@ -17,9 +17,8 @@ from encoders import (
     VideoSamplingConfig,
 )
 from omni.config import ConfigError, apply_overrides, from_dict, to_dict
+from omni.modalities import MODALITIES
 from omni.tokenizer import TINY_TOKENIZER
-
-MODALITIES = ("image", "video", "audio")
 
 
 @dataclass
@@ -27,7 +26,7 @@ class LLMConfig:
     hf_config: dict[str, Any]           # transformers config kwargs incl. model_type (random init / meta)
     pretrained: str | None = None       # HF name or dir: weights (and config) via from_pretrained
     attn_implementation: str = "auto"   # auto: flash_attention_2 on a GPU with flash-attn, else sdpa
-    norm_head: bool = False             # Baichuan 2 NormHead (omni/baichuan2.py)
+    norm_head: bool = False             # Baichuan 2 NormHead (omni/model/baichuan2.py)
     max_z_loss: float = 0.0             # Baichuan 2 max-z loss coefficient (2e-4 in the report); 0: off
 
     def __post_init__(self):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from omni.modalities import PLACEHOLDERS
+
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 COLOUR_RGB = {
     "red": (220, 30, 30),
@@ -40,7 +42,7 @@ PROMPTS = {
     "text_arith": "What is {a} plus {b}?",
 }
 TASKS = list(PROMPTS)
-MODALITIES = {  # media kinds a task's samples carry; [] for text only
+TASK_MEDIA = {  # media kinds a task's samples carry; [] for text only
     "image_caption": ["image"],
     "image_colour": ["image"],
     "video_colour_change": ["video"],
@@ -60,7 +62,6 @@ ANSWERS = {  # each task's full answer set
 }
 CHANCE = {task: 1.0 / len(answers) for task, answers in ANSWERS.items()}
 MEDIA_EXT = {"image": "png", "video": "mp4", "audio": "wav"}
-PLACEHOLDER = {kind: f"<{kind}>" for kind in MEDIA_EXT}
 SPLITS = ("train", "val")
 
 _WORD = re.compile(r"<[a-z]+>|[a-z]+|[?.,]")
@@ -74,4 +75,4 @@ def vocabulary() -> list[str]:
     texts += [PROMPTS["text_arith"].format(a=a, b=b) for a in NUMBERS[:5] for b in NUMBERS[:5]]
     texts += [a for answers in ANSWERS.values() for a in answers]
     words = {w for text in texts for w in _WORD.findall(text.lower())}
-    return sorted(w for w in words if w not in PLACEHOLDER.values())
+    return sorted(w for w in words if w not in PLACEHOLDERS.values())

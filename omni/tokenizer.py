@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-PLACEHOLDERS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
+from omni.modalities import PLACEHOLDERS
+
 IM_START, IM_END, PAD, UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<unk>"
 ROLES = ("system", "user", "assistant")
 TINY_TOKENIZER = "synth-wordlevel"  # preset value that selects the offline word-level tokenizer

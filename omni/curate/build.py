@@ -26,7 +26,6 @@ from tqdm import tqdm
 from encoders import VideoSamplingConfig, read_video_frames
 from omni.curate.common import (
     KIND_OF_EXT,
-    PLACEHOLDERS,
     CurationError,
     Reject,
     RejectLog,
@@ -47,8 +46,9 @@ from omni.curate.formats import (
     iter_table,
     unsupported_media,
 )
-from omni.data.loader import EXTENSIONS, decode_sample
+from omni.data.loader import decode_sample
 from omni.errors import SampleError
+from omni.modalities import EXTENSIONS, PLACEHOLDERS
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,11 @@ from pathlib import Path
 import webdataset as wds
 import yaml
 
-from omni.data.loader import EXTENSIONS
 from omni.data.manifest import DatasetEntry
+from omni.modalities import EXTENSIONS, PLACEHOLDERS
 
 log = logging.getLogger(__name__)
 
-PLACEHOLDERS = {kind: f"<{kind}>" for kind in EXTENSIONS}          # image/video/audio -> "<image>"...
 KIND_OF_EXT = {ext: kind for kind, exts in EXTENSIONS.items() for ext in exts}
 ROLES = ("system", "user", "assistant")
 _SAFE = re.compile(r"[^A-Za-z0-9_-]+")

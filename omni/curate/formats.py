@@ -25,8 +25,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from omni.curate.common import KIND_OF_EXT, PLACEHOLDERS, CurationError, Reject
-from omni.data.loader import EXTENSIONS
+from omni.curate.common import KIND_OF_EXT, CurationError, Reject
+from omni.modalities import EXTENSIONS, PLACEHOLDERS
 
 FORMATS = ("llava", "sharegpt", "asr", "captions")
 DEFAULT_TASK = {"llava": "vqa", "sharegpt": "chat", "asr": "asr", "captions": "caption"}

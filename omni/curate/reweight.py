@@ -58,9 +58,10 @@ from omni.curate.common import (
     write_json,
     write_manifest,
 )
-from omni.data.loader import EXTENSIONS, read_meta
+from omni.data.loader import read_meta
 from omni.data.manifest import DatasetEntry, load_manifest
 from omni.errors import SampleError
+from omni.modalities import EXTENSIONS
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from omni.curate.common import (
-    PLACEHOLDERS,
     CurationError,
     ReadErrors,
     conversation_text,
@@ -44,6 +43,7 @@ from omni.curate.common import (
 from omni.data.loader import read_meta
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
+from omni.modalities import PLACEHOLDERS
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,10 @@ from PIL import Image
 from encoders import load_audio
 from omni.data.manifest import DatasetEntry
 from omni.errors import SampleError
+from omni.modalities import EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = {
-    "image": ("jpg", "jpeg", "png", "webp"),
-    "video": ("mp4", "webm"),
-    "audio": ("wav", "flac", "mp3"),
-}
 
 
 class TooManyBadSamples(RuntimeError):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omni.config import ConfigError, load_config
-from omni.presets import MODALITIES
+from omni.modalities import MODALITIES
 
 
 @dataclass

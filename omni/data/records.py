@@ -24,16 +24,11 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from omni.data.loader import (
-    EXTENSIONS,
-    SkipCounter,
-    decode_media,
-    read_json,
-    split_stream,
-)
+from omni.data.loader import SkipCounter, decode_media, read_json, split_stream
 from omni.data.loader import where as sample_where
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
+from omni.modalities import EXTENSIONS
 from omni.model.fusion import IGNORE
 from omni.model.processor import Example
 

@@ -50,22 +50,22 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from omni.modalities import PLACEHOLDERS
 from omni.tiny_world import (
     CHANGE_WINDOW_S,
     COLOUR_RGB,
     COLOURS,
     MEDIA_EXT,
-    MODALITIES,
     NOTE_HZ,
     NOTES,
     NUMBERS,
-    PLACEHOLDER,
     PROMPTS,
     SAMPLE_RATE,
     SHAPES,
     SIDE_HZ,
     SIDES,
     SPLITS,
+    TASK_MEDIA,
     TASKS,
     VIDEO_BIT_RATE,
     VIDEO_FPS,
@@ -109,7 +109,7 @@ class Sample:
 
     def to_wds(self) -> dict:
         """The sample as a WebDataset dict: json plus media files, all as bytes."""
-        for kind, placeholder in PLACEHOLDER.items():
+        for kind, placeholder in PLACEHOLDERS.items():
             n_files, n_slots = len(self.media.get(kind, [])), self.prompt.count(placeholder)
             if n_files != n_slots:
                 raise ValueError(f"sample {self.key}: {n_slots} {placeholder} placeholders but {n_files} {kind} files")
@@ -381,7 +381,7 @@ def write_corpus(cfg: SynthConfig, progress: bool = True) -> Path:
             "urls": _shard_pattern(task, split, math.ceil(n / cfg.samples_per_shard)),
             "num_samples": n,
             "weight": 1.0,
-            "modalities": list(MODALITIES[task]),
+            "modalities": list(TASK_MEDIA[task]),
             "task": task,
         })
     bar.close()

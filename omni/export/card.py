@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MODALITIES = ("image", "video", "audio")  # omni.presets.MODALITIES (this module stays import-light for the CLI)
+from omni.modalities import MODALITIES
 
 
 @dataclass

@@ -338,7 +338,7 @@ def _export_cmd(args) -> None:
 
 
 def add_export_command(subparsers) -> argparse.ArgumentParser:
-    """Register `omni export` on the `omni` CLI's subparsers (omni/cli.py's `build_parser`)."""
+    """Register `omni export` on the `omni` CLI's subparsers (omni/cli/main.py's `build_parser`)."""
     p = subparsers.add_parser(
         "export", help="write a Hugging Face folder (transformers, trust_remote_code) from a trained model",
         description="Export a trained omni model as a transformers folder that AutoModelForCausalLM / "

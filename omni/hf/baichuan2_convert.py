@@ -5,7 +5,7 @@ the attention's q/k/v projections are one fused `W_pack` matrix, and the output 
 NormHead (rows L2-normalised at use; the checkpoint stores the raw weight). Its modeling code is
 remote code (`BaichuanForCausalLM`), so omni converts the weights into transformers'
 `LlamaForCausalLM` layout and turns on omni's own NormHead (`llm.norm_head=true`,
-omni/baichuan2.py), which computes the same `h @ normalize(W).T`.
+omni/model/baichuan2.py), which computes the same `h @ normalize(W).T`.
 
 Key mapping (i = layer index, H = hidden_size; every other key is copied unchanged):
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 import dataclasses
 
 from omni.hf.configuration_omni import OmniConfig
-from omni.presets import MODALITIES, ModelConfig, model_config_from_dict
+from omni.modalities import MODALITIES
+from omni.presets import ModelConfig, model_config_from_dict
 
 AUTO_MAP = {
     "AutoConfig": "configuration_omni.OmniConfig",

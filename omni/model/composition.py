@@ -17,12 +17,11 @@ from torch import nn
 
 from encoders.audio import AudioEncoder, AudioTowerConfig
 from encoders.image import ImageEncoder, ImageTowerConfig
+from omni.modalities import MODALITIES
 from omni.model.baichuan2 import max_z_loss, use_norm_head
 from omni.model.batch import MediaBatch
 from omni.model.fusion import scatter_features
 from projectors import build_projector
-
-MODALITIES = ("image", "video", "audio")
 
 
 class OmniComposition:

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from omni.modalities import MODALITIES
 from omni.model.batch import MediaBatch
 from omni.model.composition import OmniComposition
-from omni.presets import MODALITIES, ModelConfig, model_config_to_dict
+from omni.presets import ModelConfig, model_config_to_dict
 from omni.tokenizer import load_tokenizer, placeholder_ids
 
 WEIGHTS = "model.safetensors"

@@ -32,11 +32,11 @@ from encoders.audio import AudioEncoder, AudioTowerConfig
 from encoders.image import ImageEncoder
 from encoders.video import VideoSamplingConfig, read_video_frames
 from omni.errors import SampleError
+from omni.modalities import MODALITIES
 from omni.model.batch import MediaBatch
 from omni.model.fusion import IGNORE, expand_placeholders
 from projectors import build_projector
 
-MODALITIES = ("image", "video", "audio")
 AUDIO_DIMS = ("n_mels", "n_ctx", "n_state", "n_head", "n_layer")
 
 

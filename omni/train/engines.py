@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from omni.distributed import World
-from omni.presets import MODALITIES
+from omni.modalities import MODALITIES
 from omni.train.flops import TOWER_BLOCKS
 from omni.train.optim import build_optimizer, build_scheduler
 
@@ -288,11 +288,7 @@ class DeepSpeedEngine(Engine):
         return f"deepspeed-zero{self.cfg.zero_stage}"
 
     def setup(self, model: nn.Module) -> None:
-        try:
-            import deepspeed
-        except ImportError as e:
-            raise RuntimeError("engine: deepspeed needs the deepspeed package: pip install -e .[gpu] "
-                               f"(or pip install deepspeed) ({e})") from None
+        import deepspeed  # imported here: it probes the accelerator at import, which costs seconds
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it; a single process has no launcher
         model.to(self.world.device)
         optimizer = build_optimizer(model, self.cfg.optim)

@@ -24,10 +24,11 @@ from omni.config import to_dict
 from omni.data.loader import SkipCounter
 from omni.data.training import held_out, training_records, training_stream
 from omni.distributed import World
+from omni.modalities import MODALITIES
 from omni.model.load import load_model, save_model_dir
 from omni.model.omni_model import OmniModel
 from omni.model.processor import OmniProcessor
-from omni.presets import MODALITIES, build_preset
+from omni.presets import build_preset
 from omni.train.checkpoint import (
     latest_resumable,
     load_resumable,

@@ -8,7 +8,6 @@ mid-run checkpoint.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -25,8 +24,6 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="deepspeed is not installed (optional: pip install -e .[gpu])")
 # a stage whose FSDP2 units mix frozen and trainable parameters: the root holds the frozen
 # embeddings and the trainable image projector, LLM layer 0 is frozen and layer 1 trains
 MIXED = "trainable=[projectors.image.*,encoders.image.*,llm.model.layers.1.*]"
@@ -229,7 +226,6 @@ def zero3_run(tiny_corpus, tmp_path_factory):
     return out
 
 
-@needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_processes_equal_one_process(stage, deepspeed_one_process, zero3_run, tiny_corpus, tmp_path):
     run = zero3_run
@@ -246,7 +242,6 @@ def test_deepspeed_two_processes_equal_one_process(stage, deepspeed_one_process,
     assert len(shards) == 2  # DeepSpeed's own checkpoint: one optimizer shard per rank
 
 
-@needs_deepspeed
 def test_deepspeed_zero3_resumes_from_a_mid_run_checkpoint_exactly(zero3_run, tiny_corpus, tmp_path):
     """The run as it was at its step-2 checkpoint (later checkpoint, metrics and model removed),
     resumed: DeepSpeed's load_checkpoint + omni's trainer state continue it step for step. (A kill

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from omni import tiny_world as world
 from omni.eval import evaluate
 from omni.train.config import load_stage
 from omni.train.schedule import run_schedule
@@ -72,10 +73,12 @@ def test_eval_reports_every_modality_with_controls(tmp_path, tiny_corpus):
     qa = ["image_colour", "video_colour_change", "audio_note", "image_audio_side", "text_arith"]
     results = evaluate(final, tiny_corpus, datasets=qa, limit=4, progress=False)
     assert list(results) == ["image", "video", "audio", "image+audio", "text"]
-    for row in results.values():
-        assert row["n"] == 4
-        assert 0 <= row["accuracy"] <= 1 and 0 <= row["blanked_accuracy"] <= 1
-        assert 0 < row["chance"] <= 1
+    assert [row["task"] for row in results.values()] == qa
+    for row in results.values():  # that a trained model beats these columns: tests/integration/test_learning.py
+        assert row["n"] == 4 and row["skipped"] == 0
+        # chance is one over the answers the evaluated samples hold: a subset of the task's answer set
+        assert world.CHANCE[row["task"]] <= row["chance"] and (1 / row["chance"]).is_integer()
+        assert (row["accuracy"] * 4).is_integer() and (row["blanked_accuracy"] * 4).is_integer()
 
 
 def test_cli_help_and_clear_config_errors(tmp_path):

@@ -5,7 +5,6 @@ is set up in this process (a one-member process group) and takes one real optimi
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -28,9 +27,6 @@ from omni.train.optim import set_trainable
 
 ROOT = Path(__file__).resolve().parents[2]
 SFT = ROOT / "stages/tiny/2_sft.yaml"
-HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (optional: pip install "
-                                     "-e .[gpu]); its config generation is still tested")
 
 
 def test_engine_and_zero_stage_validation():
@@ -66,13 +62,14 @@ def test_deepspeed_config_is_generated_from_the_stage(stage, precision):
         assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     else:
         assert "torch_autocast" not in ds
-    if HAS_DEEPSPEED:  # DeepSpeed's own parser accepts it (outside a process group it sees one rank)
-        from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.config import (
+        DeepSpeedConfig,  # DeepSpeed's own parser accepts it (one rank)
+    )
 
-        parsed = DeepSpeedConfig(deepspeed_config(cfg, world_size=1))
-        assert parsed.zero_optimization_stage == stage
-        assert parsed.train_batch_size == 15 and parsed.gradient_clipping == 0.5
-        assert parsed.torch_autocast_enabled == (precision == "bf16")
+    parsed = DeepSpeedConfig(deepspeed_config(cfg, world_size=1))
+    assert parsed.zero_optimization_stage == stage
+    assert parsed.train_batch_size == 15 and parsed.gradient_clipping == 0.5
+    assert parsed.torch_autocast_enabled == (precision == "bf16")
 
 
 def test_fsdp2_units_are_the_llm_layers_and_tower_blocks(tiny_model):
@@ -134,7 +131,6 @@ def test_frozen_modules_stay_out_of_the_optimizer(engine, tiny_corpus):
     one_step_keeps_frozen_weights(engine, str(tiny_corpus))
 
 
-@needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_frozen_modules_stay_out_of_the_deepspeed_optimizer(stage, tiny_corpus):
     """A single-process deepspeed.initialize and step. DeepSpeed keeps process-wide groups that a

@@ -14,7 +14,8 @@ MAX_LINES = 500
 # lowest first; a module may import its own layer's modules and any lower layer's
 LAYERS = [
     ("encoders", "projectors"),
-    ("omni.errors", "omni.config", "omni.files", "omni.distributed", "omni.tiny_world", "omni.tokenizer",
+    ("omni.errors", "omni.modalities", "omni.config", "omni.files", "omni.distributed", "omni.tiny_world",
+     "omni.tokenizer",
      "omni.presets"),
     ("omni.hf",),
     ("omni.model",),

@@ -77,7 +77,7 @@ def test_manifest_lists_every_task_and_split(corpus):
     for e in spec["datasets"]:
         assert not Path(e["urls"]).is_absolute() and e["urls"].startswith("shards/")
         assert e["name"] == e["task"] and e["weight"] == 1.0
-        assert e["modalities"] == world.MODALITIES[e["task"]]
+        assert e["modalities"] == world.TASK_MEDIA[e["task"]]
         assert e["num_samples"] == len(samples[e["task"], e["split"]]) == SMALL[f"{e['split']}_per_task"]
     assert "urls: shards/image_colour-train-{000000..000002}.tar" in manifest.read_text()
 
@@ -95,7 +95,7 @@ def test_samples_follow_the_contract(corpus):
             assert m["answer"] == assistant["content"] and m["answer"] in world.ANSWERS[task]
             for kind, ext in world.MEDIA_EXT.items():
                 assert user["content"].count(f"<{kind}>") == len(media_files(s, ext)), (s["__key__"], kind)
-            assert [k for k in world.MEDIA_EXT if f"<{k}>" in user["content"]] == world.MODALITIES[task]
+            assert [k for k in world.MEDIA_EXT if f"<{k}>" in user["content"]] == world.TASK_MEDIA[task]
             assert s["__key__"].startswith(f"{task}-{split}-")
     assert max(keys.values()) == 1
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from omni.modalities import PLACEHOLDERS
 from omni.tokenizer import (
     IM_END,
-    PLACEHOLDERS,
     build_wordlevel_tokenizer,
     load_tokenizer,
     placeholder_ids,
