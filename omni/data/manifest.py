@@ -8,6 +8,8 @@ from pathlib import Path
 from omni.config import ConfigError, load_config
 from omni.modalities import MODALITIES
 
+ALLOW_PIPE_ENV = "OMNI_ALLOW_PIPE"
+
 
 @dataclass
 class DatasetEntry:
@@ -31,6 +33,7 @@ class DatasetEntry:
 class Manifest:
     name: str
     datasets: list[DatasetEntry]
+    allow_pipe: bool = False            # urls may be `pipe:COMMAND` (runs COMMAND in a shell): trust it first
 
     def select(self, split: str, names: list[str] | None = None) -> list[DatasetEntry]:
         """Entries of `split`, optionally only `names` (error naming what is missing)."""
@@ -57,8 +60,15 @@ def _resolve(urls: str, base: Path) -> str:
 
 
 def load_manifest(path: str | Path) -> Manifest:
+    """The manifest with local urls made absolute. `pipe:` urls run a shell command for every shard,
+    so they are refused unless the manifest says `allow_pipe: true` or the environment sets
+    OMNI_ALLOW_PIPE=1; webdataset's own schemes (http(s)://, s3://, gs://, ...) need no opt-in."""
     path = Path(path)
     manifest = load_config(Manifest, path)
+    trusted = manifest.allow_pipe or os.environ.get(ALLOW_PIPE_ENV) == "1"
     for d in manifest.datasets:
         d.urls = _resolve(d.urls, path.parent)
+        if d.urls.startswith("pipe:") and not trusted:
+            raise ConfigError(f"{path}: dataset {d.name}: urls {d.urls!r} run a shell command; if you trust this "
+                              f"manifest, add `allow_pipe: true` at its top (or set {ALLOW_PIPE_ENV}=1)")
     return manifest

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from omni.config import ConfigError
 from omni.data.loader import SkipCounter, where
 from omni.data.manifest import DatasetEntry
-from omni.data.stream import Stream, mix_by_weight
+from omni.data.stream import DryShards, Stream, mix_by_weight
 from omni.errors import SampleError
 
 
@@ -71,11 +71,14 @@ class Item:
 def resampled_samples(entry: DatasetEntry, index: int, seed: int, shuffle_buffer: int, rank: int,
                       role: int, handler) -> Iterator[dict]:
     """Endless samples of one dataset from shards drawn with replacement by this logical worker."""
+    dry = DryShards(entry)
     return iter(wds.DataPipeline(
         # the logical worker is in `seed`: the default worker_seed would use the DataLoader worker id
         wds.ResampledShards(entry.urls, seed=seed_of("shards", seed, index, rank, role), worker_seed=lambda: 0,
                             deterministic=True),
+        dry.shards,
         wds.tarfile_to_samples(handler=handler),
+        dry.samples,
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
                     rng=random.Random(seed_of("shuffle", seed, index, rank, role))),
     ))

@@ -123,16 +123,44 @@ class MixtureStream(SequentialStream):
         super().__init__(itertools.islice(samples, rank, None, world_size), make, counter)
 
 
+class DryShards:
+    """Resampling draws shards forever, so a dataset whose shards hold no sample (empty or unreadable
+    tars) would spin without a word: after `limit` shard draws in a row without a sample it stops the
+    run with a ConfigError naming the dataset and the last shard. Two pipeline stages share it, one
+    after the shard list and one after the tar reader; neither changes the sample sequence."""
+
+    def __init__(self, entry: DatasetEntry):
+        self.name, self.dry, self.last = entry.name, 0, "?"
+        self.limit = 50 + 2 * len(wds.shardlists.expand_urls(entry.urls))
+
+    def shards(self, src: Iterator[dict]) -> Iterator[dict]:
+        for shard in src:
+            self.dry += 1
+            self.last = shard.get("url", "?")
+            if self.dry > self.limit:
+                raise ConfigError(f"dataset {self.name}: {self.limit} shard reads in a row gave no sample "
+                                  f"(last: {self.last}); its shards are empty or unreadable: fix the manifest's urls")
+            yield shard
+
+    def samples(self, src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            self.dry = 0
+            yield sample
+
+
 def mixture_samples(entries: list[DatasetEntry], weights: list[float], seed: int, shuffle_buffer: int,
                     handler) -> Iterator[dict]:
     """Endless raw samples of all ranks together (MixtureStream's sequence before the rank's share);
     `handler`: webdataset's, for corrupt shards and members."""
     pipes = []
     for i, entry in enumerate(entries):
+        dry = DryShards(entry)
         pipes.append(wds.DataPipeline(
             # worker_seed: the same shard sequence on every rank (ranks stride over it)
             wds.ResampledShards(entry.urls, seed=seed * 1000 + i, deterministic=True, worker_seed=lambda: 0),
+            dry.shards,
             wds.tarfile_to_samples(handler=handler),
+            dry.samples,
             wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 1000 + i)),
         ))
     return mix_by_weight([iter(p) for p in pipes], weights, random.Random(seed))

@@ -60,6 +60,8 @@ class OmniProcessor(ProcessorMixin):
             raise TypeError(f"OmniProcessor: unexpected arguments {sorted(kwargs)}")
         if messages is not None:
             batch = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+            for conv in batch:
+                self.core.refuse_control_tokens(conv)
             rendered = ["".join(m.get("content", "") for m in conv) for conv in batch]
         else:
             batch = [text] if isinstance(text, str) else list(text)

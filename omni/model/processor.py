@@ -81,6 +81,9 @@ class OmniProcessor:
         self.image_tokens = _meta_projector(self.image_config["projector"]).num_tokens(num_patches)  # per tile
         self.frame_tokens = _meta_projector(self.video_config["projector"]).num_tokens(num_patches)  # per frame
         self.placeholders = {m: self.token_config["placeholders"][m] for m in MODALITIES}
+        # special tokens other than the placeholders (<|im_start|>, <|im_end|>, pad, ...): typed into a
+        # message they would be parsed as chat-template control tokens (a user could write a new turn)
+        self.control_tokens = sorted(t for t in tokenizer.all_special_tokens if t not in self.placeholders.values())
         self.token_ids = {m: int(self.token_config["token_ids"][m]) for m in MODALITIES}
         self.max_length = int(self.token_config["max_length"])
 
@@ -154,6 +157,16 @@ class OmniProcessor:
             if n_ph != n_media:
                 raise SampleError(f"{modality}: {n_ph} '{ph}' placeholder(s) in the text but {n_media} item(s)")
 
+    def refuse_control_tokens(self, messages: list[dict]) -> None:
+        """Message contents hold text and placeholders only: a control token typed into one is refused
+        (SampleError naming the turn) rather than read as a turn boundary or a role."""
+        for i, m in enumerate(messages):
+            content = m.get("content", "")
+            found = [t for t in self.control_tokens if t in content]
+            if found:
+                raise SampleError(f"message {i} ({m.get('role', '?')}): contains the chat control token(s) {found}; "
+                                  "remove them from the text")
+
     def media(self, media: dict[str, list], blank: bool = False) -> tuple[MediaBatch, dict[str, list[int]]]:
         """(preprocessed media, placeholder tokens per medium) of `media` (modality -> list in
         placeholder order). `blank` zeroes media content (the control that shows answers come
@@ -184,6 +197,7 @@ class OmniProcessor:
         """`media` maps modality -> list in placeholder order: PIL images, videos (bytes/path or a
         list of PIL frames), audio waveforms (float32 mono 16 kHz). `blank`: see `media`."""
         media = {k: v for k, v in (media or {}).items() if v}
+        self.refuse_control_tokens(messages)
         self.check_placeholders(["".join(m.get("content", "") for m in messages)], media)
         batch, counts = self.media(media, blank)
         enc = self.tokenizer.apply_chat_template(

@@ -31,7 +31,10 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG a run draws from, as tensors, numbers and strings only (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -40,7 +43,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -77,7 +81,11 @@ def latest_resumable(ckpt_root: str | Path) -> Path | None:
 
 def load_resumable(path: Path, engine) -> tuple[int, list]:
     """Restore training state in place; returns (step, each rank's data stream position)."""
-    state = torch.load(path / STATE, weights_only=False)
+    try:  # tensors, numbers and strings only: a checkpoint from elsewhere cannot run code here
+        state = torch.load(path / STATE, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several kinds for a refused or torn file
+        raise ConfigError(f"{path / STATE}: not a training state omni wrote ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0]}); remove {path} to resume from an earlier checkpoint") from None
     written_by = state.get("engine", "ddp")  # checkpoints from before engines were named are ddp's
     world_size = state.get("world_size", len(state["samples"]))
     if (written_by, world_size) != (engine.description, engine.world.size):

@@ -84,7 +84,7 @@ def test_dpo_from_webdataset_raises_the_held_out_margin(world):
           f"reward accuracy {after['reward_accuracy']:.2f}")
     assert after["logp_margin"] > before["logp_margin"] + 1.0
     assert after["reward_accuracy"] >= 0.8 and after["loss"] < before["loss"]
-    assert (world / "dpo/ref_logps.pt").is_file()  # reference scored once, then freed
+    assert (world / "dpo/ref_logps.safetensors").is_file()  # reference scored once, then freed
 
 
 def test_ipo_with_reference_on_the_fly_and_simpo_train(world):
@@ -100,7 +100,7 @@ def test_ipo_with_reference_on_the_fly_and_simpo_train(world):
                    "data.eval_limit=16", *extra)
         ev = json.loads((out / "eval.json").read_text())
         assert ev["after"]["logp_margin_per_token"] > ev["before"]["logp_margin_per_token"] + 0.2
-        assert not (out / "ref_logps.pt").exists()
+        assert not (out / "ref_logps.safetensors").exists()
 
 
 def test_reward_model_ranks_held_out_pairs(world):

@@ -2,7 +2,7 @@
 
 policy = the omni model being trained; reference = `dpo.reference` (default `init_from`), frozen.
 With `dpo.precompute_ref` the reference scores every train and held-out pair once (cached in
-`ref_logps.pt`, reused on resume) and is then freed, so training holds one model. Held-out: loss,
+`ref_logps.safetensors`, reused on resume) and is then freed, so training holds one model. Held-out: loss,
 implicit reward margin/accuracy, and the policy's own log-prob margin log p(chosen) - log p(rejected)
 (total and per token).
 """
@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from omni.align.losses import REFERENCE_FREE, preference_loss
 from omni.align.objectives.base import chunks
@@ -20,6 +22,7 @@ from omni.align.objectives.pairs import PairBatch, Pairs, pair_batch, policy_log
 from omni.model.load import load_model
 
 log = logging.getLogger(__name__)
+REF_CACHE = "ref_logps.safetensors"  # tensors and a string key only: nothing to unpickle
 
 
 class DPO(Pairs):
@@ -38,7 +41,7 @@ class DPO(Pairs):
         self.reference, _ = load_model(ref_path, self.cfg.model_overrides)
         self.reference.to(self.device).eval().requires_grad_(False)
         if d.precompute_ref:
-            self.ref_table = self._precompute(out_dir / "ref_logps.pt", ref_path, train or [], evals)
+            self.ref_table = self._precompute(out_dir / REF_CACHE, ref_path, train or [], evals)
             self.reference = None  # freed: training holds the policy only
         return model
 
@@ -49,10 +52,13 @@ class DPO(Pairs):
         key = json.dumps([str(ref_path), self.cfg.model_overrides, self.cfg.data.records, self.cfg.data.eval,
                           len(train), len(evals)])
         if cache.is_file():
-            saved = torch.load(cache, weights_only=False)
-            if saved.get("key") == key:
-                log.info("reference log-probs from %s", cache)
-                return saved["table"]
+            try:
+                with safe_open(str(cache), framework="pt") as f:
+                    if (f.metadata() or {}).get("key") == key:
+                        log.info("reference log-probs from %s", cache)
+                        return {w: f.get_tensor(w) for w in f.keys()}
+            except (OSError, ValueError, SafetensorError) as e:  # torn or foreign file: score again
+                log.warning("%s is not a reference log-prob table omni wrote (%s); scoring again", cache, e)
         table = {}
         with torch.no_grad():
             for chunk in chunks((train + evals)[self.world.rank::self.world.size], self.cfg.batch.micro_batch):
@@ -64,7 +70,7 @@ class DPO(Pairs):
         table = {w: lp for part in self.world.gather(table) for w, lp in part.items()}
         if self.world.main:
             tmp = cache.with_name(f".{cache.name}.tmp")
-            torch.save({"key": key, "table": table}, tmp)
+            save_file({w: lp.contiguous() for w, lp in table.items()}, str(tmp), metadata={"key": key})
             tmp.replace(cache)
         log.info("reference log-probs of %d train / %d held-out pairs -> %s", len(train), len(evals), cache)
         return table
