@@ -100,12 +100,22 @@ def load_model(path: str | Path, overrides: list[str] = (), weights: bool = True
     model = OmniModel(cfg, llm, token_ids, pretrained=False)
     if weights:
         _load_state(model, read_weights(path), path, overrides)
-    if where.name == HF_CONFIG:
-        # config= keeps AutoTokenizer from reading config.json, whose remote-code auto_map it would ask about
-        tokenizer = AutoTokenizer.from_pretrained(path, config=llm_config)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
+    tokenizer = _saved_tokenizer(path) if where.name == HF_CONFIG else AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
     return model, tokenizer
+
+
+def _saved_tokenizer(path: Path):
+    """The tokenizer an export saved, by the class its tokenizer_config.json names. AutoTokenizer
+    would read config.json instead (the omni model type, whose remote code it asks to run), and
+    given the LLM's config it builds that LLM's default tokenizer class, not the saved one."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    name = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    cls = tokenizer_class_from_name(name) if name else None
+    if cls is None:
+        raise ConfigError(f"{path / 'tokenizer_config.json'}: tokenizer_class {name!r} is not a transformers "
+                          "tokenizer; export the model again with omni export")
+    return cls.from_pretrained(path)
 
 
 def _load_state(model, state: dict, path: Path, overrides) -> None:
