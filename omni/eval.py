@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from omni.data.loader import SkipCounter, decode_sample, split_stream
+from omni.data.loader import SkipCounter, decode_sample, split_stream, where
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
 from omni.model.load import load_model
@@ -32,27 +32,44 @@ def _answer(meta: dict, messages: list[dict]) -> str:
 
 
 @torch.no_grad()
-def accuracy(model, processor, tokenizer, samples, blank: bool, batch_size: int, max_new_tokens: int,
-             desc: str = "", progress: bool = True) -> float:
-    correct = 0
+def answers_correct(model, processor, tokenizer, samples: list[tuple], blank: bool, batch_size: int,
+                    max_new_tokens: int, skip, desc: str = "", progress: bool = True) -> list[bool]:
+    """Greedy answer == reference for each sample that the processor takes; a sample it refuses is
+    passed to `skip(where, error)` and left out (counted once, like training's bad samples)."""
+    results = []
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
-        chunk = samples[i: i + batch_size]
-        examples = [processor(prompt, media, add_generation_prompt=True, blank=blank)
-                    for prompt, media, _ in chunk]
+        examples, kept = [], []
+        for prompt, media, answer, place in samples[i: i + batch_size]:
+            try:
+                examples.append(processor(prompt, media, add_generation_prompt=True, blank=blank))
+                kept.append(answer)
+            except Exception as e:  # noqa: BLE001 - any preprocessing failure is the sample's
+                skip(place, e)
+        if not examples:
+            continue
         batch = collate(examples, tokenizer.pad_token_id, left_pad=True)
         new = model.generate(batch.input_ids, batch.attention_mask, batch.media,
                              max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        for ids, (_, _, answer) in zip(new, chunk):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            correct += _normalise(text) == _normalise(answer)
-    return correct / max(1, len(samples))
+        results += [_normalise(tokenizer.decode(ids, skip_special_tokens=True)) == _normalise(answer)
+                    for ids, answer in zip(new, kept)]
+    return results
+
+
+def _sample(raw: dict) -> tuple:
+    """(prompt messages, media, reference answer, where) of a held-out sample; raises on a bad one."""
+    meta, messages, media = decode_sample(raw)
+    if not messages:
+        raise SampleError(f"{where(raw)}: field 'json.messages' is empty")
+    prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    return prompt, media, _answer(meta, messages), where(raw)
 
 
 def evaluate(model_dir: str | Path, manifest_path: str | Path, split: str = "val",
              datasets: list[str] | None = None, limit: int | None = None, batch_size: int = 32,
              max_new_tokens: int = 8, progress: bool = True) -> dict:
-    """Accuracy table keyed by modality ("image", "video", "audio", "image+audio", "text")."""
+    """Accuracy table keyed by modality ("image", "video", "audio", "image+audio", "text"). Bad
+    held-out samples are skipped, counted (`skipped`) and named in the log, as in training."""
     model, tokenizer = load_model(model_dir)
     model.eval()
     processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
@@ -66,22 +83,29 @@ def evaluate(model_dir: str | Path, manifest_path: str | Path, split: str = "val
         samples = []
         for raw in split_stream(entry, counter):
             try:
-                meta, messages, media = decode_sample(raw)
-            except SampleError as e:
-                counter.skip(f"sample {raw.get('__key__')} in {raw.get('__url__')}", e)
+                samples.append(_sample(raw))
+            except Exception as e:  # noqa: BLE001 - counted and named, like training
+                counter.skip(where(raw), e)
                 continue
-            prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
-            samples.append((prompt, media, _answer(meta, messages)))
             if limit and len(samples) >= limit:
                 break
-        answers = {_normalise(a) for _, _, a in samples}
-        row = {"task": entry.task or entry.name, "n": len(samples), "skipped": counter.skipped,
-               "chance": 1.0 / max(1, len(answers))}
-        for blank in (False, True):
-            acc = accuracy(model, processor, tokenizer, samples, blank, batch_size, max_new_tokens,
-                           desc=f"{key}{' (blanked)' if blank else ''}", progress=progress)
-            row["blanked_accuracy" if blank else "accuracy"] = acc
-        results[key] = row
+        refused = set()
+
+        def skip(place, err, refused=refused):
+            if place not in refused:  # the blanked pass meets the same sample again
+                refused.add(place)
+                counter.skip(place, err)
+
+        row = {"task": entry.task or entry.name}
+        for blank in (False, True):  # the blanked pass runs on the samples the first one took
+            right = answers_correct(model, processor, tokenizer, samples, blank, batch_size, max_new_tokens, skip,
+                                    desc=f"{key}{' (blanked)' if blank else ''}", progress=progress)
+            row["blanked_accuracy" if blank else "accuracy"] = sum(right) / max(1, len(right))
+            samples = [s for s in samples if s[3] not in refused]
+        kept = samples
+        row.update({"n": len(kept), "skipped": counter.skipped,
+                    "chance": 1.0 / max(1, len({_normalise(s[2]) for s in kept}))})
+        results[key] = {k: row[k] for k in ("task", "n", "skipped", "chance", "accuracy", "blanked_accuracy")}
     return results
 
 
