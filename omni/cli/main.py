@@ -34,7 +34,7 @@ def _train(args) -> None:
     if cfg.init_from == "previous":
         sys.exit(f"{args.config}: init_from: previous only works inside `omni schedule`; "
                  "pass init_from=PATH/TO/final")
-    final = train_stage(cfg, args.out, progress=not args.quiet)
+    final = train_stage(cfg, args.out, progress=not args.quiet, resume_with_changes=args.resume_with_changes)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"final model: {final}")
 
@@ -42,7 +42,9 @@ def _train(args) -> None:
 def _schedule(args) -> None:
     from omni.train.schedule import run_schedule
 
-    print(f"final model: {run_schedule(args.schedule, args.out, args.overrides, progress=not args.quiet)}")
+    final = run_schedule(args.schedule, args.out, args.overrides, progress=not args.quiet,
+                         resume_with_changes=args.resume_with_changes)
+    print(f"final model: {final}")
 
 
 def _eval(args) -> None:
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.add_argument("--out", required=True, help="stage output folder; the model lands in OUT/final")
     p.add_argument("--profile", action="store_true", help="log tokens/s, model TFLOP/s and MFU in metrics.jsonl")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="resume OUT's checkpoint although the config changed (logged; the run is then not exact)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=_train)
 
@@ -149,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("schedule", help="schedule YAML, e.g. stages/tiny/schedule.yaml")
     p.add_argument("overrides", nargs="*", help=overrides_help + " (applied to every stage)")
     p.add_argument("--out", required=True, help="run folder; one subfolder per stage, final model in OUT/final")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="resume a stage's checkpoint although the config changed (logged; not exact)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=_schedule)
 

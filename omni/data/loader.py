@@ -8,6 +8,7 @@ omni/data/stream.py and omni/data/sharded.py.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -38,12 +39,31 @@ class SkipCounter:
     good: int = 0
     skipped: int = 0
     reasons: list[str] = field(default_factory=list)
+    quiet: bool = False              # replaying a resume: already reported
 
     def ok(self) -> None:
         self.good += 1
 
+    def state(self) -> list[int]:
+        """[good, skipped]: what a checkpoint keeps, so the budget means the same after a resume."""
+        return [self.good, self.skipped]
+
+    @contextlib.contextmanager
+    def replaying(self, state: list[int]):
+        """A resume replays the samples before its checkpoint: their bad reads were counted when
+        first met, so inside this block nothing is counted or raised; afterwards the counts are the
+        checkpoint's `state()`."""
+        self.quiet = True
+        try:
+            yield
+        finally:
+            self.quiet = False
+            self.good, self.skipped = (int(x) for x in state)
+
     def skip(self, where: str, err: Exception) -> None:
         self.skipped += 1
+        if self.quiet:
+            return
         msg = f"skipped {where}: {err}"
         if len(self.reasons) < 20:
             self.reasons.append(msg)

@@ -49,8 +49,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_resumable(engine, tokenizer, step: int, samples: list, ckpt_root: str | Path, keep: int) -> Path:
-    """Every rank calls it. `samples`: each rank's data stream position (`stream.state()`).
+def save_resumable(engine, tokenizer, step: int, samples: list, ckpt_root: str | Path, keep: int,
+                   counters: list, config: dict) -> Path:
+    """Every rank calls it. `samples`: each rank's data stream position (`stream.state()`);
+    `counters`: each rank's bad-sample counts (`SkipCounter.state()`); `config`: the stage config
+    (a resume compares it with its own).
     The engine writes into `.step-N.tmp/` (a name all ranks know), rank 0 adds the trainer state
     and renames the folder to `step-N/` once every rank is done."""
     world = engine.world
@@ -66,7 +69,8 @@ def save_resumable(engine, tokenizer, step: int, samples: list, ckpt_root: str |
     world.barrier()
     if world.main:
         torch.save({"engine": engine.description, "world_size": world.size, "step": step, "samples": samples,
-                    "scheduler": engine.scheduler.state_dict(), "rng": rngs, **extra}, tmp / STATE)
+                    "scheduler": engine.scheduler.state_dict(), "rng": rngs, "counters": counters,
+                    "config": config, **extra}, tmp / STATE)
         replace_dir(tmp, target)
         for old in sorted(ckpt_root.glob("step-*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
@@ -79,8 +83,9 @@ def latest_resumable(ckpt_root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_resumable(path: Path, engine) -> tuple[int, list]:
-    """Restore training state in place; returns (step, each rank's data stream position)."""
+def load_resumable(path: Path, engine) -> dict:
+    """Restore the engine's state in place; returns the rest of the checkpoint: step, samples and
+    counters (each rank's), config."""
     try:  # tensors, numbers and strings only: a checkpoint from elsewhere cannot run code here
         state = torch.load(path / STATE, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several kinds for a refused or torn file
@@ -97,4 +102,4 @@ def load_resumable(path: Path, engine) -> tuple[int, list]:
     engine.scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
     set_rng_state(rng[engine.world.rank] if isinstance(rng, list) else rng)
-    return state["step"], state["samples"]
+    return state

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def run_schedule(path: str | Path, out_dir: str | Path, overrides: list[str] = (),
-                 progress: bool = True) -> Path:
+                 progress: bool = True, resume_with_changes: bool = False) -> Path:
     """Train every stage of the schedule under `out_dir/<stage name>/`; copy the last model to
     `out_dir/final/`. Stages whose `final/` exists are skipped, so a killed schedule resumes."""
     sched, files = load_schedule(path)
@@ -34,7 +34,7 @@ def run_schedule(path: str | Path, out_dir: str | Path, overrides: list[str] = (
             log.info("stage %d/%d %s already done, skipping", i + 1, len(stages), cfg.name)
         else:
             log.info("stage %d/%d %s", i + 1, len(stages), cfg.name)
-            train_stage(cfg, stage_out, progress=progress)
+            train_stage(cfg, stage_out, progress=progress, resume_with_changes=resume_with_changes)
         previous = stage_out / FINAL
     with atomic_dir(out_dir / FINAL) as tmp:
         shutil.copytree(previous, tmp, dirs_exist_ok=True)

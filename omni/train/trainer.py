@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from omni.align.objectives import OBJECTIVES
-from omni.config import to_dict
+from omni.config import ConfigError, to_dict
 from omni.data.loader import SkipCounter
 from omni.data.training import held_out, training_records, training_stream
 from omni.distributed import World
@@ -60,8 +60,10 @@ def init_model(cfg: StageConfig, skeleton: bool = False):
     return OmniModel.from_config(build_preset(cfg.preset, cfg.model_overrides))
 
 
-def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True) -> Path:
-    """Run one stage into `out_dir`; resumes from its newest checkpoint if there is one.
+def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True, resume_with_changes: bool = False) -> Path:
+    """Run one stage into `out_dir`; resumes from its newest checkpoint if there is one. A resume
+    whose config differs from the checkpoint's in anything that shapes the run (data, batch,
+    optimiser, seed, steps, ...) is refused unless `resume_with_changes` (then the changes are logged).
 
     Under torchrun (with `data.partition: sample`, the default) every rank reads the same seeded
     sample stream and keeps every world-th sample, and the loss is normalised by the units (label
@@ -69,12 +71,12 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True) ->
     train exactly like 1 process x micro-batch N*b."""
     world = World.from_env(need_group=cfg.engine != "ddp")
     try:
-        return _train(cfg, Path(out_dir), progress and world.main, world)
+        return _train(cfg, Path(out_dir), progress and world.main, world, resume_with_changes)
     finally:
         world.close()
 
 
-def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Path:
+def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume_with_changes: bool) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     if world.main:
         (out_dir / "stage.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -103,8 +105,14 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
     ckpt_root = out_dir / "checkpoints"
     resume = latest_resumable(ckpt_root)
     if resume is not None:
-        step, positions = load_resumable(resume, engine)
-        stream.restore(positions[world.rank])
+        saved = load_resumable(resume, engine)
+        step = saved["step"]
+        _check_resume_config(saved["config"], to_dict(cfg), resume, resume_with_changes)
+        with counter.replaying(saved["counters"][world.rank]):
+            stream.restore(saved["samples"][world.rank])
+        if world.main:  # rows after the checkpoint are about to be written again
+            for name in (METRICS, EVALS):
+                _keep_rows_up_to(out_dir / name, step)
         log.info("resumed %s from %s at step %d", cfg.name, resume, step)
 
     log.info("stage %s (%s): %d/%d parameters trainable (%s ...), %d steps of %d process(es) x %d x %d samples "
@@ -191,8 +199,8 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
                 evaluate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.steps:
                 paused = time.time()
-                save_resumable(engine, tokenizer, step, world.gather(stream.state()), ckpt_root,
-                               cfg.checkpoint.keep)
+                save_resumable(engine, tokenizer, step, world.gather(stream.state()), ckpt_root, cfg.checkpoint.keep,
+                               counters=world.gather(counter.state()), config=to_dict(cfg))
                 window_t0 += time.time() - paused  # throughput counts training time only
     finally:
         bar.close()
@@ -210,6 +218,41 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World) -> Pat
         log.info("stage %s done in %.1f s -> %s", cfg.name, time.time() - t0, out_dir / FINAL)
     world.barrier()
     return out_dir / FINAL
+
+
+# config keys a resume may change freely: they shape logging, checkpointing and held-out eval only
+# (and where the first weights came from, which a resume no longer reads)
+FREE_ON_RESUME = ("log.", "checkpoint.", "eval_interval", "data.eval", "init_from", "preset")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_resume_config(saved: dict, now: dict, where: Path, allowed: bool) -> None:
+    """Refuse (or, when allowed, log) a resume whose config differs where the run's exactness depends on it."""
+    old, new = _flat(saved), _flat(now)
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and not k.startswith(FREE_ON_RESUME)]
+    if not changed:
+        return
+    if not allowed:
+        raise ConfigError(f"{where} was written with another config ({'; '.join(changed)}); resuming would not "
+                          "continue that run exactly. Train into a new --out folder, or pass --resume-with-changes")
+    log.warning("resuming %s with changed config: %s", where, "; ".join(changed))
+
+
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the JSONL rows a killed run wrote after its last checkpoint (atomically)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    tmp.replace(path)
 
 
 def _throughput(world: World, tokens: int, flops: float, since: float, peak: float | None) -> dict:
