@@ -33,9 +33,9 @@ def _answer(meta: dict, messages: list[dict]) -> str:
 
 @torch.no_grad()
 def answers_correct(model, processor, tokenizer, samples: list[tuple], blank: bool, batch_size: int,
-                    max_new_tokens: int, skip, desc: str = "", progress: bool = True) -> list[bool]:
+                    max_new_tokens: int, refused: dict, desc: str = "", progress: bool = True) -> list[bool]:
     """Greedy answer == reference for each sample that the processor takes; a sample it refuses is
-    passed to `skip(where, error)` and left out (counted once, like training's bad samples)."""
+    left out and noted in `refused` (where -> error)."""
     results = []
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
         examples, kept = [], []
@@ -44,7 +44,7 @@ def answers_correct(model, processor, tokenizer, samples: list[tuple], blank: bo
                 examples.append(processor(prompt, media, add_generation_prompt=True, blank=blank))
                 kept.append(answer)
             except Exception as e:  # noqa: BLE001 - any preprocessing failure is the sample's
-                skip(place, e)
+                refused[place] = e
         if not examples:
             continue
         batch = collate(examples, tokenizer.pad_token_id, left_pad=True)
@@ -89,23 +89,18 @@ def evaluate(model_dir: str | Path, manifest_path: str | Path, split: str = "val
                 continue
             if limit and len(samples) >= limit:
                 break
-        refused = set()
-
-        def skip(place, err, refused=refused):
-            if place not in refused:  # the blanked pass meets the same sample again
-                refused.add(place)
-                counter.skip(place, err)
-
-        row = {"task": entry.task or entry.name}
+        refused: dict[str, Exception] = {}
+        accuracy = {}
         for blank in (False, True):  # the blanked pass runs on the samples the first one took
-            right = answers_correct(model, processor, tokenizer, samples, blank, batch_size, max_new_tokens, skip,
+            right = answers_correct(model, processor, tokenizer, samples, blank, batch_size, max_new_tokens, refused,
                                     desc=f"{key}{' (blanked)' if blank else ''}", progress=progress)
-            row["blanked_accuracy" if blank else "accuracy"] = sum(right) / max(1, len(right))
+            accuracy[blank] = sum(right) / max(1, len(right))
             samples = [s for s in samples if s[3] not in refused]
-        kept = samples
-        row.update({"n": len(kept), "skipped": counter.skipped,
-                    "chance": 1.0 / max(1, len({_normalise(s[2]) for s in kept}))})
-        results[key] = {k: row[k] for k in ("task", "n", "skipped", "chance", "accuracy", "blanked_accuracy")}
+        for place, err in refused.items():  # counted once, like training's bad samples
+            counter.skip(place, err)
+        results[key] = {"task": entry.task or entry.name, "n": len(samples), "skipped": counter.skipped,
+                        "chance": 1.0 / max(1, len({_normalise(s[2]) for s in samples})),
+                        "accuracy": accuracy[False], "blanked_accuracy": accuracy[True]}
     return results
 
 
