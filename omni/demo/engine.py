@@ -121,7 +121,7 @@ class TurnStats:
 class DemoEngine:
     """One model shared by every browser session; generation runs one turn at a time."""
 
-    def __init__(self, model_dir: str | Path, max_new_tokens: int = 64, max_audio_windows: int = 1,
+    def __init__(self, model_dir: str | Path, max_new_tokens: int = 64,
                  cache_frames: int | None = None, pas: str | None = None, pas_endpoint_model: str = "default"):
         t0 = time.perf_counter()
         self.model_dir = Path(model_dir)
@@ -135,9 +135,7 @@ class DemoEngine:
         self.processor = OmniProcessor.from_config(self.model.config, self.tokenizer, self.model.token_ids)
         self.video = self.model.config.video
         self.max_new_tokens = max_new_tokens
-        audio = self.model.encoders["audio"]
-        self.audio_window = audio.window_samples
-        self.max_audio_samples = audio.window_samples * max_audio_windows
+        self.policy = self.processor.policy  # long audio / video and silence: the processor's, as in omni chat
         self.frame_cache = FrameFeatureCache(self.model.encoders["image"],
                                              cache_frames or 4 * self.video.max_frames)
         self.model.encoders["image"] = self.frame_cache
@@ -145,8 +143,7 @@ class DemoEngine:
         self._steps: list[float] = []      # one time stamp per LLM forward = per generated token
         self._prompt_len = 0
         self.model.llm.register_forward_hook(self._count_step, with_kwargs=True)
-        log.info("loaded %s in %.1f s (video %g fps, <= %d frames; audio window %.1f s)", self.model_dir,
-                 time.perf_counter() - t0, self.video.fps, self.video.max_frames, self.audio_window / 16000)
+        log.info("loaded %s in %.1f s (%s)", self.model_dir, time.perf_counter() - t0, self.policy.describe())
 
     def _count_step(self, module, args, kwargs, output) -> None:
         if not self._steps and kwargs.get("inputs_embeds") is not None:
@@ -156,8 +153,7 @@ class DemoEngine:
     def describe(self) -> str:
         cfg = self.model.config
         n = sum(p.numel() for p in self.model.parameters())
-        return (f"`{self.model_dir}` — preset {cfg.name}, {n / 1e6:.1f}M parameters; video {self.video.fps:g} fps, "
-                f"at most {self.video.max_frames} frames; audio cut to {self.max_audio_samples / 16000:g} s")
+        return f"`{self.model_dir}` — preset {cfg.name}, {n / 1e6:.1f}M parameters; {self.policy.describe()}"
 
     def augment(self, text: str) -> tuple[str, str]:
         """(what the model reads, the PAS complement shown to the user); unchanged without PAS."""
