@@ -82,6 +82,10 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
     def end_session(request: gr.Request):  # the tab closed or reloaded: free it now, not in an hour
         sessions.close(request.session_hash or "local")
 
+    # Gradio passes the request to a parameter type-hinted gr.Request; this module's hints are strings
+    # that name a gradio imported in here, which typing cannot resolve, so give it the class itself.
+    new_session.__annotations__["request"] = end_session.__annotations__["request"] = gr.Request
+
     def usable(session: Session | None) -> bool:
         """Marks the session in use; False (and a toast) when it is missing or was freed."""
         if session is None:

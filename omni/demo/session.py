@@ -386,7 +386,7 @@ def load_upload(path: str | Path, policy: MediaPolicy) -> MediaItem:
     if kind == "image":
         try:
             with Image.open(path) as im:
-                im.convert("RGB")  # decodes every pixel: a truncated file fails here, not mid-turn
+                im.load()  # decodes every pixel: a truncated file fails here, not mid-turn
             return MediaItem("image", str(path), str(path))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise MediaError(f"{path.name}: cannot read this image ({_short(e, path)})") from None
