@@ -228,6 +228,9 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
         yield from _turn(session, box, max_tokens, use_camera, use_pas, None, time.perf_counter(), 0.0)
 
     def respond_voice(session: Session, box, max_tokens, use_camera, use_pas):
+        if not usable(session):
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
         with session.lock:
             if not session.pending:
                 yield session.shown, gr.skip(), gr.skip()
