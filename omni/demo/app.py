@@ -84,7 +84,8 @@ def _fmt_ms(seconds: float) -> str:
 
 
 def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max_audio_windows: int = 1,
-              engine=None, pas: str | None = None, pas_endpoint_model: str = "default"):
+              engine=None, pas: str | None = None, pas_endpoint_model: str = "default",
+              device: str | None = None, dtype: str | None = None):
     """The Gradio Blocks of the demo (not launched). `engine` lets a caller share a loaded model."""
     import gradio as gr
 
@@ -105,7 +106,7 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
     if engine is None:
         engine = DemoEngine(resolve_model_dir(None if model_dir is None else str(model_dir)),
                             max_new_tokens=max_new_tokens, max_audio_windows=max_audio_windows, pas=pas,
-                            pas_endpoint_model=pas_endpoint_model)
+                            pas_endpoint_model=pas_endpoint_model, device=device, dtype=dtype)
     root = Path(tempfile.mkdtemp(prefix="omni-demo-"))  # recordings and contact sheets shown in the chat
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     fps, max_frames = engine.video.fps, engine.video.max_frames
@@ -338,12 +339,14 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
 
 def launch(model_dir: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
            share: bool = False, max_new_tokens: int = 64, max_audio_windows: int = 1, queue_size: int = 64,
-           pas: str | None = None, pas_endpoint_model: str = "default"):
+           pas: str | None = None, pas_endpoint_model: str = "default", device: str | None = None,
+           dtype: str | None = None):
     """Build and serve the demo (blocks). Generation runs one turn at a time; other sessions wait
     in Gradio's queue (at most `queue_size`, then they are told the queue is full)."""
     import gradio as gr
 
-    demo = build_app(model_dir, max_new_tokens, max_audio_windows, pas=pas, pas_endpoint_model=pas_endpoint_model)
+    demo = build_app(model_dir, max_new_tokens, max_audio_windows, pas=pas, pas_endpoint_model=pas_endpoint_model,
+                     device=device, dtype=dtype)
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts to fetch
@@ -354,6 +357,8 @@ def launch(model_dir: str | Path | None = None, host: str = "127.0.0.1", port: i
 
 # ---- command line -----------------------------------------------------------------------------
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from omni.inference import add_placement_arguments
+
     p.add_argument("--model", help="model folder: a stage's final/, a checkpoint, or an export "
                                    "(default: runs/quickstart/final, written by `make quickstart`)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
@@ -366,11 +371,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt augmentation in front of the model: a PAS model folder (`omni align pas train`) or "
                         "an endpoint serving one; a checkbox in the page turns it off")
     p.add_argument("--pas-endpoint-model", default="default", help="model name to ask a --pas endpoint for")
+    add_placement_arguments(p)
 
 
 def _demo(args) -> None:
     launch(args.model, args.host, args.port, args.share, args.max_new_tokens, args.max_audio_windows,
-           pas=args.pas, pas_endpoint_model=args.pas_endpoint_model)
+           pas=args.pas, pas_endpoint_model=args.pas_endpoint_model, device=args.device, dtype=args.dtype)
 
 
 def add_demo_command(subparsers) -> argparse.ArgumentParser:
