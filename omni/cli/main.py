@@ -112,7 +112,7 @@ def _chat(args) -> None:
         try:
             _chat_turn(generator, history, text, media, args.max_new_tokens, augmenter, interactive=True)
         except bad_turn as e:  # the turn is dropped, the session and its history go on
-            print(f"\nturn {turn}: {_turn_error(e)}", file=sys.stderr, flush=True)
+            print(f"turn {turn}: {_turn_error(e)}", file=sys.stderr, flush=True)
 
 
 def _turn_error(e: BaseException) -> str:
@@ -150,10 +150,12 @@ def _chat_turn(generator, history: list[dict], text: str, media: dict, max_new_t
     if interactive:
         print("omni> ", end="", flush=True)
     answer = ""
-    for piece in generator.stream(example, max_new_tokens):
-        answer += piece
-        print(piece, end="", flush=True)
-    print()
+    try:
+        for piece in generator.stream(example, max_new_tokens):
+            answer += piece
+            print(piece, end="", flush=True)
+    finally:
+        print(flush=True)  # the error of a turn that fails while it streams goes on a line of its own
     history += [messages[-1], {"role": "assistant", "content": answer.strip()}]
 
 

@@ -54,6 +54,18 @@ def resolve_placement(device: str | None = None, dtype: str | None = None) -> tu
     return place, DTYPES[dtype]
 
 
+def place_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move and cast `model` in place. Norms that compute in fp32 (whisper's and open_clip's cast their
+    input up) keep fp32 weights: PyTorch's CPU layer_norm refuses fp32 input with 16-bit weights."""
+    from open_clip.transformer import LayerNormFp32
+    from whisper.model import LayerNorm as WhisperLayerNorm
+
+    model.to(device=device, dtype=dtype)
+    for module in model.modules():
+        if isinstance(module, (WhisperLayerNorm, LayerNormFp32)):
+            module.float()
+
+
 class LocalGenerator:
     """Decode with a local model: an OmniModel (with its processor) or any transformers causal LM."""
 
@@ -91,7 +103,7 @@ class LocalGenerator:
                 tok.pad_token = tok.eos_token
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
             omni = False
-        model.to(device=place, dtype=torch_dtype)
+        place_model(model, place, torch_dtype)
         llm = model.llm if omni else model
         # the backend was picked at load from the device alone; FlashAttention-2 runs in 16 bits only
         if torch_dtype == torch.float32 and llm.config._attn_implementation == "flash_attention_2":
