@@ -9,6 +9,7 @@ and the file and saying what to pass instead.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from omni.errors import SampleError
@@ -26,9 +27,11 @@ def add_placement_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _reason(e: BaseException) -> str:
-    """The first line of a decoder's complaint (decord's carry C++ stack traces), kept short."""
+    """The first line of a decoder's complaint, kept short: decord's carry a time stamp, its source
+    location and a C++ stack trace ("[12:00:00] src/video_reader.cc:151: Check failed: ... ERROR why")."""
     text = str(e.__cause__ or e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
+    line = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", line).rpartition("ERROR ")[2]
     return line if len(line) <= 160 else line[:157] + "..."
 
 
