@@ -104,10 +104,8 @@ class LocalGenerator:
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
             omni = False
         place_model(model, place, torch_dtype)
-        llm = model.llm if omni else model
-        # the backend was picked at load from the device alone; FlashAttention-2 runs in 16 bits only
-        if torch_dtype == torch.float32 and llm.config._attn_implementation == "flash_attention_2":
-            llm.set_attn_implementation("sdpa")
+        if omni:  # the attention backend for forwards in this dtype on this device (FlashAttention-2: 16 bits, GPU)
+            log.info("%s on %s in %s: %s attention", path, place, torch_dtype, model.use_attention(torch_dtype, place))
         return cls(model, tok, batch_size, omni=omni)
 
     @property

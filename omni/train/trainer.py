@@ -26,7 +26,7 @@ from omni.data.training import held_out, training_records, training_stream
 from omni.distributed import World
 from omni.modalities import MODALITIES
 from omni.model.load import load_model, save_model_dir
-from omni.model.omni_model import OmniModel
+from omni.model.omni_model import PRECISION_DTYPE, OmniModel
 from omni.model.processor import OmniProcessor
 from omni.presets import build_preset
 from omni.train.checkpoint import (
@@ -85,6 +85,8 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
     objective = OBJECTIVES[cfg.method](cfg)
     engine = build_engine(cfg, world)
     model, tokenizer = init_model(cfg, skeleton=engine.weights_from_rank0 and not world.main)
+    # the backend for the dtype the forwards run in (autocast's under bf16): FlashAttention-2 never in fp32
+    log.info("stage %s: %s attention", cfg.name, model.use_attention(PRECISION_DTYPE[cfg.precision], world.device))
     processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
     records = training_records(cfg.data)
     evals = held_out(cfg.data)
@@ -148,6 +150,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
     t0 = window_t0 = time.time()
     window, window_tokens, window_flops = [], 0, 0.0
+    over_budget = False
     metrics = open(out_dir / METRICS, "a") if world.main else None  # noqa: SIM115 - closed in finally
     try:
         while step < cfg.steps:
@@ -155,6 +158,11 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
             for _ in range(cfg.batch.grad_accum):
                 made = stream.take(cfg.batch.micro_batch)
                 batch, f = objective.collate(made)
+                if 0 < cfg.batch.tokens_per_pack < batch.input_ids.shape[1] and not over_budget:
+                    over_budget = True  # said once: the memory plan assumed rows of tokens_per_pack tokens
+                    log.warning("stage %s: a packed micro-batch of %d tokens exceeds batch.tokens_per_pack=%d, the row "
+                                "omni plan budgets memory for; raise tokens_per_pack or lower batch.micro_batch",
+                                cfg.name, batch.input_ids.shape[1], cfg.batch.tokens_per_pack)
                 batches.append(batch.to(world.device))
                 fill += f / cfg.batch.grad_accum
                 if flops is not None:
