@@ -56,7 +56,7 @@ def _fmt_ms(seconds: float) -> str:
 
 def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, engine=None,
               pas: str | None = None, pas_endpoint_model: str = "default", idle_min: float = 30.0,
-              max_sessions: int = 64):
+              max_sessions: int = 64, device: str | None = None, dtype: str | None = None):
     """The Gradio Blocks of the demo (not launched). `engine` lets a caller share a loaded model.
     A session is freed when its tab closes, after `idle_min` minutes without an event, or when
     more than `max_sessions` are open (omni/demo/sessions.py)."""
@@ -69,7 +69,8 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
 
     if engine is None:
         engine = DemoEngine(resolve_model_dir(None if model_dir is None else str(model_dir)),
-                            max_new_tokens=max_new_tokens, pas=pas, pas_endpoint_model=pas_endpoint_model)
+                            max_new_tokens=max_new_tokens, pas=pas, pas_endpoint_model=pas_endpoint_model,
+                            device=device, dtype=dtype)
     root = Path(tempfile.mkdtemp(prefix="omni-demo-"))  # recordings and contact sheets shown in the chat
     sessions = Sessions(root, engine.policy, engine.processor.image_config["image_size"], idle_s=idle_min * 60,
                         max_sessions=max_sessions)
@@ -302,12 +303,14 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
 
 def launch(model_dir: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
            share: bool = False, max_new_tokens: int = 64, queue_size: int = 64,
-           pas: str | None = None, pas_endpoint_model: str = "default", idle_min: float = 30.0):
+           pas: str | None = None, pas_endpoint_model: str = "default", idle_min: float = 30.0,
+           device: str | None = None, dtype: str | None = None):
     """Build and serve the demo (blocks). Generation runs one turn at a time; other sessions wait
     in Gradio's queue (at most `queue_size`, then they are told the queue is full)."""
     import gradio as gr
 
-    demo = build_app(model_dir, max_new_tokens, pas=pas, pas_endpoint_model=pas_endpoint_model, idle_min=idle_min)
+    demo = build_app(model_dir, max_new_tokens, pas=pas, pas_endpoint_model=pas_endpoint_model, idle_min=idle_min,
+                     device=device, dtype=dtype)
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts to fetch
@@ -318,6 +321,8 @@ def launch(model_dir: str | Path | None = None, host: str = "127.0.0.1", port: i
 
 # ---- command line -----------------------------------------------------------------------------
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from omni.inference import add_placement_arguments
+
     p.add_argument("--model", help="model folder: a stage's final/, a checkpoint, or an export "
                                    "(default: runs/quickstart/final, written by `make quickstart`)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
@@ -330,11 +335,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt augmentation in front of the model: a PAS model folder (`omni align pas train`) or "
                         "an endpoint serving one; a checkbox in the page turns it off")
     p.add_argument("--pas-endpoint-model", default="default", help="model name to ask a --pas endpoint for")
+    add_placement_arguments(p)
 
 
 def _demo(args) -> None:
     launch(args.model, args.host, args.port, args.share, args.max_new_tokens, pas=args.pas,
-           pas_endpoint_model=args.pas_endpoint_model, idle_min=args.idle_min)
+           pas_endpoint_model=args.pas_endpoint_model, idle_min=args.idle_min, device=args.device, dtype=args.dtype)
 
 
 def add_demo_command(subparsers) -> argparse.ArgumentParser:

@@ -123,11 +123,17 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
              f", {len(evals)} held-out records" if evals else "")
 
     def evaluate(at: int) -> dict:
-        """Every rank scores the held-out records (sharded engines need all of them); rank 0 writes."""
+        """Each rank scores every world-th held-out record and the shares' results are merged;
+        engines that shard per module gather weights in every forward, so there every rank
+        scores every record (the same forwards everywhere). Rank 0 writes."""
         scorer = engine.inference_module
         scorer.eval()
+        split = world.size > 1 and not engine.shards_modules
+        share = evals[world.rank::world.size] if split else evals
+        log.info("held-out scoring at step %d: rank %d scores %d of %d records", at, world.rank, len(share), len(evals))
         with engine.autocast():
-            result = {"step": at, **objective.evaluate(scorer, evals)}
+            result = objective.evaluate(scorer, share) if share else {}
+        result = {"step": at, **(merge_shares(world.gather(result)) if split else result)}
         engine.train()
         if world.main:
             with open(out_dir / EVALS, "a") as f:
@@ -238,6 +244,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
     return out
+
+
+def merge_shares(parts: list[dict]) -> dict:
+    """One held-out result from the ranks' results on their shares: an objective's int fields are
+    counts (tokens, pairs), summed; its float fields are means over that count, weighted by it."""
+    parts = [p for p in parts if p]
+    count = next(k for k, v in parts[0].items() if isinstance(v, int))
+    total = sum(p[count] for p in parts)
+    return {k: total if k == count else sum(p[k] * p[count] for p in parts) / max(total, 1) for k in parts[0]}
 
 
 def _check_resume_config(saved: dict, now: dict, where: Path, allowed: bool) -> None:
