@@ -1,0 +1,64 @@
+"""`python observed_train.py ARGS` = `omni ARGS` (launched by torchrun like it), plus two records
+the tests read back; the training itself is the real, unchanged run.
+
+- At every resumable checkpoint, right after it is written, the live model's logits on a fixed
+  text batch (every rank runs the forward, as a sharded engine needs; rank 0 writes
+  OUT/live-logits/step-N.pt): what `omni consolidate` of that checkpoint must reproduce.
+- Around DeepSpeed's setup, per rank, OUT/deepspeed-setup/rank-R.json: the parameter elements the
+  rank held in memory when the engine got the model (meta-device ones hold none), and after
+  setup the elements of its ZeRO-3 partitions and of the full model.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import omni.train.trainer as trainer
+from omni.cli.main import main
+from omni.train.engines import DeepSpeedEngine
+
+TEXT = ["A fixed prompt the live model and the consolidated one both score.", "And a second, shorter one."]
+
+
+def live_logits(module, tokenizer) -> torch.Tensor:
+    batch = tokenizer(TEXT, return_tensors="pt", padding=True)
+    module.eval()
+    with torch.no_grad():
+        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits.float().cpu()
+
+
+def _observed_save(save):
+    def wrapped(engine, tokenizer, step, *args, **kwargs):
+        target = save(engine, tokenizer, step, *args, **kwargs)
+        logits = live_logits(engine.inference_module, tokenizer)
+        engine.train()
+        if engine.world.main:
+            out = target.parent.parent / "live-logits"
+            out.mkdir(exist_ok=True)
+            torch.save(logits, out / f"step-{step:08d}.pt")
+        return target
+    return wrapped
+
+
+def _observed_setup(setup, out_dir: Path):
+    def wrapped(self, model):
+        held_before = sum(p.numel() for p in model.parameters() if not p.is_meta)
+        setup(self, model)
+        params = list(model.parameters())
+        record = {"held_before_setup": held_before,
+                  "partition_after_setup": sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor")),
+                  "full_model": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
+        out = out_dir / "deepspeed-setup"
+        out.mkdir(exist_ok=True)
+        (out / f"rank-{self.world.rank}.json").write_text(json.dumps(record))
+    return wrapped
+
+
+if __name__ == "__main__":
+    trainer.save_resumable = _observed_save(trainer.save_resumable)
+    DeepSpeedEngine.setup = _observed_setup(DeepSpeedEngine.setup, Path(sys.argv[sys.argv.index("--out") + 1]))
+    main(sys.argv[1:])
