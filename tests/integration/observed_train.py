@@ -5,8 +5,9 @@ the tests read back; the training itself is the real, unchanged run.
   text batch (every rank runs the forward, as a sharded engine needs; rank 0 writes
   OUT/live-logits/step-N.pt): what `omni consolidate` of that checkpoint must reproduce.
 - Around DeepSpeed's setup, per rank, OUT/deepspeed-setup/rank-R.json: the parameter elements the
-  rank held in memory when the engine got the model (meta-device ones hold none), and after
-  setup the elements of its ZeRO-3 partitions and of the full model.
+  rank held in full (in memory, not partitioned) when the engine got the model and, at most, at
+  any `deepspeed.zero.Init` during setup; after setup the elements of its ZeRO-3 partitions, of
+  the full model and of its largest module.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-import omni.train.trainer as trainer
-from omni.cli.main import main
-from omni.train.engines import DeepSpeedEngine
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: this checkout's omni
+import omni.train.trainer as trainer  # noqa: E402
+from omni.cli.main import main  # noqa: E402
+from omni.train.engines import DeepSpeedEngine  # noqa: E402
 
 TEXT = ["A fixed prompt the live model and the consolidated one both score.", "And a second, shorter one."]
 
@@ -44,12 +46,31 @@ def _observed_save(save):
     return wrapped
 
 
+def _unpartitioned(model) -> int:
+    """Parameter elements this rank holds in full: in memory (not meta) and not a ZeRO-3 partition."""
+    return sum(p.numel() for p in model.parameters() if not p.is_meta and not hasattr(p, "ds_id"))
+
+
 def _observed_setup(setup, out_dir: Path):
     def wrapped(self, model):
-        held_before = sum(p.numel() for p in model.parameters() if not p.is_meta)
-        setup(self, model)
+        import deepspeed
+
+        held_before, peak = _unpartitioned(model), [0]
+        init = deepspeed.zero.Init.__init__
+
+        def counting(zero_init, *args, **kwargs):  # DeepSpeed's own, after noting what is held in full
+            peak[0] = max(peak[0], _unpartitioned(model))
+            init(zero_init, *args, **kwargs)
+
+        deepspeed.zero.Init.__init__ = counting
+        try:
+            setup(self, model)
+        finally:
+            deepspeed.zero.Init.__init__ = init
         params = list(model.parameters())
-        record = {"held_before_setup": held_before,
+        record = {"held_before_setup": held_before, "most_held_in_setup": peak[0],
+                  "largest_module": max(sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters(recurse=False))
+                                        for m in model.modules()),
                   "partition_after_setup": sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor")),
                   "full_model": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
         out = out_dir / "deepspeed-setup"

@@ -1,0 +1,52 @@
+"""`omni consolidate`: a sharded checkpoint becomes a model folder that export, chat and eval take.
+
+That the consolidated weights are the live model's, for a 2-process run of every engine, is in
+tests/integration/test_distributed.py (test_a_mid_run_checkpoint_consolidates_to_the_live_model);
+here a one-process fsdp2 run (its checkpoint is DCP shards all the same) feeds the commands that
+read model folders, and bad input gets one line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from omni.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
+    from omni.train.config import load_stage
+    from omni.train.trainer import train_stage
+
+    out = tmp_path_factory.mktemp("fsdp2-one")
+    train_stage(load_stage(ROOT / "stages/tiny/2_sft.yaml", [
+        f"data.manifest={tiny_corpus}", "init_from=null", "steps=2", "checkpoint.interval=1", "batch.micro_batch=2",
+        "data.shuffle_buffer=20", "engine=fsdp2"]), out, progress=False)
+    return out / "checkpoints/step-00000001"
+
+
+def test_a_consolidated_fsdp2_checkpoint_exports_chats_and_evaluates(fsdp2_checkpoint, tiny_corpus, tmp_path,
+                                                                      capsys):
+    assert (fsdp2_checkpoint / "dcp").is_dir() and not (fsdp2_checkpoint / "model.safetensors").exists()
+    model = tmp_path / "model"
+    main(["-q", "consolidate", str(fsdp2_checkpoint), "--out", str(model)])
+    main(["-q", "export", "--ckpt", str(model), "--out", str(tmp_path / "export")])
+    assert json.loads((tmp_path / "export/config.json").read_text())["model_type"] == "omni_mllm"
+    main(["-q", "chat", str(model), "--prompt", "What shape is it?", "--max-new-tokens", "3"])
+    main(["-q", "eval", str(model), "--data", str(tiny_corpus), "--limit", "2", "--batch-size", "4"])
+    printed = capsys.readouterr().out
+    assert f"model folder: {model}" in printed and "accuracy" in printed
+
+
+def test_bad_input_gets_one_line(fsdp2_checkpoint, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy/keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="busy: exists and is not empty"):
+        main(["-q", "consolidate", str(fsdp2_checkpoint), "--out", str(tmp_path / "busy")])
+    assert (tmp_path / "busy/keep.txt").read_text() == "mine"
+    with pytest.raises(SystemExit, match="no trainer_state.pt; not a checkpoint omni wrote"):
+        main(["-q", "consolidate", str(tmp_path), "--out", str(tmp_path / "model")])
