@@ -26,14 +26,15 @@ TEXT = ["A fixed prompt the live model and the consolidated one both score.", "A
 
 
 def live_logits(module, tokenizer) -> torch.Tensor:
+    """The module's output on TEXT: the LM's logits, or a reward model's rewards."""
     batch = tokenizer(TEXT, return_tensors="pt", padding=True)
     module.eval()
     with torch.no_grad():
-        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits.float().cpu()
+        out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return getattr(out, "logits", out).float().cpu()
 
 
-def _observed_save(save):
+def observed_save(save):
     def wrapped(engine, tokenizer, step, *args, **kwargs):
         target = save(engine, tokenizer, step, *args, **kwargs)
         logits = live_logits(engine.inference_module, tokenizer)
@@ -80,6 +81,6 @@ def _observed_setup(setup, out_dir: Path):
 
 
 if __name__ == "__main__":
-    trainer.save_resumable = _observed_save(trainer.save_resumable)
+    trainer.save_resumable = observed_save(trainer.save_resumable)
     DeepSpeedEngine.setup = _observed_setup(DeepSpeedEngine.setup, Path(sys.argv[sys.argv.index("--out") + 1]))
     main(sys.argv[1:])

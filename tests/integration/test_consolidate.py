@@ -3,7 +3,7 @@
 That the consolidated weights are the live model's, for a 2-process run of every engine, is in
 tests/integration/test_distributed.py (test_a_mid_run_checkpoint_consolidates_to_the_live_model);
 here a one-process fsdp2 run (its checkpoint is DCP shards all the same) feeds the commands that
-read model folders, and bad input gets one line.
+read model folders, a reward model keeps its head, and bad input gets one line.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from omni.cli.main import main
 
@@ -40,6 +41,26 @@ def test_a_consolidated_fsdp2_checkpoint_exports_chats_and_evaluates(fsdp2_check
     main(["-q", "eval", str(model), "--data", str(tiny_corpus), "--limit", "2", "--batch-size", "4"])
     printed = capsys.readouterr().out
     assert f"model folder: {model}" in printed and "accuracy" in printed
+
+
+def test_a_reward_model_checkpoint_consolidates_with_its_head(tmp_path, monkeypatch):
+    """method rm trains a wrapper (the LM plus a value head): the consolidated folder is a reward
+    model folder whose rewards are the live ones at the checkpoint's step (fsdp2, one process)."""
+    import omni.train.trainer as trainer
+    from omni.align.objectives.rm import RewardModel
+    from omni.train.config import load_stage
+    from tests.integration.observed_train import live_logits, observed_save
+
+    main(["-q", "align", "synth", "--out", str(tmp_path / "synth")])
+    synth = tmp_path / "synth"
+    monkeypatch.setattr(trainer, "save_resumable", observed_save(trainer.save_resumable))
+    trainer.train_stage(load_stage(ROOT / "omni/align/configs/tiny_rm.yaml", [
+        f"init_from={synth}/base", f"data.records={synth}/pref_train.jsonl", "data.eval=null", "steps=2",
+        "checkpoint.interval=1", "engine=fsdp2"]), tmp_path / "rm", progress=False)
+    main(["-q", "consolidate", str(tmp_path / "rm/checkpoints/step-00000001"), "--out", str(tmp_path / "model")])
+    reward_model, tokenizer = RewardModel.from_pretrained(tmp_path / "model")
+    live = torch.load(tmp_path / "rm/live-logits/step-00000001.pt")
+    torch.testing.assert_close(live_logits(reward_model, tokenizer), live, rtol=0, atol=1e-5)
 
 
 def test_bad_input_gets_one_line(fsdp2_checkpoint, tmp_path):
