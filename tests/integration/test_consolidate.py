@@ -3,7 +3,8 @@
 That the consolidated weights are the live model's, for a 2-process run of every engine, is in
 tests/integration/test_distributed.py (test_a_mid_run_checkpoint_consolidates_to_the_live_model);
 here a one-process fsdp2 run (its checkpoint is DCP shards all the same) feeds the commands that
-read model folders, a reward model keeps its head, and bad input gets one line.
+read model folders, a reward model keeps its head, frozen modules survive ZeRO-3, and bad input
+gets one line.
 """
 from __future__ import annotations
 
@@ -61,6 +62,30 @@ def test_a_reward_model_checkpoint_consolidates_with_its_head(tmp_path, monkeypa
     reward_model, tokenizer = RewardModel.from_pretrained(tmp_path / "model")
     live = torch.load(tmp_path / "rm/live-logits/step-00000001.pt")
     torch.testing.assert_close(live_logits(reward_model, tokenizer), live, rtol=0, atol=1e-5)
+
+
+def test_a_deepspeed_checkpoint_with_frozen_modules_consolidates(tiny_corpus, tmp_path):
+    """The 7B stages freeze most of the model: ZeRO-3 saves frozen parameters apart from the
+    optimizer's partitions, and zero_to_fp32 must bring both back (one process, in its own)."""
+    import os
+    import subprocess
+    import sys
+
+    from omni.model.load import load_model
+    from tests.integration.observed_train import live_logits
+
+    run = tmp_path / "zero3"
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("observed_train.py")), "-q", "train",
+                           str(ROOT / "stages/tiny/2_sft.yaml"), "--out", str(run), f"data.manifest={tiny_corpus}",
+                           "init_from=null", "steps=2", "checkpoint.interval=1", "batch.micro_batch=2",
+                           "data.shuffle_buffer=20", "engine=deepspeed", "zero_stage=3",
+                           "trainable=[projectors.image.*,encoders.image.*,llm.model.layers.1.*]"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    main(["-q", "consolidate", str(run / "checkpoints/step-00000001"), "--out", str(tmp_path / "model")])
+    model, tokenizer = load_model(tmp_path / "model")
+    torch.testing.assert_close(live_logits(model, tokenizer), torch.load(run / "live-logits/step-00000001.pt"),
+                               rtol=0, atol=1e-5)
 
 
 def test_bad_input_gets_one_line(fsdp2_checkpoint, tmp_path):
