@@ -83,15 +83,24 @@ def latest_resumable(ckpt_root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_resumable(path: Path, engine) -> dict:
-    """Restore the engine's state in place; returns the rest of the checkpoint: step, samples and
-    counters (each rank's), config."""
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer state; `engine` names what wrote its weights (omni consolidate reads it too)."""
+    if not (path / STATE).is_file():
+        raise ConfigError(f"{path}: no {STATE}; not a checkpoint omni wrote (a checkpoints/step-N folder)")
     try:  # tensors, numbers and strings only: a checkpoint from elsewhere cannot run code here
         state = torch.load(path / STATE, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several kinds for a refused or torn file
         raise ConfigError(f"{path / STATE}: not a training state omni wrote ({type(e).__name__}: "
                           f"{str(e).splitlines()[0]}); remove {path} to resume from an earlier checkpoint") from None
-    written_by = state.get("engine", "ddp")  # checkpoints from before engines were named are ddp's
+    state.setdefault("engine", "ddp")  # checkpoints from before engines were named are ddp's
+    return state
+
+
+def load_resumable(path: Path, engine) -> dict:
+    """Restore the engine's state in place; returns the rest of the checkpoint: step, samples and
+    counters (each rank's), config."""
+    state = read_state(path)
+    written_by = state["engine"]
     world_size = state.get("world_size", len(state["samples"]))
     if (written_by, world_size) != (engine.description, engine.world.size):
         raise ConfigError(
