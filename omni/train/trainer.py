@@ -5,9 +5,10 @@ ddp, fsdp2, deepspeed ZeRO-2/3), with the stage's objective (`method:` sft, dpo 
 omni/align/objectives/). Per step: `grad_accum` micro-batches, gradient clipping, AdamW with
 per-group learning rates, warmup + cosine. Console progress bar plus a JSONL metrics file (with
 `log.profile`: tokens/s, model TFLOP/s and MFU); held-out records (`data.eval`) scored by the objective
-before, every `eval_interval` steps and after (`eval.jsonl`, `eval.json`); resumable checkpoints
-every `checkpoint.interval` steps; the final model is written atomically to `<out>/final/`, the
-folder the next stage's `init_from` points at.
+before, every `eval_interval` steps and after (`eval.jsonl`, `eval.json`); with `log.samples` every
+step's samples (`samples.jsonl`); resumable checkpoints every `checkpoint.interval` steps (ddp and
+fsdp2 resume them on another number of processes too); the final model is written atomically to
+`<out>/final/`, the folder the next stage's `init_from` points at.
 """
 from __future__ import annotations
 
@@ -261,7 +262,7 @@ def _check_resume_config(saved: dict, now: dict, where: Path, allowed: bool, pro
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and not k.startswith(FREE_ON_RESUME)]
     split = ("batch.micro_batch", "batch.grad_accum")
-    (p0, m0, a0), (p1, m1, a1) = ((p, d["batch.micro_batch"], d["batch.grad_accum"]) for p, d in zip(processes, (old, new)))
+    (p0, m0, a0), (p1, m1, a1) = ((p, d[split[0]], d[split[1]]) for p, d in zip(processes, (old, new), strict=True))
     hint = ""
     if p0 * m0 * a0 == p1 * m1 * a1:
         changed = [c for c in changed if not c.startswith(split)]
@@ -274,7 +275,8 @@ def _check_resume_config(saved: dict, now: dict, where: Path, allowed: bool, pro
         return
     if not allowed:
         raise ConfigError(f"{where} was written with another config ({'; '.join(changed)}); resuming would not "
-                          f"continue that run exactly{hint}. Train into a new --out folder, or pass --resume-with-changes")
+                          f"continue that run exactly{hint}. Train into a new --out folder, or pass "
+                          "--resume-with-changes")
     log.warning("resuming %s with changed config: %s", where, "; ".join(changed))
 
 

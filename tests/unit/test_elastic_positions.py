@@ -17,8 +17,9 @@ def _make(record: dict) -> int:
 
 
 def _ranks(world: int) -> list[RecordStream]:
+    records = [{"i": i, "__where__": f"line {i}"} for i in range(23)]
     counter = SkipCounter(max_fraction=0.9)
-    return [RecordStream([{"i": i, "__where__": f"line {i}"} for i in range(23)], 7, _make, counter, rank=r, world_size=world) for r in range(world)]
+    return [RecordStream(records, 7, _make, counter, rank=r, world_size=world) for r in range(world)]
 
 
 def test_old_checkpoints_positions_are_read_as_counts_per_rank():
