@@ -7,7 +7,8 @@ position in the shared stream, shows none twice and none left out, step for step
 uninterrupted run's. The weights and the optimizer state reshard: the losses after the resume and
 the final weights match the uninterrupted run's up to float summation order (1 process sums a
 step's two micro-batches, 2 sum theirs across ranks): rel 1e-5 for the loss, atol 1e-5 for the
-weights (measured: 1e-7 and 6e-7), where a resume that lost the optimizer state is off by 4e-3."""
+weights (measured: 1e-7 and 6e-7), where a resume that lost the optimizer state is off by 4e-3.
+Another global batch is refused, naming the batch.grad_accum that keeps it."""
 from __future__ import annotations
 
 import json
@@ -87,3 +88,19 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(engine, tiny_corpus
         assert a.keys() == b.keys()
         for k in a:  # updated with the resharded optimizer state after the resume
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_another_global_batch_is_refused_with_the_value_that_keeps_it(tiny_corpus):
+    from omni.config import ConfigError, to_dict
+    from omni.train.trainer import _check_resume_config
+
+    def config(*batch):
+        return to_dict(load_stage(STAGE, [f"data.manifest={tiny_corpus}", *COMMON, *batch]))
+
+    written = config("batch.micro_batch=4")  # on 8 processes: a global batch of 32
+    for batch, processes in ((("batch.micro_batch=4", "batch.grad_accum=2"), 4), (("batch.micro_batch=8",), 4),
+                             (("batch.micro_batch=2", "batch.grad_accum=16"), 1)):
+        _check_resume_config(written, config(*batch), Path("ckpt"), False, (8, processes))  # the same 32
+    with pytest.raises(ConfigError, match=r"8 x 4 x 1 = 32 -> 4 x 4 x 1 = 16\); .*"
+                                          r"on 4 process\(es\) batch\.grad_accum=2 keeps the global batch"):
+        _check_resume_config(written, written, Path("ckpt"), False, (8, 4))
