@@ -59,6 +59,7 @@ class Engine:
     (omni/train/config.py StageConfig, which reads the names here)."""
     name = "ddp"
     shards_modules = False  # weights gathered / gradients reduced per module: all ranks must run the same ones
+    elastic = True  # a checkpoint resumes on another number of processes (ddp: full state; fsdp2: DCP reshards)
     # the memory layouts `omni plan` knows this engine by: name -> (weights, gradients, optimizer
     # state) sharded over the ranks (omni/plan.py)
     layouts = {"ddp": (False, False, False)}
@@ -291,6 +292,7 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
     shards_modules = True  # ZeRO-3 gathers per module; ZeRO-2 reduces gradient buckets per micro-batch
     layouts = {f"zero{z}": (z == 3, True, True) for z in ZERO_STAGES}  # ZeRO-2: gradients + optimizer
+    elastic = False  # one optimizer partition per rank, laid out for that world size
 
     @classmethod
     def layout(cls, cfg) -> str:

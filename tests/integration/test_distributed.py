@@ -4,9 +4,10 @@ Real torchrun with the gloo backend: 2 processes x micro-batch 2 must give the l
 1 process x micro-batch 4, and of 1 process x micro-batch 2 x accumulation 2 (ddp, fsdp2);
 DeepSpeed ZeRO-2 and ZeRO-3 over 2 processes must give the curve of one DeepSpeed process.
 A run killed with SIGKILL resumes step for step (ddp, fsdp2); DeepSpeed resumes exactly from a
-mid-run checkpoint. ZeRO-3 builds the weights on rank 0 only. `omni consolidate` turns a mid-run
-checkpoint of each engine into a model folder whose logits are the live model's at that step
-(the 2-process runs go through observed_train.py, which records them).
+mid-run checkpoint, and refuses one written by another number of processes (ddp and fsdp2 take it:
+tests/integration/test_elastic_resume.py). ZeRO-3 builds the weights on rank 0 only. `omni consolidate`
+turns a mid-run checkpoint of each engine into a model folder whose logits are the live model's at
+that step (the 2-process runs go through observed_train.py, which records them).
 """
 from __future__ import annotations
 
@@ -201,9 +202,12 @@ def test_resuming_with_another_engine_or_world_size_is_refused(tiny_corpus, tmp_
     (tmp_path / "final").rename(tmp_path / "done")
     with pytest.raises(ConfigError, match="engine ddp with 1 process.*this run is fsdp2 with 1"):
         train_stage(load_stage(ROOT / "stages/tiny/2_sft.yaml", [*args, "engine=fsdp2"]), tmp_path, progress=False)
-    done = subprocess.run(_command(tmp_path, tiny_corpus, "batch.micro_batch=2", nproc=2), check=False, capture_output=True,
-                          text=True, env=ENV, timeout=600)
-    assert done.returncode != 0 and "ddp with 1 process(es); this run is ddp with 2" in done.stderr
+    # another number of processes is fine for ddp (tests/integration/test_elastic_resume.py), another global batch is not
+    done = subprocess.run(_command(tmp_path, tiny_corpus, *args[2:], "steps=2", "optim.lr=3e-4", nproc=2), check=False,
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode != 0
+    assert "(global batch (processes x batch.micro_batch x batch.grad_accum): 1 x 2 x 1 = 2 -> 2 x 2 x 1 = 4)" \
+        in done.stderr and "batch.grad_accum=" not in done.stderr  # 2 processes cannot make 2 of micro-batches of 2
 
 
 def test_profile_reports_mfu_against_a_configured_peak(tiny_corpus, tmp_path):
@@ -254,6 +258,20 @@ def test_deepspeed_two_processes_equal_one_process(stage, deepspeed_one_process,
     assert config["zero_optimization"]["stage"] == stage and config["train_batch_size"] == 4
     shards = sorted(p.name for p in (run / "checkpoints/step-00000003/deepspeed").glob("*optim_states.pt"))
     assert len(shards) == 2  # DeepSpeed's own checkpoint: one optimizer shard per rank
+
+
+def test_deepspeed_refuses_to_resume_on_another_number_of_processes(zero3_run, tiny_corpus, tmp_path):
+    """ZeRO's checkpoint holds one optimizer partition per rank: a clear refusal, not a wrong run."""
+    from omni.config import ConfigError
+    from omni.train.config import load_stage
+    from omni.train.trainer import train_stage
+
+    shutil.copytree(zero3_run, tmp_path / "run", ignore=shutil.ignore_patterns("final"))
+    args = [f"data.manifest={tiny_corpus}", "init_from=null", f"steps={STEPS}", "log.interval=1", "data.shuffle_buffer=20",
+            "optim.lr=3e-3", "batch.micro_batch=4", "engine=deepspeed", "zero_stage=3", "checkpoint.interval=1"]
+    with pytest.raises(ConfigError, match=r"deepspeed-zero3 with 2 process\(es\); this run is deepspeed-zero3 with 1\. "
+                                          r".*cannot be re-split: resume on 2 process\(es\)"):
+        train_stage(load_stage(ROOT / "stages/tiny/2_sft.yaml", args), tmp_path / "run", progress=False)
 
 
 def test_deepspeed_zero3_resumes_from_a_mid_run_checkpoint_exactly(zero3_run, tiny_corpus, tmp_path):
