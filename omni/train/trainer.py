@@ -89,6 +89,12 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
 
     objective = OBJECTIVES[cfg.method](cfg)
     engine = build_engine(cfg, world)
+    # a checkpoint this run cannot continue is refused before any weights are built
+    resume = latest_resumable(out_dir / "checkpoints")
+    saved = read_resumable(resume, engine) if resume is not None else None
+    if saved is not None:
+        _check_resume_config(saved["config"], to_dict(cfg), resume, resume_with_changes,
+                             (saved["world_size"], world.size))
     model, tokenizer = init_model(cfg, skeleton=engine.weights_from_rank0 and not world.main)
     # the backend for the dtype the forwards run in (autocast's under bf16): FlashAttention-2 never in fp32
     log.info("stage %s: %s attention", cfg.name, model.use_attention(PRECISION_DTYPE[cfg.precision], world.device))
@@ -110,12 +116,8 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
     stream = training_stream(cfg.data, records, cfg.seed, objective.make, counter, world.rank, world.size)
     step = 0
     ckpt_root = out_dir / "checkpoints"
-    resume = latest_resumable(ckpt_root)
-    if resume is not None:
-        saved = read_resumable(resume, engine)
+    if saved is not None:
         step = saved["step"]
-        _check_resume_config(saved["config"], to_dict(cfg), resume, resume_with_changes,
-                             (saved["world_size"], world.size))
         with counter.replaying(_own_counts(saved["counters"], world)):
             stream.restore(saved["samples"])  # re-split over this run's processes where they differ
         load_resumable(resume, saved, engine)  # last: the RNGs are the checkpoint's whatever the replay drew
