@@ -39,3 +39,25 @@ def trained_tiny(tiny_corpus, tmp_path_factory):
     cfg = load_stage(root / "stages/tiny/2_sft.yaml", [f"data.manifest={tiny_corpus}", "init_from=null",
                                                       "steps=24", "batch.micro_batch=8", "optim.lr=3e-3"])
     return train_stage(cfg, tmp_path_factory.mktemp("trained-tiny"), progress=False)
+
+
+# Qwen2-7B's published config.json (the 7B preset's `llm.pretrained`), for tests that need the 7B
+# architecture where the hub is out of reach: every rank and `omni plan` read it the same way
+QWEN2_7B_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
+    "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "max_position_embeddings": 131072, "max_window_layers": 28, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "hidden_act": "silu", "sliding_window": 131072, "use_sliding_window": False, "tie_word_embeddings": False,
+    "bos_token_id": 151643, "eos_token_id": 151643, "attention_dropout": 0.0, "initializer_range": 0.02,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.fixture(scope="session")
+def qwen2_7b(tmp_path_factory) -> list[str]:
+    """Model overrides that point the 7B preset's LLM at a local folder holding Qwen2-7B's config.json."""
+    import json
+
+    folder = tmp_path_factory.mktemp("qwen2-7b-config")
+    (folder / "config.json").write_text(json.dumps(QWEN2_7B_CONFIG))
+    return [f"llm.pretrained={folder}"]
