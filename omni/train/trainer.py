@@ -25,6 +25,7 @@ from omni.data.loader import SkipCounter
 from omni.data.training import held_out, training_records, training_stream
 from omni.distributed import World
 from omni.modalities import MODALITIES
+from omni.model.architecture import check_same_model
 from omni.model.load import load_model, save_model_dir
 from omni.model.omni_model import OmniModel
 from omni.model.processor import OmniProcessor
@@ -85,6 +86,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
     objective = OBJECTIVES[cfg.method](cfg)
     engine = build_engine(cfg, world)
     model, tokenizer = init_model(cfg, skeleton=engine.weights_from_rank0 and not world.main)
+    check_same_model(world, model)  # before rank 0's weights go anywhere
     processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
     records = training_records(cfg.data)
     evals = held_out(cfg.data)
