@@ -41,23 +41,14 @@ def trained_tiny(tiny_corpus, tmp_path_factory):
     return train_stage(cfg, tmp_path_factory.mktemp("trained-tiny"), progress=False)
 
 
-# Qwen2-7B's published config.json (the 7B preset's `llm.pretrained`), for tests that need the 7B
-# architecture where the hub is out of reach: every rank and `omni plan` read it the same way
-QWEN2_7B_CONFIG = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
-    "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-    "max_position_embeddings": 131072, "max_window_layers": 28, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-    "hidden_act": "silu", "sliding_window": 131072, "use_sliding_window": False, "tie_word_embeddings": False,
-    "bos_token_id": 151643, "eos_token_id": 151643, "attention_dropout": 0.0, "initializer_range": 0.02,
-    "torch_dtype": "bfloat16",
-}
-
-
 @pytest.fixture(scope="session")
 def qwen2_7b(tmp_path_factory) -> list[str]:
-    """Model overrides that point the 7B preset's LLM at a local folder holding Qwen2-7B's config.json."""
-    import json
+    """Model overrides that point the 7B preset's LLM at a local folder holding Qwen2-7B's published
+    config.json (bench/qwen2_7b_config.json), for tests that need the 7B architecture where the hub is
+    out of reach: every rank and `omni plan` read it the way they read the hub's."""
+    import shutil
+    from pathlib import Path
 
     folder = tmp_path_factory.mktemp("qwen2-7b-config")
-    (folder / "config.json").write_text(json.dumps(QWEN2_7B_CONFIG))
+    shutil.copy(Path(__file__).resolve().parents[1] / "bench/qwen2_7b_config.json", folder / "config.json")
     return [f"llm.pretrained={folder}"]
