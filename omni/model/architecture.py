@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from omni.config import ConfigError
@@ -34,7 +35,10 @@ def llm_config(cfg):
         if "model_type" not in kwargs:
             raise ConfigError("llm.hf_config: a random-init LLM (llm.pretrained: null) needs a full transformers "
                               "config with model_type (e.g. qwen2); or name a checkpoint in llm.pretrained")
-        return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        try:
+            return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        except (TypeError, ValueError, StrictDataclassError) as e:
+            raise ConfigError(f"llm.hf_config: not a valid transformers config ({str(e).splitlines()[-1].strip()})") from None
     try:
         config = AutoConfig.from_pretrained(llm.pretrained)
     except (OSError, ValueError) as e:
@@ -60,8 +64,9 @@ def _conflicts(config, expected: dict) -> list[str]:
     kwargs = {k: v for k, v in expected.items() if k != "model_type"}
     try:
         want, default = type(config)(**kwargs).to_dict(), type(config)().to_dict()
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"llm.hf_config: not a valid {config.model_type} config ({e})") from None
+    except (TypeError, ValueError, StrictDataclassError) as e:
+        raise ConfigError(f"llm.hf_config: not a valid {config.model_type} config "
+                          f"({str(e).splitlines()[-1].strip()})") from None
     base = config.to_dict()
     touched = {k for k in want if k in kwargs or want[k] != default.get(k)}
     return [f"{k}: {want[k]!r} vs {base.get(k)!r}" for k in sorted(touched)
