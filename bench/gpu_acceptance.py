@@ -60,8 +60,8 @@ def llm_architecture(layers: int) -> tuple[dict, str]:
         config, source = AutoConfig.from_pretrained(QWEN2_7B, local_files_only=True).to_dict(), f"{QWEN2_7B} (cache)"
     except OSError:
         config, source = json.loads((ROOT / "bench/qwen2_7b_config.json").read_text()), "bench/qwen2_7b_config.json"
-    keep = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-            "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_parameters", "tie_word_embeddings")
+    keep = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "rms_norm_eps",
+            "num_key_value_heads", "max_position_embeddings", "rope_theta", "rope_parameters", "tie_word_embeddings")
     return {**{k: config[k] for k in keep if k in config}, "num_hidden_layers": layers}, source
 
 

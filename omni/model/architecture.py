@@ -38,7 +38,8 @@ def llm_config(cfg):
         try:
             return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
         except (TypeError, ValueError, StrictDataclassError) as e:
-            raise ConfigError(f"llm.hf_config: not a valid transformers config ({str(e).splitlines()[-1].strip()})") from None
+            raise ConfigError(f"llm.hf_config: not a valid transformers config "
+                              f"({str(e).splitlines()[-1].strip()})") from None
     try:
         config = AutoConfig.from_pretrained(llm.pretrained)
     except (OSError, ValueError) as e:

@@ -100,7 +100,8 @@ def test_ranks_that_built_different_models_are_named():
     ours = summary(meta_model("tiny"))
     other = summary(meta_model("tiny", ["llm.hf_config.num_hidden_layers=1"]))
     lines = disagreements([ours, ours, other])
-    assert len(lines) == 1 and lines[0].startswith("rank 2: LLM config") and "num_hidden_layers: 1 (rank 0: 2)" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("rank 2: LLM config")
+    assert "num_hidden_layers: 1 (rank 0: 2)" in lines[0]
     towers = summary(meta_model("tiny", ["image.vision_cfg.layers=1"]))
     assert disagreements([ours, towers]) == ["rank 1: parameter names, shapes or dtypes"]
 

@@ -79,6 +79,10 @@ def test_a_launch_that_cannot_fit_stops_at_once_with_the_plan(tmp_path, monkeypa
     assert "does not fit" in message and "1 x 0.05 GiB, engine ddp" in message
     assert "does NOT fit in 0.05 GiB" in message and "engine=fsdp2" in message and "torchrun" in message
     assert not (tmp_path / "run").exists()
+    # a schedule: its first stage is refused before any stage trains
+    with pytest.raises(SystemExit, match="stage stage1-image-projector does not fit"):
+        main(["schedule", str(ROOT / "stages/tiny/schedule.yaml"), "--out", str(tmp_path / "sched")])
+    assert not (tmp_path / "sched").exists()
     cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml", ["init_from=null"])
     monkeypatch.setenv("OMNI_GPU_MEM_GIB", "80")
     refuse_if_it_cannot_fit(cfg)  # fits: nothing to say
