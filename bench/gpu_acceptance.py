@@ -159,7 +159,7 @@ def train_steps(cfg, world: World, steps: int, device) -> dict:
     result = {"loss": losses[0], "last_loss": losses[-1], "tokens_per_s": sum(lengths) / seconds, "tflops": tflops,
               "mfu": tflops / peak if peak else None, "tokens": sum(lengths), "seconds": seconds, "steps": steps,
               "peak_gib": (torch.cuda.max_memory_allocated(device) - before) / GIB if device.type == "cuda" else None}
-    del engine, module, model, batch, loss
+    del engine, module, model, batch, loss, flops  # the counter holds the model too
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
