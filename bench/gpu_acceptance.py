@@ -34,7 +34,7 @@ from omni.data.packing import collate_packed
 from omni.data.records import record_from_raw
 from omni.data.synth import SynthConfig, iter_samples
 from omni.distributed import World
-from omni.model.omni_model import attention_backend
+from omni.model.omni_model import PRECISION_DTYPE
 from omni.model.processor import OmniProcessor, collate
 from omni.modalities import MODALITIES
 from omni.plan import GIB, plan_stage
@@ -96,8 +96,7 @@ def examples(processor, objective, n: int, seed: int = 0) -> list:
 def packed_vs_alone(model, made: list, pad_id: int, device, autocast) -> float:
     """Largest |logit difference| between samples packed into one row (`collate_packed`) and the
     same samples alone, relative to the largest |logit|."""
-    budget = sum(len(e.input_ids) for e in made)
-    packed, _ = collate_packed(made, budget, pad_id)
+    packed, _ = collate_packed(made)
     packed = packed.to(device)
     with autocast():
         row = model(packed.input_ids, packed.attention_mask, media=packed.media,
@@ -125,6 +124,7 @@ def train_steps(cfg, world: World, steps: int, device) -> dict:
     seed_everything(cfg.seed)  # every engine starts from the same weights: their first losses agree
     with torch.device(device):
         model, tokenizer = init_model(cfg)
+    model.use_attention(PRECISION_DTYPE[cfg.precision], device)  # as the trainer does: FA2 for bf16 on a GPU
     processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
     module = objective.prepare(model, tokenizer, processor, Path("unused"), None, [], world)
     set_trainable(module, objective.trainable(list(cfg.trainable)))
@@ -172,13 +172,13 @@ def parity(cfg, device) -> tuple[float, str]:
     with torch.device(device):
         model, tokenizer = init_model(cfg)
     model.eval()
+    backend = model.use_attention(PRECISION_DTYPE[cfg.precision], device)
     processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
     objective.prepare(model, tokenizer, processor, Path("unused"), None, [], World(device=device))
     made = examples(processor, objective, 5, seed=1)
     bf16 = cfg.precision == "bf16"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else torch.no_grad
     worst = packed_vs_alone(model, made, tokenizer.pad_token_id, device, autocast)
-    backend = model.llm.config._attn_implementation
     del model
     gc.collect()
     return worst, backend
@@ -237,11 +237,10 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="reduced width on the CPU (also the default without CUDA)")
     p.add_argument("--layers", type=int, default=2, help="LLM layers at the 7B width")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per engine; the last is measured")
-    p.add_argument("--pack", type=int, default=4096, help="tokens per packed row (one row per micro-batch)")
+    p.add_argument("--pack", type=int, default=4096, help="batch.tokens_per_pack: the packed row length omni plan assumes")
     p.add_argument("--samples", type=int, default=12, help="samples in the micro-batch (12 synthetic ones fill "
                                                            "~3.5k tokens of the 7B preset: one packed row)")
     args = p.parse_args()
-    print(f"attention auto -> {attention_backend('auto')}")
     print(table(run(args.cpu, args.layers, args.steps, args.pack, args.samples)))
 
 
