@@ -17,11 +17,20 @@ Accounting as omni's engines hold memory (bytes; N = data-parallel GPUs):
   doubled in fp32;
 - logits: b*s*V*4 bytes (the fp32 logits the loss reads).
 It is an estimate (no allocator fragmentation, no temporary buffers): keep ~10% headroom.
+
+The model planned is the stage's own (its preset with `model_overrides`, or its `init_from` folder),
+built on the meta device the way every training rank builds it (omni/model/architecture.py).
+`refuse_if_it_cannot_fit` is the same plan at launch: a stage that cannot fit stops before any
+weights are built, with the table and what to change.
 """
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from omni.config import ConfigError
 from omni.model.table import meta_model
@@ -73,7 +82,7 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
         raise ConfigError(f"engine {engine!r}: choose one of {list(LAYOUTS)}")
     if gpus < 1 or gpu_gib <= 0:
         raise ValueError("need gpus >= 1 and gpu memory > 0")
-    model = meta_model(cfg.preset)
+    model = stage_meta_model(cfg)
     names = {n: p.numel() for n, p in model.named_parameters()}
     trainable = sum(n for name, n in names.items() if any(fnmatch.fnmatchcase(name, g) for g in cfg.trainable))
     total = sum(names.values())
@@ -109,6 +118,60 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
         ("logits (fp32)", b * tokens * llm.vocab_size * 4 / GIB),
     ]
     return Plan(rows, gpu_gib)
+
+
+def stage_meta_model(cfg: StageConfig):
+    """The stage's model on the meta device: its `init_from` folder when it is one (no weights read),
+    else its preset with `model_overrides` (a schedule's `init_from: previous` starts from the same
+    architecture as the stage before, which the preset describes)."""
+    if cfg.init_from and Path(cfg.init_from).is_dir():
+        from omni.model.load import load_model
+
+        with torch.device("meta"):
+            return load_model(cfg.init_from, cfg.model_overrides, weights=False)[0]
+    if cfg.preset is None:
+        raise ConfigError(f"init_from {cfg.init_from!r} is not a model folder and there is no preset to plan from")
+    return meta_model(cfg.preset, cfg.model_overrides)
+
+
+GPU_MEM_ENV = "OMNI_GPU_MEM_GIB"  # plan a launch against this many GiB per device (default: the GPU's own)
+
+
+def refuse_if_it_cannot_fit(cfg: StageConfig) -> None:
+    """Stop a launch that `omni plan` says cannot fit, before any weights are built or any collective:
+    the plan for this launch's processes (WORLD_SIZE, set by torchrun) on this GPU's memory (or
+    `OMNI_GPU_MEM_GIB`), and what to change. Nothing to check against on a CPU without
+    `OMNI_GPU_MEM_GIB`."""
+    gpus = int(os.environ.get("WORLD_SIZE", "1"))
+    budget = os.environ.get(GPU_MEM_ENV)
+    if budget is not None:
+        try:
+            gpu_gib = float(budget)
+        except ValueError:
+            raise ConfigError(f"{GPU_MEM_ENV}={budget!r}: expected GiB per device, e.g. 80") from None
+    elif torch.cuda.is_available():
+        device = int(os.environ.get("LOCAL_RANK", "0"))
+        gpu_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+    else:
+        return
+    plan = plan_stage(cfg, gpus, gpu_gib)
+    if plan.fits:
+        return
+    engine = stage_layout(cfg)
+    advice = ["more GPUs: torchrun --nproc_per_node N (and --nnodes) shards or splits the work"]
+    if engine in ("ddp", "zero2"):
+        advice.append("engine=fsdp2, or engine=deepspeed zero_stage=3: shard the weights too")
+    if not cfg.activation_checkpointing:
+        advice.append("activation_checkpointing=true")
+    if cfg.batch.tokens_per_pack:
+        advice.append("a smaller batch.tokens_per_pack")
+    elif cfg.batch.micro_batch > 1:
+        advice.append("a smaller batch.micro_batch (with a larger batch.grad_accum for the same step)")
+    if cfg.precision != "bf16":
+        advice.append("precision=bf16")
+    raise ConfigError(f"stage {cfg.name} does not fit: `omni plan` for {gpus} x {gpu_gib:g} GiB, engine {engine}:\n"
+                      f"{plan.table()}\nTo fit, try: " + "; ".join(advice)
+                      + f" (check with `omni plan STAGE.yaml --gpus N --gpu-mem {gpu_gib:g}`)")
 
 
 def _gathered_params(model) -> int:

@@ -23,8 +23,11 @@ from omni.tokenizer import TINY_TOKENIZER
 
 @dataclass
 class LLMConfig:
-    hf_config: dict[str, Any]           # transformers config kwargs incl. model_type (random init / meta)
-    pretrained: str | None = None       # HF name or dir: weights (and config) via from_pretrained
+    # the architecture (omni/model/architecture.py): a named LLM's own config.json; `hf_config` is
+    # the full transformers config (with model_type) of a random-init LLM, or, next to `pretrained`,
+    # keys the checkpoint's config must agree with
+    pretrained: str | None = None       # HF name or local folder: weights and config via from_pretrained
+    hf_config: dict[str, Any] = field(default_factory=dict)
     attn_implementation: str = "auto"   # auto: flash_attention_2 on a GPU with flash-attn, else sdpa
     norm_head: bool = False             # Baichuan 2 NormHead (omni/model/baichuan2.py)
     max_z_loss: float = 0.0             # Baichuan 2 max-z loss coefficient (2e-4 in the report); 0: off
@@ -48,32 +51,32 @@ class ModelConfig:
     audio: AudioTowerConfig
     video: VideoSamplingConfig
     projectors: dict[str, ProjectorConfig]  # one per modality in MODALITIES
-    tokenizer: str                      # "synth-wordlevel" (offline tiny) or an HF name/dir
+    # "synth-wordlevel" (offline tiny), an HF name/dir, or null: the LLM's own (llm.pretrained's), so
+    # a preset names its tokenizer with its LLM and changing llm.pretrained changes both
+    tokenizer: str | None = None
     anyres: AnyResConfig = field(default_factory=AnyResConfig)  # image tiling; max_tiles 0: one tile
 
     def __post_init__(self):
         missing = [m for m in MODALITIES if m not in self.projectors]
         if missing:
             raise ConfigError(f"projectors: missing entries for {missing}")
+        if self.tokenizer is None:
+            if self.llm.pretrained is None:
+                raise ConfigError("tokenizer: a random-init LLM (llm.pretrained: null) has no tokenizer of its own; "
+                                  "name one (an HF name or folder)")
+            self.tokenizer = self.llm.pretrained
 
-
-_QWEN2_7B = dict(  # Qwen2-7B's published config
-    model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-    max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
 
 _SIZES: dict[str, dict[str, Any]] = {
     "7b": dict(
-        llm=dict(hf_config=_QWEN2_7B, pretrained="Qwen/Qwen2-7B"),
+        llm=dict(pretrained="Qwen/Qwen2-7B"),  # its config.json is the architecture, its tokenizer the tokenizer
         image=dict(open_clip_model="ViT-SO400M-14-SigLIP-384", pretrained="webli"),
         audio=dict(n_mels=128, n_ctx=1500, n_state=1280, n_head=20, n_layer=32, checkpoint="large-v3",
                    max_windows=8),  # 4 min = 3,000 audio tokens of the 32k context
         video=dict(fps=1.0, max_frames=48),
         anyres=dict(max_tiles=9, thumbnail=True),  # LLaVA-OneVision style: up to 3x3 tiles + thumbnail
         conv_stride=4,
-        tokenizer="Qwen/Qwen2-7B",
+        tokenizer=None,
     ),
     "tiny": dict(
         llm=dict(hf_config=dict(

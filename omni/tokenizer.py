@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from omni.config import ConfigError
 from omni.modalities import PLACEHOLDERS
 
 IM_START, IM_END, PAD, UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<unk>"
@@ -59,7 +60,12 @@ def load_tokenizer(spec: str):
         from omni.tiny_world import vocabulary
 
         return build_wordlevel_tokenizer(vocabulary())
-    tok = AutoTokenizer.from_pretrained(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tokenizer {spec}: cannot load a transformers tokenizer from it "
+                          f"({str(e).splitlines()[0].strip()}); name one in the model config's `tokenizer` "
+                          "(a Baichuan 2 checkpoint converted by omni.export.baichuan2 has none)") from None
     return prepare_tokenizer(tok)
 
 

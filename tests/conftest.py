@@ -39,3 +39,16 @@ def trained_tiny(tiny_corpus, tmp_path_factory):
     cfg = load_stage(root / "stages/tiny/2_sft.yaml", [f"data.manifest={tiny_corpus}", "init_from=null",
                                                       "steps=24", "batch.micro_batch=8", "optim.lr=3e-3"])
     return train_stage(cfg, tmp_path_factory.mktemp("trained-tiny"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def qwen2_7b(tmp_path_factory) -> list[str]:
+    """Model overrides that point the 7B preset's LLM at a local folder holding Qwen2-7B's published
+    config.json (bench/qwen2_7b_config.json), for tests that need the 7B architecture where the hub is
+    out of reach: every rank and `omni plan` read it the way they read the hub's."""
+    import shutil
+    from pathlib import Path
+
+    folder = tmp_path_factory.mktemp("qwen2-7b-config")
+    shutil.copy(Path(__file__).resolve().parents[1] / "bench/qwen2_7b_config.json", folder / "config.json")
+    return [f"llm.pretrained={folder}"]

@@ -49,6 +49,7 @@ def _synth(args) -> None:
 
 def _train(method: str):
     def run(args) -> None:
+        from omni.plan import refuse_if_it_cannot_fit
         from omni.train.config import load_stage
         from omni.train.trainer import train_stage
 
@@ -56,6 +57,7 @@ def _train(method: str):
         if cfg.method != method:
             sys.exit(f"omni align {method}: {args.config} has method: {cfg.method}; "
                      f"run it with `omni align {cfg.method}`")
+        refuse_if_it_cannot_fit(cfg)
         final = train_stage(cfg, args.out, progress=_progress(args))
         print(f"final model: {final}")
         if (Path(args.out) / "eval.json").is_file():

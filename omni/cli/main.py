@@ -27,6 +27,7 @@ def _synth(args) -> None:
 
 
 def _train(args) -> None:
+    from omni.plan import refuse_if_it_cannot_fit
     from omni.train.config import load_stage
     from omni.train.trainer import train_stage
 
@@ -35,14 +36,19 @@ def _train(args) -> None:
     if cfg.init_from == "previous":
         sys.exit(f"{args.config}: init_from: previous only works inside `omni schedule`; "
                  "pass init_from=PATH/TO/final")
+    refuse_if_it_cannot_fit(cfg)
     final = train_stage(cfg, args.out, progress=not args.quiet, resume_with_changes=args.resume_with_changes)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"final model: {final}")
 
 
 def _schedule(args) -> None:
+    from omni.plan import refuse_if_it_cannot_fit
+    from omni.train.config import load_schedule, load_stage
     from omni.train.schedule import run_schedule
 
+    for stage in load_schedule(args.schedule)[1]:  # every stage, before the first one trains
+        refuse_if_it_cannot_fit(load_stage(stage, args.overrides))
     final = run_schedule(args.schedule, args.out, args.overrides, progress=not args.quiet,
                          resume_with_changes=args.resume_with_changes)
     print(f"final model: {final}")

@@ -4,8 +4,9 @@ The key/weight/config conversion is omni.hf.baichuan2_convert; this writes the f
 
     python -m omni.export.baichuan2 SRC_DIR OUT_DIR
 
-writes a transformers Llama folder and prints the model overrides that put it in the LLM slot
-(`llm.pretrained=OUT_DIR llm.norm_head=true llm.hf_config=...`).
+writes a transformers Llama folder (weights and config.json, no tokenizer: Baichuan 2's needs remote
+code) and prints the model overrides that put it in the LLM slot
+(`llm.pretrained=OUT_DIR llm.norm_head=true llm.hf_config={}`: the architecture is OUT_DIR's config).
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def convert_baichuan2(src: str | Path, out: str | Path, max_shard_size: str = "5
         llama_cfg.save_pretrained(tmp)
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
         (tmp / "omni_baichuan2.json").write_text(json.dumps(
-            {"converted_from": str(src), "norm_head": True, "overrides": llm_overrides(out, llama_cfg)}, indent=2))
-    return llm_overrides(out, llama_cfg)
+            {"converted_from": str(src), "norm_head": True, "overrides": llm_overrides(out)}, indent=2))
+    return llm_overrides(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     overrides = convert_baichuan2(args.src, args.out, args.max_shard_size)
     print("model overrides for the LLM slot:\n  " + " ".join(f"'{o}'" for o in overrides))
+    print("no tokenizer was written (Baichuan 2's is remote code): also set 'tokenizer=NAME_OR_DIR' to a "
+          "transformers tokenizer with the checkpoint's vocabulary")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ safetensors only: convert a `pytorch_model.bin` first (e.g. `safetensors.torch.s
 `torch.load(path, weights_only=True)`) if you trust its source.
 
 This module converts keys, weights and config only; `python -m omni.export.baichuan2 SRC OUT`
-writes the converted transformers Llama folder.
+writes the converted transformers Llama folder. Not the tokenizer: Baichuan 2's is remote code
+(`trust_remote_code`), which omni never runs; name a transformers-loadable tokenizer with the same
+vocabulary in the model config's `tokenizer` (docs/decisions.md).
 """
 from __future__ import annotations
 
@@ -129,10 +131,8 @@ def load_baichuan2_as_llama(src: str | Path):
     return llama_cfg, state
 
 
-def llm_overrides(out: str | Path, llama_cfg) -> list[str]:
-    """Model overrides (preset or stage `model_overrides`) that put the converted LM in the LLM slot."""
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps")
-    hf = {"model_type": "llama", **{k: getattr(llama_cfg, k) for k in keys},
-          "rope_theta": ROPE_THETA, "tie_word_embeddings": False}
-    return [f"llm.pretrained={out}", "llm.norm_head=true", f"llm.hf_config={json.dumps(hf)}"]
+def llm_overrides(out: str | Path) -> list[str]:
+    """Model overrides (preset or stage `model_overrides`) that put the converted LM in the LLM slot:
+    its architecture is the converted folder's config.json (omni/model/architecture.py), so the
+    preset's random-init `llm.hf_config` is cleared rather than copied."""
+    return [f"llm.pretrained={out}", "llm.norm_head=true", "llm.hf_config={}"]

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from omni.config import ConfigError
 from omni.modalities import MODALITIES
+from omni.model.architecture import llm_config, with_architecture
 from omni.model.batch import MediaBatch
 from omni.model.composition import OmniComposition
 from omni.presets import ModelConfig, model_config_to_dict
@@ -76,14 +77,15 @@ def flash_attn_installed() -> bool:
 
 
 def build_llm(cfg: ModelConfig, pretrained: bool) -> nn.Module:
-    """The causal LM: pretrained weights by name/dir, or random init from the preset's sizes."""
-    llm_cfg = cfg.llm
-    attn = attention_backend(llm_cfg.attn_implementation)
-    if pretrained and llm_cfg.pretrained:
-        return AutoModelForCausalLM.from_pretrained(llm_cfg.pretrained, attn_implementation=attn, dtype=torch.float32)
-    kwargs = dict(llm_cfg.hf_config)
-    hf_cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn)
+    """The causal LM, in fp32 on every path: `llm.pretrained`'s weights, or random init; either way
+    on the architecture omni/model/architecture.py derives, so rank 0 (weights), the other ranks'
+    meta-device skeletons and `omni plan` build the same model."""
+    config = llm_config(cfg)
+    attn = attention_backend(cfg.llm.attn_implementation)
+    if pretrained and cfg.llm.pretrained:
+        return AutoModelForCausalLM.from_pretrained(cfg.llm.pretrained, config=config, attn_implementation=attn,
+                                                    dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
 
 
 class OmniModel(OmniComposition, nn.Module):
@@ -92,7 +94,7 @@ class OmniModel(OmniComposition, nn.Module):
 
     def __init__(self, cfg: ModelConfig, llm: nn.Module, token_ids: dict[str, int], pretrained: bool = False):
         super().__init__()
-        self.config = cfg
+        self.config = with_architecture(cfg, llm.config)
         image_cfg, audio_cfg = cfg.image, cfg.audio
         if not pretrained:  # towers stay random-init unless the preset's weights are wanted
             image_cfg = dataclasses.replace(image_cfg, pretrained=None)

@@ -26,6 +26,7 @@ from omni.data.loader import SkipCounter
 from omni.data.training import held_out, training_records, training_stream
 from omni.distributed import World
 from omni.modalities import MODALITIES
+from omni.model.architecture import check_same_model
 from omni.model.load import load_model, save_model_dir
 from omni.model.omni_model import PRECISION_DTYPE, OmniModel
 from omni.model.processor import OmniProcessor
@@ -96,6 +97,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
         _check_resume_config(saved["config"], to_dict(cfg), resume, resume_with_changes,
                              (saved["world_size"], world.size))
     model, tokenizer = init_model(cfg, skeleton=engine.weights_from_rank0 and not world.main)
+    check_same_model(world, model)  # before rank 0's weights go anywhere
     # the backend for the dtype the forwards run in (autocast's under bf16): FlashAttention-2 never in fp32
     log.info("stage %s: %s attention", cfg.name, model.use_attention(PRECISION_DTYPE[cfg.precision], world.device))
     processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)

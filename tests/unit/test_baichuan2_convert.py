@@ -117,6 +117,20 @@ def test_converted_checkpoint_fills_the_omni_llm_slot(baichuan_dir, tmp_path):
         torch.testing.assert_close(model(ids).logits, _reference_logits(state, CFG, ids), atol=1e-5, rtol=0)
 
 
+def test_the_converted_folder_has_no_tokenizer_and_says_so(baichuan_dir, tmp_path):
+    """Baichuan 2's tokenizer is remote code: the route needs a named tokenizer, and without one the
+    model config's default (the LLM's own) fails with one line saying what to do."""
+    from omni.model.omni_model import OmniModel
+    from omni.presets import build_preset
+
+    src, _ = baichuan_dir
+    overrides = convert_baichuan2(src, tmp_path / "llama")
+    assert not list((tmp_path / "llama").glob("tokenizer*"))
+    cfg = build_preset("tiny", [*overrides, "tokenizer=null"])  # null: the LLM's own, like the 7B preset
+    with pytest.raises(ConfigError, match=r"tokenizer .*llama: cannot load a transformers tokenizer"):
+        OmniModel.from_config(cfg)
+
+
 def test_unconvertible_layouts_are_refused(baichuan_dir, tmp_path):
     src, state = baichuan_dir
     alibi = dict(CFG)

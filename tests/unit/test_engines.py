@@ -181,12 +181,13 @@ def test_peak_flops_table_and_configured_peak():
     assert peak_tflops(cpu, "fp32", configured=2.5) == 2.5
 
 
-def test_every_7b_stage_fits_8_gpus_of_80_gib_on_its_own_engine():
+def test_every_7b_stage_fits_8_gpus_of_80_gib_on_its_own_engine(qwen2_7b):
     from omni.plan import plan_stage
     from omni.train.engines import stage_layout
 
     for path in sorted((ROOT / "stages/7b").glob("[12]*.yaml")):
         cfg = load_stage(path)
+        cfg.model_overrides += qwen2_7b  # Qwen2-7B's config.json, without the hub
         assert cfg.engine in ("fsdp2", "deepspeed") and stage_layout(cfg) in ("fsdp2", "zero3"), path.name
         plan = plan_stage(cfg, gpus=8, gpu_gib=80)  # the stage's own engine
         assert plan.fits, f"{path.name}:\n{plan.table()}"

@@ -136,18 +136,15 @@ def test_bfloat16_export_writes_bf16_weights_and_loads_back(tmp_path, tiny_model
     assert torch.equal(loaded.state_dict()["llm.model.embed_tokens.weight"], w.to(torch.bfloat16).float())
 
 
-def test_7b_transformers_model_has_omnimodel_keys_and_shapes():
+def test_7b_transformers_model_has_omnimodel_keys_and_shapes(qwen2_7b):
     """The SigLIP (timm) + whisper-large-v3 + Qwen2-7B layout, built on the meta device both ways."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from omni.export.modeling_omni import OmniForCausalLM
-    from omni.model.omni_model import OmniModel
+    from omni.model.omni_model import OmniModel, build_llm
     from omni.presets import build_preset
 
-    cfg = build_preset("7b", ["image.pretrained=null", "audio.checkpoint=null", "llm.pretrained=null"])
+    cfg = build_preset("7b", ["image.pretrained=null", "audio.checkpoint=null", *qwen2_7b])
     with torch.device("meta"):
-        kwargs = dict(cfg.llm.hf_config)
-        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs))
+        llm = build_llm(cfg, pretrained=False)
         model = OmniModel(cfg, llm, {"image": 151646, "video": 151647, "audio": 151648}, pretrained=False)
         hf = OmniForCausalLM(_hf_config(model))
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from omni.config import ConfigError
 from omni.model.table import meta_model
 from omni.plan import GIB, plan_stage
 from omni.train.config import load_stage
@@ -25,9 +26,10 @@ def test_fp32_full_training_is_16_bytes_per_parameter_plus_activations():
     assert rows["optimizer"] == pytest.approx(8 * p / GIB)  # the fp32 parameters are the master copy
 
 
-def test_sharding_and_frozen_parts():
+def test_sharding_and_frozen_parts(qwen2_7b):
     cfg = load_stage(ROOT / "stages/7b/1a_image_projector.yaml")  # only the image projector trains
-    model = meta_model("7b")
+    cfg.model_overrides += qwen2_7b
+    model = meta_model("7b", qwen2_7b)
     total = sum(x.numel() for x in model.parameters())
     proj = sum(x.numel() for x in model.projectors["image"].parameters())
     ddp = _rows(plan_stage(cfg, 8, 80, "ddp", 4096))
@@ -46,11 +48,13 @@ def test_sharding_and_frozen_parts():
     assert fsdp["gathered"] == pytest.approx(2 * (root + 2 * layer) / GIB)
 
 
-def test_7b_sft_fits_on_8_h100_with_fsdp2_but_not_with_ddp():
+def test_7b_sft_fits_on_8_h100_with_fsdp2_but_not_with_ddp(qwen2_7b):
     cfg = load_stage(ROOT / "stages/7b/2_sft.yaml")
+    cfg.model_overrides += qwen2_7b
     assert plan_stage(cfg, 8, 80, "fsdp2", 4096).fits
     assert not plan_stage(cfg, 8, 80, "ddp", 4096).fits
     no_ckpt = load_stage(ROOT / "stages/7b/2_sft.yaml", ["activation_checkpointing=false"])
+    no_ckpt.model_overrides += qwen2_7b
     with_ckpt = _rows(plan_stage(cfg, 8, 80, "fsdp2", 4096))
     assert _rows(plan_stage(no_ckpt, 8, 80, "fsdp2", 4096))["activations"] > 3 * with_ckpt["activations"]
 
@@ -59,3 +63,32 @@ def test_bad_engine_is_an_error():
     cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml")
     with pytest.raises(ValueError, match="engine"):
         plan_stage(cfg, 1, 1, "horovod", 256)
+
+
+def test_a_launch_that_cannot_fit_stops_at_once_with_the_plan(tmp_path, monkeypatch):
+    """`omni train` with a device budget (here OMNI_GPU_MEM_GIB; a GPU's own memory on a GPU) refuses a
+    stage the plan says cannot fit, before a weight is built or a file written, with what to change."""
+    from omni.cli.main import main
+    from omni.plan import refuse_if_it_cannot_fit
+
+    monkeypatch.setenv("OMNI_GPU_MEM_GIB", "0.05")
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", str(ROOT / "stages/tiny/2_sft.yaml"), "--out", str(tmp_path / "run"), "init_from=null",
+              "data.manifest=never-read.yaml"])
+    message = str(stopped.value.code)
+    assert "does not fit" in message and "1 x 0.05 GiB, engine ddp" in message
+    assert "does NOT fit in 0.05 GiB" in message and "engine=fsdp2" in message and "torchrun" in message
+    assert not (tmp_path / "run").exists()
+    # a schedule: its first stage is refused before any stage trains
+    with pytest.raises(SystemExit, match="stage stage1-image-projector does not fit"):
+        main(["schedule", str(ROOT / "stages/tiny/schedule.yaml"), "--out", str(tmp_path / "sched")])
+    assert not (tmp_path / "sched").exists()
+    cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml", ["init_from=null"])
+    monkeypatch.setenv("OMNI_GPU_MEM_GIB", "80")
+    refuse_if_it_cannot_fit(cfg)  # fits: nothing to say
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's processes share the work: the plan is per GPU of 4
+    monkeypatch.setenv("OMNI_GPU_MEM_GIB", "0.05")
+    with pytest.raises(ConfigError, match="4 x 0.05 GiB"):
+        refuse_if_it_cannot_fit(cfg)
+    monkeypatch.delenv("OMNI_GPU_MEM_GIB")
+    refuse_if_it_cannot_fit(cfg)  # a CPU has no budget to check against; any GPU holds the tiny model

@@ -14,8 +14,8 @@ PUBLISHED = {"llm": 7.62e9, "image_tower": 428e6 - 15.2e6, "audio_tower": 635e6}
 
 
 @pytest.fixture(scope="module")
-def model_7b():
-    return meta_model("7b")
+def model_7b(qwen2_7b):
+    return meta_model("7b", qwen2_7b)
 
 
 def _count(module) -> int:
