@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from omni.files import file_sha256
 from omni.modalities import MODALITIES
 from omni.model.batch import MediaBatch
 from omni.model.composition import OmniComposition
@@ -31,6 +32,7 @@ from omni.tokenizer import load_tokenizer, placeholder_ids
 WEIGHTS = "model.safetensors"
 CONFIG = "omni_config.json"
 TOKENIZER_DIR = "tokenizer"
+CHECKSUMS = "weights_sha256"  # config key {weights file: sha256}, checked by omni.model.load on load
 
 
 def attention_backend(requested: str) -> str:
@@ -89,7 +91,7 @@ class OmniModel(OmniComposition, nn.Module):
         out_dir.mkdir(parents=True, exist_ok=True)
         save_model(self if state_dict is None else _Weights(state_dict), str(out_dir / WEIGHTS))
         meta = {"model": model_config_to_dict(self.config), "token_ids": self.token_ids,
-                "llm_config": self.llm.config.to_dict()}
+                "llm_config": self.llm.config.to_dict(), CHECKSUMS: {WEIGHTS: file_sha256(out_dir / WEIGHTS)}}
         (out_dir / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
         tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
 
