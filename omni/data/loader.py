@@ -122,11 +122,12 @@ def chat_turns(messages, place: str, field: str = "messages") -> list[dict]:
             raise SampleError(f"{place}: field '{field}[{i}]' must be an object with 'role' and 'content'")
         if m["role"] not in ROLES:
             raise SampleError(f"{place}: field '{field}[{i}].role' is {m['role']!r}; use one of {list(ROLES)}")
-        out.append({**m, "content": _content_text(m["content"], place, f"{field}[{i}].content")})
+        out.append({**m, "content": content_text(m["content"], place, f"{field}[{i}].content")})
     return out
 
 
-def _content_text(content, place: str, field: str) -> str:
+def content_text(content, place: str, field: str) -> str:
+    """A message content as one string: itself, or its typed parts (see `chat_turns`)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):

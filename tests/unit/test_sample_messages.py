@@ -78,3 +78,13 @@ def test_a_shard_whose_keys_hold_a_dot_is_explained(tmp_path):
     with pytest.raises(CurationError, match="sample key 'img.001' has a dot"):
         ShardSink(tmp_path / "out", "set").write({"__key__": "img.001", "json": b"{}"})
     assert not (tmp_path / "out").exists()
+
+
+def test_data_build_reads_typed_content_parts_as_training_does():
+    from omni.curate.common import Reject
+    from omni.curate.formats import draft
+
+    messages, media, _ = draft("sharegpt", {"messages": PARTS, "image": "red.png"}, "chats.jsonl:1")
+    assert messages == PLAIN and media == {"image": ["red.png"]}
+    with pytest.raises(Reject, match=r"chats.jsonl:2: field 'messages\[0\].content\[0\]' must be"):
+        draft("sharegpt", {"messages": [{"role": "user", "content": [{"type": "file"}]}, PLAIN[1]]}, "chats.jsonl:2")
