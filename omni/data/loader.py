@@ -114,8 +114,8 @@ def chat_turns(messages, place: str, field: str = "messages") -> list[dict]:
     string: a list of typed parts (`[{"type": "text", "text": ...}, {"type": "image"}]`, the
     OpenAI / transformers form) becomes its texts and placeholders joined by spaces. A media part
     stands for the sample's next media member of its kind; a url or data inside it is not read."""
-    if not isinstance(messages, list) or not messages:
-        raise SampleError(f"{place}: field '{field}' must be a non-empty list of {{role, content}}")
+    if not isinstance(messages, list):
+        raise SampleError(f"{place}: field '{field}' must be a list of {{role, content}}")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:

@@ -122,7 +122,7 @@ def preference_messages(rec: dict) -> tuple[list[dict], list[dict], list[dict]]:
             raise AlignDataError(f"{where}: a preference record needs 'prompt', 'chosen' and 'rejected' (no {key!r})")
     prompt = rec["prompt"]
     prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else chat_turns(prompt, where, "prompt")
-    if prompt[-1]["role"] != "user":
+    if not prompt or prompt[-1]["role"] != "user":
         raise AlignDataError(f"{where}: field 'prompt' must be a string or messages ending with a user turn")
     return prompt, prompt + _reply(rec["chosen"], where, "chosen"), prompt + _reply(rec["rejected"], where, "rejected")
 

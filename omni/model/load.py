@@ -82,10 +82,11 @@ def weight_files(model_dir: str | Path) -> list[Path]:
 
 
 def read_weights(model_dir: str | Path, checksums: dict | None = None, dtype: str | None = None,
-                 verify: bool = True) -> dict:
+                 verify: bool = True, floating: set[str] = frozenset()) -> dict:
     """Every tensor of the folder's weights files. `checksums` ({file: sha256}, from the config) and
-    `dtype` (the floating dtype the config names) are checked where given; `verify` also refuses
-    NaN/inf values. Every error names the file (and the tensor)."""
+    `dtype` (the floating dtype the config names) are checked where given, and the tensors named in
+    `floating` (the model's floating parameters) must be floating; `verify` also refuses NaN/inf
+    values. Every error names the file (and the tensor)."""
     import torch
     from safetensors.torch import load_file
 
@@ -110,6 +111,9 @@ def read_weights(model_dir: str | Path, checksums: dict | None = None, dtype: st
         if dup:
             raise ConfigError(f"{f}: keys {sorted(dup)[:3]} also appear in another shard")
         for k, t in part.items():
+            if k in floating and not t.is_floating_point():
+                raise ConfigError(f"{f}: tensor {k} is stored as {t.dtype}, not a floating dtype like the model's "
+                                  "parameter: the file was altered; copy or export it again")
             if dtype is not None and t.is_floating_point() and str(t.dtype).removeprefix("torch.") != dtype:
                 raise ConfigError(f"{f}: tensor {k} is {str(t.dtype).removeprefix('torch.')} but the config says "
                                   f"{dtype}: the file does not belong to this config")
@@ -151,7 +155,8 @@ def load_model(path: str | Path, overrides: list[str] = (), weights: bool = True
     model = OmniModel(cfg, llm, token_ids, pretrained=False)
     if weights:
         verify = verify_by_default() if verify is None else verify
-        state = read_weights(path, meta.get(CHECKSUMS), dtype if isinstance(dtype, str) else None, verify)
+        floating = {k for k, p in model.named_parameters(remove_duplicate=False) if p.is_floating_point()}
+        state = read_weights(path, meta.get(CHECKSUMS), dtype if isinstance(dtype, str) else None, verify, floating)
         _load_state(model, state, path, overrides)
     tokenizer = _saved_tokenizer(path) if where.name == HF_CONFIG else AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
     return model, tokenizer
@@ -189,10 +194,6 @@ def _load_state(model, state: dict, path: Path, overrides) -> None:
         after = f" after overrides {list(overrides)}" if overrides else ""
         raise ConfigError(f"{path}: weights do not fit the model config{after}: {e}") from None
     params = dict(model.named_parameters(remove_duplicate=False))
-    relabelled = [k for k, t in state.items() if k in params and params[k].is_floating_point() != t.is_floating_point()]
-    if relabelled:
-        raise ConfigError(f"{path}: tensors {relabelled[:3]} are stored as {state[relabelled[0]].dtype}, not a "
-                          "floating dtype like the model's parameters: the weights file was altered")
     loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
     missing = [k for k in result.missing_keys if k not in params or params[k].data_ptr() not in loaded_ptrs]
     if missing or result.unexpected_keys:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from omni.config import ConfigError
 from omni.files import file_sha256
 from omni.modalities import MODALITIES
 from omni.model.batch import MediaBatch
@@ -99,7 +100,11 @@ class OmniModel(OmniComposition, nn.Module):
         """Weights of a `save_pretrained` folder into this model, in place (what a resume reads)."""
         from safetensors.torch import load_model
 
-        load_model(self, str(Path(model_dir) / WEIGHTS))
+        path = Path(model_dir) / WEIGHTS
+        try:
+            load_model(self, str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a torn file or other keys
+            raise ConfigError(f"{path}: cannot be read into the model ({type(e).__name__}: {e})") from None
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute activations in backward: the LLM via transformers, the vision tower via open_clip."""

@@ -119,7 +119,7 @@ def test_a_relabelled_dtype_is_refused(folder, exported, tmp_path):
     with pytest.raises(ConfigError, match=f"{bad / WEIGHTS}: sha256 differs"):
         load_model(bad)
     _drop_checksums(bad / CONFIG)  # an older folder: no hashes, the dtype check still stands
-    with pytest.raises(ConfigError, match=f"{key}.* stored as torch.int32, not a floating dtype"):
+    with pytest.raises(ConfigError, match=f"{bad / WEIGHTS}: tensor {key} is stored as torch.int32, not a floating"):
         load_model(bad)
     # an export's config.json names its dtype: a floating tensor of another one is refused, naming it
     bad = _copy(exported, tmp_path)
