@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import cli_error
+
 ROOT = Path(__file__).resolve().parents[2]
 STAGE = str(ROOT / "stages/tiny/2_sft.yaml")
 
@@ -63,15 +65,6 @@ def test_sizes_in_words_and_bytes_are_accepted():
     assert (shard_size("5GB"), shard_size("500MB"), shard_size("1000")) == (5 * 10**9, 5 * 10**8, 1000)
 
 
-def _cli_error(*argv: str) -> str:
-    """The one line `omni ...` exits with (its own main, in this process: the model stack loads once)."""
-    from omni.cli.main import main
-
-    with pytest.raises(SystemExit) as stop:
-        main(list(argv))
-    return str(stop.value.code)
-
-
 def test_export_eval_that_is_a_jpeg_is_refused_naming_it(tiny_model, tmp_path):
     from PIL import Image
 
@@ -81,12 +74,12 @@ def test_export_eval_that_is_a_jpeg_is_refused_naming_it(tiny_model, tmp_path):
     folder = save_model_dir(model, tok, tmp_path / "final")
     jpeg = tmp_path / "photo.jpg"
     Image.new("RGB", (8, 8), "red").save(jpeg)
-    message = _cli_error("-q", "export", "--ckpt", str(folder), "--out", str(tmp_path / "out"), "--eval", str(jpeg))
+    message = cli_error("-q", "export", "--ckpt", str(folder), "--out", str(tmp_path / "out"), "--eval", str(jpeg))
     assert message.startswith(f"export error: --eval {jpeg}: not an eval.json written by `omni eval`")
     assert "\n" not in message and not (tmp_path / "out").exists()
 
 
 def test_an_unknown_preset_is_refused_even_with_init_from(tmp_path):
-    message = _cli_error("-q", "train", STAGE, "--out", str(tmp_path / "run"), "preset=tiny-typo",
+    message = cli_error("-q", "train", STAGE, "--out", str(tmp_path / "run"), "preset=tiny-typo",
                          f"init_from={tmp_path / 'model'}")
     assert message == f"config error: {STAGE}: preset: 'tiny-typo' is unknown; choose one of ['7b', 'tiny']"

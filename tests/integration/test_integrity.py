@@ -23,6 +23,7 @@ from omni.export.writer import ExportError, export_model
 from omni.files import atomic_dir, file_sha256
 from omni.model.load import load_model, save_model_dir
 from omni.model.omni_model import CHECKSUMS, CONFIG, WEIGHTS
+from tests.helpers import cli_error
 
 @pytest.fixture(scope="module")
 def folder(tiny_model, tmp_path_factory):
@@ -34,14 +35,6 @@ def folder(tiny_model, tmp_path_factory):
 def exported(folder, tmp_path_factory):
     return export_model(folder, tmp_path_factory.mktemp("e") / "export", max_shard_size="2MB")
 
-
-def _cli_error(*argv: str) -> str:
-    """The one line `omni ...` exits with (its own main, in this process: the model stack is loaded once)."""
-    from omni.cli.main import main
-
-    with pytest.raises(SystemExit) as stop:
-        main(list(argv))
-    return str(stop.value.code)
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:
@@ -98,7 +91,7 @@ def test_the_cli_reports_a_damaged_weights_file_in_one_line(folder, tmp_path):
     bad = _copy(folder, tmp_path)
     weights = bad / WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-1000])
-    message = _cli_error("-q", "export", "--ckpt", str(bad), "--out", str(tmp_path / "out"))
+    message = cli_error("-q", "export", "--ckpt", str(bad), "--out", str(tmp_path / "out"))
     assert message.startswith(f"config error: {weights}: sha256 differs") and "\n" not in message
 
 
@@ -191,6 +184,6 @@ def test_export_out_inside_the_source_folder_is_refused(folder, tmp_path):
     run = _copy(folder, tmp_path)
     with pytest.raises(ExportError, match="lies inside the folder being exported"):
         export_model(run, run / "export")
-    message = _cli_error("-q", "export", "--ckpt", str(run), "--out", str(run / "sub" / "export"))
+    message = cli_error("-q", "export", "--ckpt", str(run), "--out", str(run / "sub" / "export"))
     assert message.startswith(f"export error: --out {run / 'sub' / 'export'} lies inside the folder being exported")
     assert not (run / "export").exists() and not (run / "sub").exists()
