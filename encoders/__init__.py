@@ -4,9 +4,9 @@ Leaf package: never imports ``omni``; ``omni`` composes these.
 """
 
 from encoders.anyres import AnyResConfig, anyres_tiles, candidate_grids, num_tiles, select_grid
-from encoders.audio import HOP, SAMPLE_RATE, AudioEncoder, AudioTowerConfig, load_audio
+from encoders.audio import HOP, SAMPLE_RATE, AudioEncoder, AudioTowerConfig, dbfs, load_audio, loudest_frame_dbfs
 from encoders.image import ImageEncoder, ImageTowerConfig
-from encoders.video import VideoSamplingConfig, read_video_frames, sample_frame_indices
+from encoders.video import VideoClip, VideoSamplingConfig, read_video, sample_frame_indices
 
 __all__ = [
     "HOP",
@@ -16,12 +16,15 @@ __all__ = [
     "AudioTowerConfig",
     "ImageEncoder",
     "ImageTowerConfig",
+    "VideoClip",
     "VideoSamplingConfig",
     "anyres_tiles",
     "candidate_grids",
+    "dbfs",
     "load_audio",
+    "loudest_frame_dbfs",
     "num_tiles",
-    "read_video_frames",
+    "read_video",
     "sample_frame_indices",
     "select_grid",
 ]

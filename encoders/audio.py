@@ -44,12 +44,15 @@ class AudioTowerConfig:
     n_head: int = 20
     n_layer: int = 32
     checkpoint: str | None = None  # .pt saved by openai-whisper, or a whisper model name ("large-v3")
+    max_windows: int = 8  # the most windows of one clip the model reads; the processor cuts the rest
 
     def __post_init__(self) -> None:
         for name in _DIMS:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"AudioTowerConfig: {name} must be a positive int, got {value!r}")
+        if isinstance(self.max_windows, bool) or not isinstance(self.max_windows, int) or self.max_windows < 1:
+            raise ValueError(f"AudioTowerConfig: max_windows must be an int >= 1, got {self.max_windows!r}")
         if self.n_mels not in (80, 128):
             raise ValueError(
                 f"AudioTowerConfig: n_mels must be 80 or 128 (whisper ships only those mel filters), got {self.n_mels}"
@@ -136,6 +139,23 @@ class AudioEncoder(nn.Module):
         if mel.ndim != 3 or tuple(mel.shape[1:]) != expected:
             raise ValueError(f"AudioEncoder: expected mel [N, {expected[0]}, {expected[1]}], got {tuple(mel.shape)}")
         return self.encoder(mel)
+
+
+def dbfs(samples: np.ndarray) -> float:
+    """RMS level of float samples in [-1, 1], in dB relative to full scale (-inf for zeros)."""
+    rms = math.sqrt(float(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
+    return 20 * math.log10(rms) if rms > 0 else -math.inf
+
+
+def loudest_frame_dbfs(samples: np.ndarray, sr: int = SAMPLE_RATE, frame_ms: int = 20) -> float:
+    """Level of the loudest `frame_ms` frame: what tells a clip with sound from silence (a short
+    sound in a long quiet file still counts; one loud click does not need to be long)."""
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    n = max(1, sr * frame_ms // 1000)
+    if samples.size < n:
+        return dbfs(samples)
+    frames = samples[: samples.size // n * n].reshape(-1, n).astype(np.float64)
+    return dbfs(frames[int(np.argmax(np.mean(np.square(frames), axis=1)))])
 
 
 def _describe(source: bytes | str | os.PathLike) -> str:

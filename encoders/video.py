@@ -62,8 +62,16 @@ def _describe(source: bytes | str | os.PathLike) -> str:
     return f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else repr(os.fspath(source))
 
 
-def read_video_frames(source: bytes | str | os.PathLike, cfg: VideoSamplingConfig) -> list[Image.Image]:
-    """Decode the frames chosen by ``sample_frame_indices`` as RGB PIL images.
+@dataclass
+class VideoClip:
+    frames: list[Image.Image]  # RGB, in time order
+    seconds: float             # duration of the whole source
+    spread: bool               # longer than max_frames / fps: max_frames spread evenly, not fps
+
+
+def read_video(source: bytes | str | os.PathLike, cfg: VideoSamplingConfig) -> VideoClip:
+    """Decode the frames chosen by ``sample_frame_indices`` as RGB PIL images, with the source's
+    duration and whether the cap spread them (so a caller can say so).
 
     ``source`` is a path or the file's bytes (decord reads file-likes from memory).
     Raises ValueError naming the source if it cannot be opened or has no frames.
@@ -77,8 +85,10 @@ def read_video_frames(source: bytes | str | os.PathLike, cfg: VideoSamplingConfi
         batch = reader.get_batch(indices).asnumpy()
     except (decord.DECORDError, RuntimeError, AssertionError, ValueError, OSError) as e:
         hint = _DECORD_HINT if "DECORDArrayCopyFromTo" in str(e) else ""
-        raise ValueError(f"read_video_frames: cannot read video {name}: {e}{hint}") from e
+        raise ValueError(f"read_video: cannot read video {name}: {e}{hint}") from e
     if batch.ndim != 4 or batch.shape[-1] != 3:
         shape = tuple(batch.shape)
-        raise ValueError(f"read_video_frames: decord returned frames of shape {shape} for {name}" + _DECORD_HINT)
-    return [Image.fromarray(frame) for frame in batch]
+        raise ValueError(f"read_video: decord returned frames of shape {shape} for {name}" + _DECORD_HINT)
+    seconds = num_frames / native_fps if native_fps > 0 else 0.0
+    spread = math.ceil(seconds * cfg.fps - _EPS) > cfg.max_frames
+    return VideoClip([Image.fromarray(frame) for frame in batch], seconds, spread)

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from omni.data.loader import SkipCounter, decode_sample, split_stream, where
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
-from omni.model.load import load_model
-from omni.model.processor import OmniProcessor, collate
+from omni.model.generate import LocalGenerator
 
 EVAL_FILE = "eval.json"
 
@@ -31,28 +29,24 @@ def _answer(meta: dict, messages: list[dict]) -> str:
     return messages[-1]["content"]
 
 
-@torch.no_grad()
-def answers_correct(model, processor, tokenizer, samples: list[tuple], blank: bool, batch_size: int,
-                    max_new_tokens: int, refused: dict, desc: str = "", progress: bool = True) -> list[bool]:
+def answers_correct(generator: LocalGenerator, samples: list[tuple], blank: bool, max_new_tokens: int,
+                    refused: dict, desc: str = "", progress: bool = True) -> list[bool]:
     """Greedy answer == reference for each sample that the processor takes; a sample it refuses is
-    left out and noted in `refused` (where -> error)."""
+    left out and noted in `refused` (where -> error). One batch of the generator at a time."""
     results = []
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
+    size = generator.batch_size
+    for i in tqdm(range(0, len(samples), size), desc=desc, disable=not progress, leave=False):
         examples, kept = [], []
-        for prompt, media, answer, place in samples[i: i + batch_size]:
+        for prompt, media, answer, place in samples[i: i + size]:
             try:
-                examples.append(processor(prompt, media, add_generation_prompt=True, blank=blank))
+                examples.append(generator.prompt(prompt, media, max_new_tokens, blank=blank))
                 kept.append(answer)
             except Exception as e:  # noqa: BLE001 - any preprocessing failure is the sample's
                 refused[place] = e
         if not examples:
             continue
-        batch = collate(examples, tokenizer.pad_token_id, left_pad=True)
-        new = model.generate(batch.input_ids, batch.attention_mask, batch.media,
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        results += [_normalise(tokenizer.decode(ids, skip_special_tokens=True)) == _normalise(answer)
-                    for ids, answer in zip(new, kept)]
+        answers = generator.generate(examples, max_new_tokens)
+        results += [_normalise(said) == _normalise(answer) for said, answer in zip(answers, kept)]
     return results
 
 
@@ -67,12 +61,12 @@ def _sample(raw: dict) -> tuple:
 
 def evaluate(model_dir: str | Path, manifest_path: str | Path, split: str = "val",
              datasets: list[str] | None = None, limit: int | None = None, batch_size: int = 32,
-             max_new_tokens: int = 8, progress: bool = True) -> dict:
+             max_new_tokens: int = 8, progress: bool = True, device: str | None = None,
+             dtype: str | None = None) -> dict:
     """Accuracy table keyed by modality ("image", "video", "audio", "image+audio", "text"). Bad
-    held-out samples are skipped, counted (`skipped`) and named in the log, as in training."""
-    model, tokenizer = load_model(model_dir)
-    model.eval()
-    processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
+    held-out samples are skipped, counted (`skipped`) and named in the log, as in training.
+    `device`, `dtype`: where the model runs (omni.model.generate.resolve_placement)."""
+    generator = LocalGenerator.load(model_dir, batch_size=batch_size, device=device, dtype=dtype)
     entries = load_manifest(manifest_path).select(split, datasets)
     keys = ["+".join(e.modalities) or "text" for e in entries]
     results = {}
@@ -92,7 +86,7 @@ def evaluate(model_dir: str | Path, manifest_path: str | Path, split: str = "val
         refused: dict[str, Exception] = {}
         accuracy = {}
         for blank in (False, True):  # the blanked pass runs on the samples the first one took
-            right = answers_correct(model, processor, tokenizer, samples, blank, batch_size, max_new_tokens, refused,
+            right = answers_correct(generator, samples, blank, max_new_tokens, refused,
                                     desc=f"{key}{' (blanked)' if blank else ''}", progress=progress)
             accuracy[blank] = sum(right) / max(1, len(right))
             samples = [s for s in samples if s[3] not in refused]

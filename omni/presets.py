@@ -68,7 +68,8 @@ _SIZES: dict[str, dict[str, Any]] = {
     "7b": dict(
         llm=dict(hf_config=_QWEN2_7B, pretrained="Qwen/Qwen2-7B"),
         image=dict(open_clip_model="ViT-SO400M-14-SigLIP-384", pretrained="webli"),
-        audio=dict(n_mels=128, n_ctx=1500, n_state=1280, n_head=20, n_layer=32, checkpoint="large-v3"),
+        audio=dict(n_mels=128, n_ctx=1500, n_state=1280, n_head=20, n_layer=32, checkpoint="large-v3",
+                   max_windows=8),  # 4 min = 3,000 audio tokens of the 32k context
         video=dict(fps=1.0, max_frames=48),
         anyres=dict(max_tiles=9, thumbnail=True),  # LLaVA-OneVision style: up to 3x3 tiles + thumbnail
         conv_stride=4,
@@ -82,7 +83,7 @@ _SIZES: dict[str, dict[str, Any]] = {
             tie_word_embeddings=False,
         )),
         image=dict(vision_cfg=dict(image_size=32, patch_size=4, width=128, layers=2, head_width=32)),
-        audio=dict(n_mels=80, n_ctx=50, n_state=128, n_head=4, n_layer=2),
+        audio=dict(n_mels=80, n_ctx=50, n_state=128, n_head=4, n_layer=2, max_windows=4),
         video=dict(fps=1.0, max_frames=4),
         anyres=dict(max_tiles=0),  # one 32-px tile; `anyres.max_tiles=4` turns tiling on
         conv_stride=4,

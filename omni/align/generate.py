@@ -1,8 +1,9 @@
 """Text generators behind one call, `chat(conversations) -> replies`, used by every align stage
 that needs an LLM to write something: benchmark answers, judge verdicts, PAS complements.
 
-- `LocalGenerator`: an omni model folder (a stage's `final/`) or any transformers causal LM
-  folder/name, greedy or sampled decoding in left-padded batches.
+- `LocalGenerator` (omni/model/generate.py, the one generator `omni chat` and `omni eval` use too):
+  an omni model folder (a stage's `final/`) or any transformers causal LM folder/name, greedy or
+  sampled decoding in left-padded batches with the KV cache.
 - `OpenAIGenerator`: any OpenAI-compatible `/chat/completions` endpoint (vLLM, TGI, llama.cpp
   server, hosted APIs), through the standard library's urllib; requests run in a small thread
   pool; 429/5xx and connection errors are retried with backoff, other HTTP errors fail at once.
@@ -17,10 +18,9 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Protocol
 
-import torch
+from omni.model.generate import LocalGenerator
 
 log = logging.getLogger(__name__)
 
@@ -34,79 +34,6 @@ class Generator(Protocol):
              temperature: float = 0.0) -> list[str]:
         """One reply per conversation (each a list of {role, content} ending with a user turn)."""
         ...
-
-
-class LocalGenerator:
-    """Decode with a local model. Prompts longer than the model's context keep their last tokens."""
-
-    def __init__(self, model, tokenizer, batch_size: int = 8, omni: bool = True):
-        self.model, self.tokenizer, self.batch_size, self.omni = model, tokenizer, batch_size, omni
-        self.model.eval()
-        cfg = model.llm.config if omni else model.config
-        self.context = getattr(cfg, "max_position_embeddings", 4096)
-
-    @classmethod
-    def load(cls, path: str | Path, batch_size: int = 8, device: str | None = None) -> LocalGenerator:
-        """An omni model folder (has omni_config.json) or a transformers model folder/name."""
-        from omni.model.load import load_model
-        from omni.model.omni_model import CONFIG
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if (Path(path) / CONFIG).is_file():
-            model, tok = load_model(path)
-            return cls(model.to(device), tok, batch_size, omni=True)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from omni.tokenizer import CHAT_TEMPLATE
-
-        tok = AutoTokenizer.from_pretrained(path)
-        if tok.chat_template is None:
-            tok.chat_template = CHAT_TEMPLATE
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-        return cls(model.to(device), tok, batch_size, omni=False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _encode(self, messages: list[dict], max_new_tokens: int) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"]
-        room = max(1, self.context - max_new_tokens)
-        if len(ids) > room:
-            log.warning("prompt of %d tokens cut to its last %d (context %d, %d new tokens)",
-                        len(ids), room, self.context, max_new_tokens)
-            ids = ids[-room:]
-        return list(ids)
-
-    @torch.no_grad()
-    def chat(self, conversations: list[list[dict]], max_new_tokens: int = 256,
-             temperature: float = 0.0) -> list[str]:
-        tok = self.tokenizer
-        eos = [tok.eos_token_id]
-        im_end = tok.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != tok.unk_token_id and im_end not in eos:
-            eos.append(im_end)
-        sample = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        out: list[str] = []
-        for start in range(0, len(conversations), self.batch_size):
-            encoded = [self._encode(m, max_new_tokens) for m in conversations[start:start + self.batch_size]]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, e in enumerate(encoded):
-                ids[i, width - len(e):] = torch.tensor(e)
-                mask[i, width - len(e):] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": tok.pad_token_id, **sample}
-            if self.omni:
-                new = self.model.generate(ids, mask, None, **kwargs)
-            else:
-                new = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, width:]
-            out += [tok.decode(row, skip_special_tokens=True).strip() for row in new]
-        return out
 
 
 class OpenAIGenerator:

@@ -54,7 +54,7 @@ def _eval(args) -> None:
 
     datasets = args.datasets.split(",") if args.datasets else None
     results = evaluate(args.model, args.data, split=args.split, datasets=datasets, limit=args.limit,
-                       batch_size=args.batch_size, progress=not args.quiet)
+                       batch_size=args.batch_size, progress=not args.quiet, device=args.device, dtype=args.dtype)
     print(format_table(results))
     if args.out:
         print(f"wrote {write_results(results, args.out)}")
@@ -67,50 +67,98 @@ def _eval(args) -> None:
 
 
 def _chat(args) -> None:
-    from omni.inference import load_media, stream_answer, with_placeholders
-    from omni.model.load import load_model
-    from omni.model.processor import OmniProcessor
+    import torch
 
-    model, tokenizer = load_model(args.model)
-    model.eval()
-    processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
-    media = load_media(args.image, args.video, args.audio)
+    from omni.align.generate import GenerationError
+    from omni.errors import SampleError
+    from omni.inference import load_media
+    from omni.model.generate import LocalGenerator
+
+    if args.max_new_tokens < 1:
+        sys.exit(f"--max-new-tokens {args.max_new_tokens}: the answer needs at least 1 new token")
+    if args.prompt is not None and not args.prompt.strip():
+        sys.exit("--prompt is empty: give a question, or leave --prompt out to chat interactively")
+    try:
+        media = load_media(args.image, args.video, args.audio)
+    except SampleError as e:
+        sys.exit(str(e))
+    generator = LocalGenerator.load(args.model, batch_size=1, device=args.device, dtype=args.dtype)
     augmenter = None
     if args.pas:
         from omni.align.pas import PromptAugmenter
 
         augmenter = PromptAugmenter.load(args.pas, args.pas_endpoint_model)
+    bad_turn = (SampleError, GenerationError, ValueError, torch.OutOfMemoryError)
     history: list[dict] = []
-    prompts = [args.prompt] if args.prompt else None
+    if args.prompt is not None:
+        try:
+            _chat_turn(generator, history, args.prompt, media, args.max_new_tokens, augmenter, interactive=False)
+        except bad_turn as e:
+            sys.exit(f"--prompt: {_turn_error(e)}")
+        return
+    turn = 0
     while True:
-        if prompts is not None:
-            if not prompts:
-                return
-            text = prompts.pop()
-        else:
-            try:
-                text = input("you> ").strip()
-            except EOFError:
-                return
-            if text in ("/quit", "/exit"):
-                return
-            if not text:
-                continue
-        if augmenter is not None:  # PAS: the complement goes to the model, and is shown
-            augmented = augmenter.augment(text)
-            print(f"pas> {augmented[len(text):].strip() or '(no complement)'}", flush=True)
-            text = augmented
-        if not history:  # media belong to the first turn; add placeholders the user left out
-            text = with_placeholders(text, {m: len(v) for m, v in media.items()})
-        history.append({"role": "user", "content": text})
-        if prompts is None:
-            print("omni> ", end="", flush=True)
-        answer = ""
-        for piece in stream_answer(model, tokenizer, processor, history, media, args.max_new_tokens):
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            return
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            history.clear()
+            print("(history cleared; the media go with your next turn)")
+            continue
+        if not text:
+            continue
+        turn += 1
+        try:
+            _chat_turn(generator, history, text, media, args.max_new_tokens, augmenter, interactive=True)
+        except bad_turn as e:  # the turn is dropped, the session and its history go on
+            print(f"turn {turn}: {_turn_error(e)}", file=sys.stderr, flush=True)
+
+
+def _turn_error(e: BaseException) -> str:
+    """The error of a turn and what to do about it, on one line."""
+    import torch
+
+    from omni.model.generate import ContextError
+
+    text = " ".join(str(e).split())
+    if isinstance(e, ContextError) or "exceeds max_length" in text:
+        return f"{text}; shorten the turn, lower --max-new-tokens or type /reset to drop the history"
+    if "placeholder(s) in the text" in text:
+        return (f"{text}; each --image/--video/--audio file needs one placeholder, in the first turn "
+                "(left out, it is added in front)")
+    if isinstance(e, torch.OutOfMemoryError):
+        return f"out of memory ({text[:120]}); lower --max-new-tokens, /reset the history or use a smaller --dtype"
+    return text
+
+
+def _chat_turn(generator, history: list[dict], text: str, media: dict, max_new_tokens: int, augmenter,
+               interactive: bool) -> None:
+    """Answer one user turn, streaming; `history` gains the turn and its answer only when both worked."""
+    from omni.inference import with_placeholders
+
+    if augmenter is not None:  # PAS: the complement goes to the model, and is shown
+        augmented = augmenter.augment(text)
+        print(f"pas> {augmented[len(text):].strip() or '(no complement)'}", flush=True)
+        text = augmented
+    if not history:  # media belong to the first turn; add placeholders the user left out
+        text = with_placeholders(text, {m: len(v) for m, v in media.items()})
+    messages = [*history, {"role": "user", "content": text}]
+    example = generator.prompt(messages, media, max_new_tokens)
+    for note in getattr(example, "notes", ()):  # the one place the processor's notes on the media are shown
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    if interactive:
+        print("omni> ", end="", flush=True)
+    answer = ""
+    try:
+        for piece in generator.stream(example, max_new_tokens):
             answer += piece
             print(piece, end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": answer.strip()})
+    finally:
+        print(flush=True)  # the error of a turn that fails while it streams goes on a line of its own
+    history += [messages[-1], {"role": "assistant", "content": answer.strip()}]
 
 
 def _plan(args) -> None:
@@ -126,6 +174,8 @@ def _plan(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from omni.inference import add_placement_arguments
+
     parser = argparse.ArgumentParser(
         prog="omni", description="Train, evaluate and serve an omni-modal LLM (Baichuan-Omni recipe).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=out_folder, help="folder for eval.json")
     p.add_argument("--min-gain", type=float, metavar="G",
                    help="exit 1 unless every task's accuracy beats chance and its blanked control by G")
+    add_placement_arguments(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plan", help="per-GPU memory of a stage on N GPUs, before you launch it")
@@ -189,12 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="image file for the first turn (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file for the first turn (repeatable)")
     p.add_argument("--audio", action="append", default=[], help="audio file for the first turn (repeatable)")
-    p.add_argument("--prompt", help="answer this one prompt and exit (default: interactive, /quit to leave)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--prompt", help="answer this one prompt and exit (default: interactive; /reset forgets the "
+                                    "history, /quit leaves)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--pas", metavar="MODEL|URL",
                    help="put a PAS model (`omni align pas train`) or an endpoint serving one in front: each of "
                         "your turns gets its complementary instruction before the model answers (docs/align.md)")
     p.add_argument("--pas-endpoint-model", default="default", help="model name to ask a --pas endpoint for")
+    add_placement_arguments(p)
     p.set_defaults(func=_chat)
 
     from omni.cli.align import add_align_commands

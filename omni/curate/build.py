@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from encoders import VideoSamplingConfig, read_video_frames
+from encoders import VideoSamplingConfig, read_video
 from omni.curate.common import (
     KIND_OF_EXT,
     CurationError,
@@ -169,7 +169,7 @@ def check_media(raw: dict) -> None:
     for key, value in raw.items():
         if key.rpartition(".")[2] in EXTENSIONS["video"]:
             try:
-                read_video_frames(value, _PROBE_VIDEO)
+                read_video(value, _PROBE_VIDEO)
             except ValueError as e:
                 raise Reject("undecodable_media", f"field {key!r}: {e}") from None
 

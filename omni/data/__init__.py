@@ -6,7 +6,7 @@
     stream.py    the one `Stream` interface; in-memory records and the sample-partitioned mixture
     sharded.py   the shard-partitioned mixture (decode workers)
     training.py  a stage's `data:` -> its records, held-out records and training Stream
-    packing.py   packing examples into rows of `batch.tokens_per_pack` tokens
+    packing.py   a micro-batch's samples in one padding-free row (`batch.tokens_per_pack` > 0)
     config.py    the `data:` section of a stage config
     synth.py     the tiny synthetic multimodal corpus
 """

@@ -1,11 +1,14 @@
-"""Sequence packing: several samples per row, each attending only to itself.
+"""Sequence packing: a micro-batch's samples back to back in ONE row, each attending only to itself.
 
-Rows hold whole samples (first-fit decreasing into a token budget) with position ids restarting
-at 0 for each sample and no attention mask. transformers turns position-id resets into
-isolation itself: a block-diagonal causal mask for SDPA/eager (masking_utils'
-`find_packed_sequence_indices`) and varlen `cu_seqlens` for flash_attention_2. Media stay in
-row-major placeholder order, so fusion is unchanged. The loss equals the padded batch's loss
-(same label tokens, same mean); packing only removes padding.
+The row holds every sample of the micro-batch in stream order, no padding and no attention mask,
+with position ids restarting at 0 for each sample. transformers turns those resets into isolation
+on every backend, but flash_attention_2 only for a single row (`_is_packed_sequence` is False for
+batch size != 1; then it would run plain causal attention over the whole row): there it derives
+the varlen `cu_seqlens` from the resets (`prepare_fa_kwargs_from_position_ids`); SDPA and eager
+get a block-diagonal causal mask (masking_utils' `find_packed_sequence_indices`). Media stay in
+sample order, so fusion is unchanged. The loss equals the padded batch's loss (same label tokens,
+same sum); packing only removes padding. `batch.tokens_per_pack` is the row length a stage plans
+memory for (omni plan); the trainer warns when a micro-batch's row is longer.
 """
 from __future__ import annotations
 
@@ -16,42 +19,12 @@ from omni.model.fusion import IGNORE
 from omni.model.processor import Batch, Example
 
 
-def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
-    """Indices grouped into bins of total length <= budget (a longer sample gets its own bin)."""
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(budget - lengths[i])
-    return [sorted(b) for b in bins]  # keep stream order inside a row
-
-
-def collate_packed(examples: list[Example], budget: int, pad_id: int) -> tuple[Batch, float]:
-    """Pack examples into rows of `budget` tokens; returns the batch and its packing efficiency
-    (real tokens / row tokens)."""
-    lengths = [len(e.input_ids) for e in examples]
-    bins = first_fit_decreasing(lengths, budget)
-    width = max(budget, max(lengths))
-    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(bins), width), IGNORE, dtype=torch.long)
-    pos = torch.zeros((len(bins), width), dtype=torch.long)
-    media = []
-    for r, members in enumerate(bins):
-        at = 0
-        for i in members:
-            e, n = examples[i], lengths[i]
-            ids[r, at: at + n] = e.input_ids
-            labels[r, at: at + n] = e.labels
-            labels[r, at] = IGNORE  # never predict a sample's first token from its neighbour
-            pos[r, at: at + n] = torch.arange(n)
-            media.append(e.media)
-            at += n
-        pos[r, at:] = torch.arange(width - at)  # the padding tail is a sequence of its own
-    batch = Batch(ids, None, labels, MediaBatch.concat(media), position_ids=pos)
-    return batch, sum(lengths) / ids.numel()
+def collate_packed(examples: list[Example]) -> tuple[Batch, float]:
+    """One padding-free row [1, sum of lengths] of the examples; returns the batch and its fill
+    (real tokens / tokens computed: 1.0, nothing is padding)."""
+    ids = torch.cat([e.input_ids for e in examples])[None]
+    labels = torch.cat([e.labels for e in examples])[None]
+    pos = torch.cat([torch.arange(len(e.input_ids)) for e in examples])[None]
+    labels[pos == 0] = IGNORE  # never predict a sample's first token from its neighbour
+    batch = Batch(ids, None, labels, MediaBatch.concat([e.media for e in examples]), position_ids=pos)
+    return batch, 1.0

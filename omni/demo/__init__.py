@@ -2,6 +2,7 @@
 
 `app` holds the UI (`build_app` returns the gr.Blocks, `launch` serves it, `add_demo_command`
 registers the verb); `session` the UI-free parts (rolling webcam window, energy VAD, upload
-checks, conversation); `engine` the model side (frames encoded ahead, streamed answers with TTFT
+checks, conversation); `sessions` the browser sessions and what bounds and frees their memory;
+`engine` the model side (frames encoded ahead, streamed answers with TTFT
 and tokens/s). Gradio is imported only when an app is built.
 """

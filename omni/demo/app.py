@@ -21,9 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by gradio at import and launch
@@ -52,86 +50,71 @@ def resolve_model_dir(model: str | None) -> Path:
     return path
 
 
-class Session:
-    """One browser tab: its chat, webcam window, microphone listener and files."""
-
-    def __init__(self, engine, root: Path):
-        from omni.demo.session import Conversation, FrameWindow, Listener
-
-        self.id = uuid.uuid4().hex[:8]
-        self.dir = root / self.id
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.window = FrameWindow(engine.video.fps, engine.video.max_frames)
-        self.listener = Listener("vad")
-        self.chat = Conversation()
-        self.shown: list[dict] = []                # chatbot messages
-        self.pending: list[tuple[object, float]] = []  # (utterance, perf_counter when it ended)
-        self.utterances = 0                        # utterances sent during the current recording
-        self.turns = 0
-        self.triggers = 0
-        self.lock = threading.Lock()
-        self.ahead_s = 0.0                         # time of the last frame's encode_ahead
-
-    def file(self, suffix: str) -> Path:
-        return self.dir / f"{uuid.uuid4().hex[:10]}{suffix}"
-
-    def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 def _fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
-def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max_audio_windows: int = 1,
-              engine=None, pas: str | None = None, pas_endpoint_model: str = "default"):
-    """The Gradio Blocks of the demo (not launched). `engine` lets a caller share a loaded model."""
+def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, engine=None,
+              pas: str | None = None, pas_endpoint_model: str = "default", idle_min: float = 30.0,
+              max_sessions: int = 64, device: str | None = None, dtype: str | None = None):
+    """The Gradio Blocks of the demo (not launched). `engine` lets a caller share a loaded model.
+    A session is freed when its tab closes, after `idle_min` minutes without an event, or when
+    more than `max_sessions` are open (omni/demo/sessions.py)."""
     import gradio as gr
 
     from omni.demo.engine import DemoEngine, TurnStats
-    from omni.demo.session import (
-        Conversation,
-        Listener,
-        MediaError,
-        MediaItem,
-        contact_sheet,
-        decode_wav_chunk,
-        load_upload,
-        model_audio,
-        wav_bytes,
-    )
+    from omni.demo.session import Listener, MediaError, decode_wav_chunk
+    from omni.demo.sessions import Session, SessionClosed, Sessions
     from omni.errors import SampleError
 
     if engine is None:
         engine = DemoEngine(resolve_model_dir(None if model_dir is None else str(model_dir)),
-                            max_new_tokens=max_new_tokens, max_audio_windows=max_audio_windows, pas=pas,
-                            pas_endpoint_model=pas_endpoint_model)
+                            max_new_tokens=max_new_tokens, pas=pas, pas_endpoint_model=pas_endpoint_model,
+                            device=device, dtype=dtype)
     root = Path(tempfile.mkdtemp(prefix="omni-demo-"))  # recordings and contact sheets shown in the chat
+    sessions = Sessions(root, engine.policy, engine.processor.image_config["image_size"], idle_s=idle_min * 60,
+                        max_sessions=max_sessions)
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     fps, max_frames = engine.video.fps, engine.video.max_frames
 
-    def new_session():
-        return Session(engine, root)
+    def new_session(request: gr.Request):
+        return sessions.open(request.session_hash or "local", time.monotonic())
+
+    def end_session(request: gr.Request):  # the tab closed or reloaded: free it now, not in an hour
+        sessions.close(request.session_hash or "local")
+
+    # Gradio passes the request to a parameter type-hinted gr.Request; this module's hints are strings
+    # that name a gradio imported in here, which typing cannot resolve, so give it the class itself.
+    new_session.__annotations__["request"] = end_session.__annotations__["request"] = gr.Request
+
+    def usable(session: Session | None) -> bool:
+        """Marks the session in use; False (and a toast) when it is missing or was freed."""
+        if session is None:
+            return False
+        try:
+            sessions.touch(session, time.monotonic())
+        except SessionClosed as e:
+            gr.Warning(str(e))
+            return False
+        return True
 
     # ---- webcam: sample frames into the window and encode them while the user talks --------
     def on_frame(session: Session, frame):
-        if session is None or frame is None:
+        if frame is None or not usable(session):
             return gr.skip()
         now = time.monotonic()
-        if session.window.due(now):  # encode first: a turn sent meanwhile sees only encoded frames
-            session.ahead_s = engine.encode_ahead(frame)
-            session.window.offer(frame, now)
+        session.offer_frame(frame, now, engine.encode_ahead)
         w = session.window
         return (f"camera: {len(w)}/{max_frames} frames in the window ({w.span_s():.0f} s at {fps:g} fps), "
                 f"each through the image tower on arrival ({_fmt_ms(session.ahead_s)})")
 
     # ---- microphone: chunks -> utterances ---------------------------------------------------
     def on_mode(session: Session, mode: str):
-        if session is not None:
+        if usable(session):
             session.listener = Listener("ptt" if mode == PTT else "vad")
 
     def on_start(session: Session, mode: str):
-        if session is not None:
+        if usable(session):
             session.listener = Listener("ptt" if mode == PTT else "vad")
             session.utterances = 0
         return "listening…"
@@ -144,7 +127,9 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
             return session.triggers  # a new value, so the hidden number's change event fires
 
     def on_chunk(session: Session, chunk_path):
-        if session is None or not chunk_path:
+        if not chunk_path or not usable(session):
+            if chunk_path:
+                Path(chunk_path).unlink(missing_ok=True)
             return gr.skip(), gr.skip()
         chunk = Path(chunk_path)
         try:
@@ -168,7 +153,7 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
         return f"microphone: heard {utterance.speech_s:.1f} s of speech, answering…", _queue(session, utterance)
 
     def on_stop(session: Session):
-        if session is None:
+        if not usable(session):
             return gr.skip(), gr.skip()
         utterance = session.listener.finish()
         if utterance is not None:
@@ -179,46 +164,16 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
         return "microphone: stopped", gr.skip()
 
     # ---- a turn -----------------------------------------------------------------------------
-    def _items(session: Session, files: list[str], use_camera: bool, utterance) -> tuple[list[MediaItem], list[str]]:
-        items, errors = [], []
-        for path in files:
-            try:
-                item = load_upload(path, engine.video, engine.max_audio_samples)
-            except MediaError as e:
-                errors.append(str(e))
-                continue
-            if item.kind == "video":
-                item.path = _save_sheet(session, item.value)
-            elif item.kind == "audio" and item.notes:  # show what was kept
-                item.path = _save_wav(session, item.value, 16000)
-            items.append(item)
-        frames = session.window.snapshot(time.monotonic()) if use_camera else []
-        if frames:
-            note = f"camera: the last {len(frames)} frames ({session.window.span_s():.0f} s at {fps:g} fps)"
-            items.append(MediaItem("video", frames, _save_sheet(session, frames), [note]))
-        if utterance is not None:
-            try:
-                wav, notes = model_audio(utterance.samples, utterance.sr, engine.max_audio_samples)
-                items.append(MediaItem("audio", wav, _save_wav(session, wav, 16000), notes))
-            except MediaError as e:
-                errors.append(str(e))
-        return items, errors
-
-    def _save_sheet(session: Session, frames) -> str:
-        path = session.file(".png")
-        contact_sheet(frames).save(path)
-        return str(path)
-
-    def _save_wav(session: Session, wav, sr: int) -> str:
-        path = session.file(".wav")
-        path.write_bytes(wav_bytes(wav, sr))
-        return str(path)
-
     def _turn(session: Session, box, max_tokens, use_camera, use_pas, utterance, t_input: float,
               spoken_lag: float):
+        if not usable(session):
+            yield gr.skip(), gr.skip(), "session closed: reload the page"
+            return
         text = ((box or {}).get("text") or "").strip()
         files = list((box or {}).get("files") or [])
-        items, errors = _items(session, files, use_camera, utterance)
+        frames = session.window.snapshot(time.monotonic()) if use_camera else []
+        note = f"camera: the last {len(frames)} frames ({session.window.span_s():.0f} s at {fps:g} fps)"
+        items, errors = session.items(files, frames, note, utterance)
         if not text and not items and not errors:
             yield session.shown, gr.skip(), gr.skip()
             return
@@ -239,7 +194,10 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
             return
         session.turns += 1
         n = session.turns
-        turn = session.chat.add_user(model_text, items)
+        turn, freed = session.add_turn(model_text, items)
+        if freed:
+            gr.Info(f"Dropped the {freed} oldest turn(s): the chat's media passed this session's "
+                    f"{session.max_bytes / 2**20:.0f} MB memory budget.")
         answer_msg = {"role": "assistant", "content": ""}
         session.shown.append(answer_msg)
         yield session.shown, {"text": "", "files": []}, f"turn {n} · generating…"
@@ -271,6 +229,9 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
         yield from _turn(session, box, max_tokens, use_camera, use_pas, None, time.perf_counter(), 0.0)
 
     def respond_voice(session: Session, box, max_tokens, use_camera, use_pas):
+        if not usable(session):
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
         with session.lock:
             if not session.pending:
                 yield session.shown, gr.skip(), gr.skip()
@@ -282,11 +243,13 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
         yield from _turn(session, box, max_tokens, use_camera, use_pas, utterance, t_end, lag)
 
     def clear(session: Session):
-        session.chat, session.shown, session.turns = Conversation(), [], 0
+        if usable(session):
+            session.clear()
         return [], {"text": "", "files": []}, ""
 
     with gr.Blocks(title="omni demo", analytics_enabled=False) as demo:
-        session = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)
+        # Gradio drops a closed tab's state only after an hour; `end_session` (unload) frees it at once
+        session = gr.State(None, delete_callback=lambda s: s.close("expired") if s is not None else None)
         gr.Markdown(f"## omni — real-time demo\n{engine.describe()}")
         with gr.Row():
             with gr.Column(scale=3):
@@ -316,6 +279,7 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
                 utterance_ready = gr.Number(value=0, visible="hidden", elem_id="omni-utterance")
 
         demo.load(new_session, None, session)
+        demo.unload(end_session)
         outputs = [chatbot, box, metrics]
         inputs = [session, box, max_tokens, use_camera, use_pas]
         box.submit(respond, inputs, outputs, concurrency_id="generate", concurrency_limit=1)
@@ -332,18 +296,21 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, max
         clear_btn.click(clear, [session], outputs)
         chatbot.clear(clear, [session], outputs)
     demo.omni_engine = engine
+    demo.omni_sessions = sessions
     demo.omni_tmp = root
     return demo
 
 
 def launch(model_dir: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
-           share: bool = False, max_new_tokens: int = 64, max_audio_windows: int = 1, queue_size: int = 64,
-           pas: str | None = None, pas_endpoint_model: str = "default"):
+           share: bool = False, max_new_tokens: int = 64, queue_size: int = 64,
+           pas: str | None = None, pas_endpoint_model: str = "default", idle_min: float = 30.0,
+           device: str | None = None, dtype: str | None = None):
     """Build and serve the demo (blocks). Generation runs one turn at a time; other sessions wait
     in Gradio's queue (at most `queue_size`, then they are told the queue is full)."""
     import gradio as gr
 
-    demo = build_app(model_dir, max_new_tokens, max_audio_windows, pas=pas, pas_endpoint_model=pas_endpoint_model)
+    demo = build_app(model_dir, max_new_tokens, pas=pas, pas_endpoint_model=pas_endpoint_model, idle_min=idle_min,
+                     device=device, dtype=dtype)
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts to fetch
@@ -354,23 +321,26 @@ def launch(model_dir: str | Path | None = None, host: str = "127.0.0.1", port: i
 
 # ---- command line -----------------------------------------------------------------------------
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from omni.inference import add_placement_arguments
+
     p.add_argument("--model", help="model folder: a stage's final/, a checkpoint, or an export "
                                    "(default: runs/quickstart/final, written by `make quickstart`)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, help="port (default 7860, or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-audio-windows", type=int, default=1,
-                   help="audio longer than this many audio-encoder windows is cut (default 1: 30 s at 7B, 1 s tiny)")
+    p.add_argument("--idle-min", type=float, default=30.0,
+                   help="free a browser session's chat and media after this many minutes without an event (default 30)")
     p.add_argument("--pas", metavar="MODEL|URL",
                    help="prompt augmentation in front of the model: a PAS model folder (`omni align pas train`) or "
                         "an endpoint serving one; a checkbox in the page turns it off")
     p.add_argument("--pas-endpoint-model", default="default", help="model name to ask a --pas endpoint for")
+    add_placement_arguments(p)
 
 
 def _demo(args) -> None:
-    launch(args.model, args.host, args.port, args.share, args.max_new_tokens, args.max_audio_windows,
-           pas=args.pas, pas_endpoint_model=args.pas_endpoint_model)
+    launch(args.model, args.host, args.port, args.share, args.max_new_tokens, pas=args.pas,
+           pas_endpoint_model=args.pas_endpoint_model, idle_min=args.idle_min, device=args.device, dtype=args.dtype)
 
 
 def add_demo_command(subparsers) -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """The model side of the demo: load once, encode webcam frames ahead, stream answers with timings.
 
-Generation is `omni.inference.stream_answer` (the processor, prompt and greedy decoding of
-`omni chat` and `omni eval`); nothing here decodes tokens.
+Generation is the one `LocalGenerator` (omni/model/generate.py: the processor, prompt and greedy
+decoding with the KV cache of `omni chat` and `omni eval`); nothing here decodes tokens.
 
 Frames encoded while audio arrives (Baichuan-Omni's real-time design): the image tower is wrapped
 in `FrameFeatureCache`, a content-addressed cache of its per-frame outputs. Each webcam frame that
@@ -28,9 +28,7 @@ from PIL import Image
 from torch import nn
 
 from omni.errors import SampleError
-from omni.inference import stream_answer
-from omni.model.load import load_model
-from omni.model.processor import OmniProcessor
+from omni.model.generate import ContextError, LocalGenerator
 
 log = logging.getLogger("omni.demo")
 
@@ -60,7 +58,8 @@ class FrameFeatureCache(nn.Module):
 
     @staticmethod
     def _key(row: torch.Tensor) -> bytes:
-        return hashlib.blake2b(row.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+        raw = row.detach().cpu().contiguous().flatten().view(torch.uint8)  # bytes of any dtype (numpy has no bf16)
+        return hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).digest()
 
     @torch.no_grad()
     def encode_ahead(self, pixels: torch.Tensor) -> int:
@@ -121,8 +120,9 @@ class TurnStats:
 class DemoEngine:
     """One model shared by every browser session; generation runs one turn at a time."""
 
-    def __init__(self, model_dir: str | Path, max_new_tokens: int = 64, max_audio_windows: int = 1,
-                 cache_frames: int | None = None, pas: str | None = None, pas_endpoint_model: str = "default"):
+    def __init__(self, model_dir: str | Path, max_new_tokens: int = 64,
+                 cache_frames: int | None = None, pas: str | None = None, pas_endpoint_model: str = "default",
+                 device: str | None = None, dtype: str | None = None):
         t0 = time.perf_counter()
         self.model_dir = Path(model_dir)
         self.augmenter = None  # PAS in front of the model (`--pas`): a model folder or an endpoint
@@ -130,14 +130,13 @@ class DemoEngine:
             from omni.align.pas import PromptAugmenter
 
             self.augmenter = PromptAugmenter.load(pas, pas_endpoint_model)
-        self.model, self.tokenizer = load_model(model_dir)  # a final/, a checkpoint or an export
-        self.model.eval()
-        self.processor = OmniProcessor.from_config(self.model.config, self.tokenizer, self.model.token_ids)
+        # a final/, a checkpoint or an export, on `device` in `dtype` (omni.model.generate.resolve_placement)
+        self.generator = LocalGenerator.load(model_dir, batch_size=1, device=device, dtype=dtype)
+        self.model, self.tokenizer = self.generator.model, self.generator.tokenizer
+        self.processor = self.generator.processor
         self.video = self.model.config.video
         self.max_new_tokens = max_new_tokens
-        audio = self.model.encoders["audio"]
-        self.audio_window = audio.window_samples
-        self.max_audio_samples = audio.window_samples * max_audio_windows
+        self.policy = self.processor.policy  # long audio / video and silence: the processor's, as in omni chat
         self.frame_cache = FrameFeatureCache(self.model.encoders["image"],
                                              cache_frames or 4 * self.video.max_frames)
         self.model.encoders["image"] = self.frame_cache
@@ -145,8 +144,7 @@ class DemoEngine:
         self._steps: list[float] = []      # one time stamp per LLM forward = per generated token
         self._prompt_len = 0
         self.model.llm.register_forward_hook(self._count_step, with_kwargs=True)
-        log.info("loaded %s in %.1f s (video %g fps, <= %d frames; audio window %.1f s)", self.model_dir,
-                 time.perf_counter() - t0, self.video.fps, self.video.max_frames, self.audio_window / 16000)
+        log.info("loaded %s in %.1f s (%s)", self.model_dir, time.perf_counter() - t0, self.policy.describe())
 
     def _count_step(self, module, args, kwargs, output) -> None:
         if not self._steps and kwargs.get("inputs_embeds") is not None:
@@ -156,8 +154,7 @@ class DemoEngine:
     def describe(self) -> str:
         cfg = self.model.config
         n = sum(p.numel() for p in self.model.parameters())
-        return (f"`{self.model_dir}` — preset {cfg.name}, {n / 1e6:.1f}M parameters; video {self.video.fps:g} fps, "
-                f"at most {self.video.max_frames} frames; audio cut to {self.max_audio_samples / 16000:g} s")
+        return f"`{self.model_dir}` — preset {cfg.name}, {n / 1e6:.1f}M parameters; {self.policy.describe()}"
 
     def augment(self, text: str) -> tuple[str, str]:
         """(what the model reads, the PAS complement shown to the user); unchanged without PAS."""
@@ -171,21 +168,22 @@ class DemoEngine:
     def encode_ahead(self, frame: Image.Image) -> float:
         """Preprocess one webcam frame and run it through the image tower now; returns seconds."""
         t0 = time.perf_counter()
-        pixels = self.processor.pixels([frame.convert("RGB")])
+        pixels = self.processor.pixels([frame.convert("RGB")]).to(self.generator.device, self.generator.dtype)
         self.frame_cache.encode_ahead(pixels)
         return time.perf_counter() - t0
 
     def stream(self, messages: list[dict], media: dict[str, list], stats: TurnStats, t_input: float,
                max_new_tokens: int | None = None):
-        """Yield answer pieces from `stream_answer`; fill `stats` (timings from `t_input`).
+        """Yield answer pieces from the generator; fill `stats` (timings from `t_input`).
         Raises omni.errors.SampleError before the first piece when the prompt does not fit."""
         with self._lock:
             self._steps.clear()
             self._prompt_len = 0
             hits0 = self.frame_cache.hits
             stats.frames = sum(len(v) for v in media.get("video", []))
-            pieces = stream_answer(self.model, self.tokenizer, self.processor, messages, media,
-                                   max_new_tokens or self.max_new_tokens)
+            max_new_tokens = max_new_tokens or self.max_new_tokens
+            example = self.generator.prompt(messages, media, max_new_tokens)
+            pieces = self.generator.stream(example, max_new_tokens)
             for piece in pieces:
                 if self._steps and math.isnan(stats.ttft_s):
                     stats.ttft_s = self._steps[0] - t_input
@@ -211,7 +209,8 @@ class DemoEngine:
             except StopIteration:
                 return
             except SampleError as e:  # raised by the processor before generation starts
-                if "exceeds max_length" in str(e) and chat.drop_oldest():
+                too_long = isinstance(e, ContextError) or "exceeds max_length" in str(e)
+                if too_long and chat.drop_oldest():
                     stats.dropped += 1
                     continue
                 raise

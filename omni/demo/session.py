@@ -7,9 +7,12 @@
   trailing silence); `mode="ptt"` (push-to-talk) ends it when the user stops recording.
 - `load_upload`: an uploaded file -> (modality, value the processor takes) or a `MediaError`
   whose message is shown in the UI as is; `model_audio` turns a recording into the 16 kHz mono
-  waveform the processor takes, cut to the model's audio window.
+  waveform the processor takes. Both apply the model's media policy (omni/model/media_policy.py:
+  long audio cut, silence refused, long video spread), the one `omni chat` and `omni eval` get.
 - `Conversation`: the turns of a chat with their media, in the form `stream_answer` takes
-  (placeholders added the way `omni chat` adds them).
+  (placeholders added the way `omni chat` adds them). What it holds is bounded: uploaded images
+  and videos stay files (opened for each turn), camera frames are shrunk to the tower's size on
+  arrival (`shrink`), and `nbytes` counts the rest for the demo's per-session budget.
 """
 from __future__ import annotations
 
@@ -24,30 +27,27 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from encoders import SAMPLE_RATE, VideoSamplingConfig, load_audio, read_video_frames
+from encoders import dbfs, load_audio
 from omni.inference import with_placeholders
+from omni.model.media_policy import MediaPolicy, MediaRefused
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 VIDEO_EXT = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v"}
 AUDIO_EXT = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac"}
-SILENCE_DBFS = -55.0  # a recording or file whose loudest 20 ms stays below this is "silence"
 
 
 class MediaError(ValueError):
     """An input the demo refuses; the message is meant for the user, as is."""
 
 
-def dbfs(samples: np.ndarray) -> float:
-    """RMS level of float samples in [-1, 1], in dB relative to full scale (-inf for zeros)."""
-    rms = math.sqrt(float(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
-    return 20 * math.log10(rms) if rms > 0 else -math.inf
-
-
-def peak_frame_dbfs(samples: np.ndarray, sr: int, frame_ms: int = 20) -> float:
-    """Level of the loudest `frame_ms` frame: what decides "silent" for a file or a recording."""
-    n = max(1, sr * frame_ms // 1000)
-    usable = samples[: samples.size // n * n].reshape(-1, n) if samples.size >= n else samples[None]
-    return max(dbfs(f) for f in usable)
+def shrink(frame: Image.Image, side: int) -> Image.Image:
+    """`frame` with its short side brought down to `side` (the image tower's input size), keeping
+    the aspect ratio; smaller frames unchanged. A 1080p webcam frame is 6 MB; the tower reads 384 px."""
+    w, h = frame.size
+    if min(w, h) <= side:
+        return frame
+    scale = side / min(w, h)
+    return frame.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.Resampling.BICUBIC)
 
 
 # ------------------------------------------------------------------------- webcam frames
@@ -312,24 +312,20 @@ def wav_bytes(samples: np.ndarray, sr: int) -> bytes:
     return buf.getvalue()
 
 
-def model_audio(samples: np.ndarray, sr: int, max_samples: int) -> tuple[np.ndarray, list[str]]:
-    """A recording -> the 16 kHz mono waveform the processor takes, cut to `max_samples`.
+def model_audio(samples: np.ndarray, sr: int, policy: MediaPolicy) -> tuple[np.ndarray, list[str]]:
+    """A recording -> the 16 kHz mono waveform the processor takes, after the media policy.
 
     Resampling goes through a WAV file and `encoders.load_audio`, the decoder every other audio
     input takes, so a recording and the same sound uploaded as a file reach the model alike.
     Raises MediaError for silence; returns notes for the user (e.g. that it was cut).
     """
-    if samples.size == 0 or peak_frame_dbfs(samples, sr) < SILENCE_DBFS:
-        raise MediaError("heard only silence: nothing was sent (speak louder or check the microphone)")
-    return _cut(load_audio(wav_bytes(samples, sr)), max_samples, "recording")
-
-
-def _cut(wav: np.ndarray, max_samples: int, what: str) -> tuple[np.ndarray, list[str]]:
-    if wav.size <= max_samples:
-        return wav, []
-    note = (f"{what} is {wav.size / SAMPLE_RATE:.1f} s: cut to its first {max_samples / SAMPLE_RATE:.1f} s "
-            "(the model's audio window)")
-    return wav[:max_samples], [note]
+    silence = MediaError("heard only silence: nothing was sent (speak louder or check the microphone)")
+    if samples.size == 0:
+        raise silence
+    try:
+        return policy.audio(load_audio(wav_bytes(samples, sr)), "recording")
+    except MediaRefused:
+        raise silence from None
 
 
 # ------------------------------------------------------------------------- uploads
@@ -370,48 +366,44 @@ def media_kind(path: str | Path) -> str:
 @dataclass
 class MediaItem:
     kind: str            # "image" | "video" | "audio"
-    value: object        # PIL image | list of PIL frames | float32 16 kHz waveform
+    value: object        # image: its file (opened per turn) or a PIL image; video: its file or a list of
+                         # PIL frames; audio: float32 16 kHz waveform
     path: str            # the file shown in the chat
     notes: list[str] = field(default_factory=list)
+    frames: list = field(default_factory=list)  # an uploaded video's frames, for its strip in the chat only
 
 
-def load_upload(path: str | Path, video: VideoSamplingConfig, max_audio_samples: int) -> MediaItem:
-    """Decode an uploaded file the way the processor would, or raise MediaError saying why not.
+def load_upload(path: str | Path, policy: MediaPolicy) -> MediaItem:
+    """Check an uploaded file the way the processor will read it, or raise MediaError saying why not.
 
-    Images become RGB PIL images; videos the frames `read_video_frames` samples (the processor
-    would decode the same ones from the path); audio the 16 kHz waveform of `load_audio`, cut to
-    `max_audio_samples`. Silent audio and unreadable files are refused.
+    Images are decoded once to check them and kept as their file; videos as their file, with the
+    frames the processor will sample (`frames`, for the chat's strip); audio as the 16 kHz
+    waveform of `load_audio`. The media policy applies (audio cut or refused as silent, a long
+    video's frames spread) and its notes come with the item.
     """
     path = Path(path)
     kind = media_kind(path)
     if kind == "image":
         try:
             with Image.open(path) as im:
-                return MediaItem("image", im.convert("RGB"), str(path))
+                im.load()  # decodes every pixel: a truncated file fails here, not mid-turn
+            return MediaItem("image", str(path), str(path))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise MediaError(f"{path.name}: cannot read this image ({_short(e, path)})") from None
     if kind == "video":
-        import decord
-
         try:
-            reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-            n, native_fps = len(reader), float(reader.get_avg_fps())
-            del reader
-            frames = read_video_frames(str(path), video)
-        except (ValueError, RuntimeError, decord.DECORDError) as e:
+            frames, notes = policy.frames(str(path), path.name)
+        except MediaRefused as e:
             raise MediaError(f"{path.name}: cannot read this video ({_short(e, path)})") from None
-        notes = []
-        if native_fps > 0 and math.ceil(n / native_fps * video.fps - 1e-6) > video.max_frames:
-            notes.append(f"{path.name} is {n / native_fps:.1f} s: the model takes at most {video.max_frames} "
-                         f"frames, so {len(frames)} were spread evenly over it instead of {video.fps:g} per second")
-        return MediaItem("video", frames, str(path), notes)
+        return MediaItem("video", str(path), str(path), notes, frames)
     try:
         wav = load_audio(str(path))
     except ValueError as e:
         raise MediaError(f"{path.name}: cannot read this audio ({_short(e, path)})") from None
-    if peak_frame_dbfs(wav, SAMPLE_RATE) < SILENCE_DBFS:
-        raise MediaError(f"{path.name} is silent: there is nothing to hear in it")
-    wav, notes = _cut(wav, max_audio_samples, path.name)
+    try:
+        wav, notes = policy.audio(wav, path.name)
+    except MediaRefused as e:
+        raise MediaError(str(e)) from None
     return MediaItem("audio", wav, str(path), notes)
 
 
@@ -453,11 +445,18 @@ class Conversation:
         return out
 
     def media(self) -> dict[str, list]:
+        """Every turn's media in the form the processor takes; image files are opened here (lazily:
+        decoded by the processor, freed after the turn)."""
         out: dict[str, list] = {}
         for turn in self.turns:
             for kind, values in turn.media.items():
-                out.setdefault(kind, []).extend(values)
+                out.setdefault(kind, []).extend(Image.open(v) if kind == "image" and isinstance(v, str) else v
+                                                for v in values)
         return out
+
+    def nbytes(self) -> int:
+        """Bytes of media held in memory (waveforms, frames; files on disk count nothing)."""
+        return sum(_nbytes(v) for turn in self.turns for values in turn.media.values() for v in values)
 
     def drop_oldest(self) -> bool:
         """Forget the oldest turn (to fit the context); False when only the current one is left."""
@@ -468,3 +467,13 @@ class Conversation:
 
     def __len__(self) -> int:
         return len(self.turns)
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, Image.Image):
+        return value.width * value.height * len(value.getbands())
+    if isinstance(value, list):
+        return sum(_nbytes(v) for v in value)
+    return 0

@@ -4,7 +4,7 @@ A transformers `ProcessorMixin` around omni's own processor (omni.model.processo
 shipped next to this file), built from the same four dicts (`processor_config.json`), so media
 preprocessing and placeholder token counts are training's, not a copy:
 - images: AnyRes tiles, each through open_clip's eval transform of the training tower;
-- videos: frames sampled by encoders.video.read_video_frames (decord; fps + cap), same transform;
+- videos: frames sampled by encoders.video.read_video (decord; fps + cap), same transform;
 - audio (float32 mono 16 kHz): whisper log-mel windows and valid-frame rule;
 - each `<image>` / `<video>` / `<audio>` placeholder token becomes exactly the number of tokens
   the projector emits;

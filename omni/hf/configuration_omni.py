@@ -40,6 +40,7 @@ class OmniAudioConfig(PreTrainedConfig):
     n_state: int = 1280
     n_head: int = 20
     n_layer: int = 32
+    max_windows: int = 8  # the most encoder windows of one clip the model reads (the processor cuts the rest)
 
 
 def _default_projectors() -> dict:

@@ -12,7 +12,7 @@ Config: `ModelConfig` (omni/presets.py) <-> `OmniConfig` (configuration_omni.py)
 | ModelConfig                                 | OmniConfig (config.json)                              |
 |---------------------------------------------|-------------------------------------------------------|
 | image.{open_clip_model,vision_cfg,feature_layer} | vision_config.{same}                              |
-| audio.{n_mels,n_ctx,n_state,n_head,n_layer} | audio_config.{same}                                   |
+| audio.{n_mels,n_ctx,n_state,n_head,n_layer,max_windows} | audio_config.{same}                       |
 | the LM's actual transformers config          | text_config                                          |
 | projectors[m].{kind,options}                | projectors[m].{kind,options}                          |
 | llm.norm_head, llm.max_z_loss               | norm_head, max_z_loss                                 |
@@ -49,7 +49,7 @@ def hf_config_from_model_config(cfg: ModelConfig, text_config: dict, token_ids: 
     config = OmniConfig(
         vision_config={"open_clip_model": cfg.image.open_clip_model, "vision_cfg": cfg.image.vision_cfg,
                        "feature_layer": cfg.image.feature_layer},
-        audio_config={k: getattr(cfg.audio, k) for k in _AUDIO_DIMS},
+        audio_config={**{k: getattr(cfg.audio, k) for k in _AUDIO_DIMS}, "max_windows": cfg.audio.max_windows},
         text_config=dict(text_config),
         projectors={m: {"kind": cfg.projectors[m].kind, "options": dict(cfg.projectors[m].options)}
                     for m in MODALITIES},
@@ -81,7 +81,8 @@ def model_config_from_hf(config: dict) -> tuple[ModelConfig, dict, dict[str, int
                 "max_z_loss": config.get("max_z_loss", 0.0)},
         "image": {"open_clip_model": vision.get("open_clip_model"), "vision_cfg": vision.get("vision_cfg"),
                   "feature_layer": vision.get("feature_layer"), "pretrained": origin.get("image")},
-        "audio": {**{k: config["audio_config"][k] for k in _AUDIO_DIMS}, "checkpoint": origin.get("audio")},
+        "audio": {**{k: config["audio_config"][k] for k in _AUDIO_DIMS}, "checkpoint": origin.get("audio"),
+                  **({"max_windows": config["audio_config"]["max_windows"]} if "max_windows" in config["audio_config"] else {})},
         "video": config["video_config"],
         "anyres": config["anyres_config"],
         "projectors": config["projectors"],

@@ -36,15 +36,45 @@ TOKENIZER_DIR = "tokenizer"
 CHECKSUMS = "weights_sha256"  # config key {weights file: sha256}, checked by omni.model.load on load
 
 
-def attention_backend(requested: str) -> str:
-    """"auto": FlashAttention-2 on a GPU where flash-attn is installed, else PyTorch SDPA."""
-    if requested != "auto":
+ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
+HALF = (torch.float16, torch.bfloat16)
+PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}  # a stage's `precision` -> its forward dtype
+
+
+def attention_backend(requested: str, dtype: torch.dtype | None = None,
+                      device: torch.device | str | None = None) -> str:
+    """The LLM's attention backend for forwards that run in `dtype` (the autocast dtype, or the
+    weights' own without autocast) on `device`. "auto": FlashAttention-2 for fp16/bf16 forwards on
+    a GPU where flash-attn is installed, else PyTorch SDPA. FlashAttention-2 computes in fp16/bf16
+    only, so asking for it where it cannot run is a ConfigError saying what to change, not a crash
+    inside the kernel. `dtype`/`device` None: not known yet (a model being built, in fp32 on the CPU
+    or meta device): a backend that runs anywhere; `OmniModel.use_attention` switches it once known."""
+    if requested not in ATTENTION_BACKENDS:
+        raise ConfigError(f"llm.attn_implementation: {requested!r} is not one of {list(ATTENTION_BACKENDS)}")
+    if requested in ("sdpa", "eager"):
         return requested
+    if dtype is None or device is None:
+        return "sdpa"
+    on_gpu = torch.device(device).type == "cuda"
+    if requested == "auto":
+        return "flash_attention_2" if on_gpu and dtype in HALF and flash_attn_installed() else "sdpa"
+    if dtype not in HALF:
+        raise ConfigError(f"llm.attn_implementation: flash_attention_2 computes in fp16/bf16, but this forward runs in "
+                          f"{dtype}; run it in bf16 (a stage's precision: bf16), or set llm.attn_implementation: auto "
+                          "(SDPA for fp32 forwards)")
+    if not on_gpu:
+        raise ConfigError(f"llm.attn_implementation: flash_attention_2 needs a CUDA GPU, not {device}; "
+                          "set llm.attn_implementation: auto")
+    if not flash_attn_installed():
+        raise ConfigError("llm.attn_implementation: flash_attention_2 needs the flash-attn package; install it "
+                          "(pip install flash-attn) or set llm.attn_implementation: auto")
+    return "flash_attention_2"
+
+
+def flash_attn_installed() -> bool:
     import importlib.util
 
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def build_llm(cfg: ModelConfig, pretrained: bool) -> nn.Module:
@@ -110,6 +140,13 @@ class OmniModel(OmniComposition, nn.Module):
         """Recompute activations in backward: the LLM via transformers, the vision tower via open_clip."""
         self.llm.activation_checkpointing_enable({"use_reentrant": False})
         self.encoders["image"].visual.set_grad_checkpointing(True)
+
+    def use_attention(self, dtype: torch.dtype, device: torch.device | str) -> str:
+        """Switch the LLM to the attention backend for forwards in `dtype` on `device`
+        (`attention_backend` of the config's `llm.attn_implementation`); returns its name."""
+        name = attention_backend(self.config.llm.attn_implementation, dtype, device)
+        self.llm.set_attn_implementation(name)
+        return name
 
     # ---- token counts of the built modules (FLOPs, tables) ----------------------------------
     def image_tokens(self) -> int:

@@ -12,15 +12,18 @@ run the same code:
 - image_config: {"preprocess": open_clip PreprocessCfg fields, "image_size", "num_patches",
   "anyres": {"max_tiles", "thumbnail"}, "projector": {"kind", "options"}};
 - video_config: {"fps", "max_frames", "projector"};
-- audio_config: whisper dims {"n_mels", "n_ctx", "n_state", "n_head", "n_layer"} + "projector";
+- audio_config: whisper dims {"n_mels", "n_ctx", "n_state", "n_head", "n_layer"}, "max_windows"
+  (absent in older exports: AudioTowerConfig's default) + "projector";
 - token_config: {"placeholders": {modality: string}, "token_ids": {modality: id}, "max_length"}.
 Token counts come from the projectors' `num_tokens` and whisper's window arithmetic, on modules
-built on the meta device (no memory, no weights). Torch-only: shipped as an export's remote code.
+built on the meta device (no memory, no weights). Long, silent and too-long media follow one
+policy (omni/model/media_policy.py): cut with a note, or refused with one line. Torch-only: shipped
+as an export's remote code.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,11 +33,12 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from encoders.anyres import AnyResConfig, anyres_tiles
 from encoders.audio import AudioEncoder, AudioTowerConfig
 from encoders.image import ImageEncoder
-from encoders.video import VideoSamplingConfig, read_video_frames
+from encoders.video import VideoSamplingConfig
 from omni.errors import SampleError
 from omni.modalities import MODALITIES
 from omni.model.batch import MediaBatch
 from omni.model.fusion import IGNORE, expand_placeholders
+from omni.model.media_policy import MediaPolicy, PromptTooLong
 from projectors import build_projector
 
 AUDIO_DIMS = ("n_mels", "n_ctx", "n_state", "n_head", "n_layer")
@@ -45,6 +49,7 @@ class Example:
     input_ids: torch.Tensor      # [L]
     labels: torch.Tensor         # [L]
     media: MediaBatch
+    notes: list[str] = field(default_factory=list)  # what the media policy did, for the user
 
 
 def _meta_projector(spec: dict):
@@ -77,6 +82,9 @@ class OmniProcessor:
         with torch.device("meta"):  # windowing and log-mel need no weights
             self._audio = AudioEncoder(AudioTowerConfig(**{k: self.audio_config[k] for k in AUDIO_DIMS}))
         self._audio_projector = _meta_projector(self.audio_config["projector"])
+        self.policy = MediaPolicy(self._audio.window_samples,
+                                  int(self.audio_config.get("max_windows", AudioTowerConfig.max_windows)),
+                                  self._video)
         num_patches = self.image_config["num_patches"]
         self.image_tokens = _meta_projector(self.image_config["projector"]).num_tokens(num_patches)  # per tile
         self.frame_tokens = _meta_projector(self.video_config["projector"]).num_tokens(num_patches)  # per frame
@@ -97,7 +105,8 @@ class OmniProcessor:
             image_config={**_image_geometry(cfg.image), "anyres": dataclasses.asdict(cfg.anyres),
                           "projector": spec["image"]},
             video_config={**dataclasses.asdict(cfg.video), "projector": spec["video"]},
-            audio_config={**{k: getattr(cfg.audio, k) for k in AUDIO_DIMS}, "projector": spec["audio"]},
+            audio_config={**{k: getattr(cfg.audio, k) for k in AUDIO_DIMS}, "max_windows": cfg.audio.max_windows,
+                          "projector": spec["audio"]},
             token_config={"placeholders": {m: tokenizer.convert_ids_to_tokens(int(token_ids[m])) for m in MODALITIES},
                           "token_ids": {m: int(token_ids[m]) for m in MODALITIES},
                           "max_length": max_length or cfg.llm.hf_config["max_position_embeddings"]},
@@ -123,19 +132,21 @@ class OmniProcessor:
         pixels = self.pixels(tiles)
         return (torch.zeros_like(pixels) if blank else pixels), counts
 
-    def _videos(self, videos: list, blank: bool):
+    def _videos(self, videos: list, blank: bool, notes: list[str]):
         frames, counts = [], []
-        for v in videos:
-            clip = v if isinstance(v, list) else read_video_frames(v, self._video)
+        for i, v in enumerate(videos):
+            clip, said = self.policy.frames(v, f"video {i + 1}")
+            notes += said
             pixels = self.pixels(clip)
             frames.append(torch.zeros_like(pixels) if blank else pixels)
             counts.append(len(clip))
         return torch.cat(frames), counts
 
-    def _audios(self, audios: list, blank: bool):
+    def _audios(self, audios: list, blank: bool, notes: list[str]):
         mels, valid, tokens = [], [], []
-        for wav in audios:
-            wav = np.asarray(wav, dtype=np.float32)
+        for i, wav in enumerate(audios):
+            wav, said = self.policy.audio(wav, f"audio {i + 1}")  # silence is refused before blanking
+            notes += said
             if blank:
                 wav = np.zeros_like(wav)
             n = 0
@@ -167,45 +178,57 @@ class OmniProcessor:
                 raise SampleError(f"message {i} ({m.get('role', '?')}): contains the chat control token(s) {found}; "
                                   "remove them from the text")
 
-    def media(self, media: dict[str, list], blank: bool = False) -> tuple[MediaBatch, dict[str, list[int]]]:
+    def media(self, media: dict[str, list], blank: bool = False,
+              notes: list[str] | None = None) -> tuple[MediaBatch, dict[str, list[int]]]:
         """(preprocessed media, placeholder tokens per medium) of `media` (modality -> list in
-        placeholder order). `blank` zeroes media content (the control that shows answers come
-        from the media)."""
+        placeholder order), after the media policy (long media cut, silence refused: MediaRefused);
+        what the policy did is appended to `notes`. `blank` zeroes media content (the control that
+        shows answers come from the media)."""
+        notes = [] if notes is None else notes
         batch = MediaBatch()
         counts: dict[str, list[int]] = {}
         if media.get("image"):
             batch.image, batch.image_tiles = self._images(media["image"], blank)
             counts["image"] = [self.image_tokens * t for t in batch.image_tiles]
         if media.get("video"):
-            batch.video, batch.video_frames = self._videos(media["video"], blank)
+            batch.video, batch.video_frames = self._videos(media["video"], blank, notes)
             counts["video"] = [self.frame_tokens * f for f in batch.video_frames]
         if media.get("audio"):
-            batch.audio, batch.audio_valid, counts["audio"] = self._audios(media["audio"], blank)
+            batch.audio, batch.audio_valid, counts["audio"] = self._audios(media["audio"], blank, notes)
         return batch, counts
 
     def expand(self, ids: list[int], targets: list[int], counts: dict[str, list[int]],
                seen: dict[str, int] | None = None) -> tuple[list[int], list[int]]:
-        """Placeholders expanded to their media's token counts, labels (see fusion.expand_placeholders)."""
+        """Placeholders expanded to their media's token counts, labels (see fusion.expand_placeholders).
+        A sequence longer than max_length is refused (PromptTooLong) before any model runs."""
         out_ids, out_labels = expand_placeholders(ids, targets, self.token_ids, counts, seen)
         if len(out_ids) > self.max_length:
-            raise SampleError(f"sequence of {len(out_ids)} tokens exceeds max_length {self.max_length}")
+            used = {m: sum(c) for m, c in counts.items() if sum(c)}
+            media = ", ".join(f"{m} {n}" for m, n in used.items())
+            raise PromptTooLong(
+                f"sequence of {len(out_ids)} tokens exceeds max_length {self.max_length} (the model's context)"
+                + (f"; the media take {sum(used.values())} of them ({media})" if used else "")
+                + ": send fewer or shorter media or a shorter text")
         return out_ids, out_labels
 
     # ---- text -----------------------------------------------------------------------------
     def __call__(self, messages: list[dict], media: dict[str, list] | None = None,
                  add_generation_prompt: bool = False, blank: bool = False) -> Example:
         """`media` maps modality -> list in placeholder order: PIL images, videos (bytes/path or a
-        list of PIL frames), audio waveforms (float32 mono 16 kHz). `blank`: see `media`."""
+        list of PIL frames), audio waveforms (float32 mono 16 kHz). `blank`: see `media`. The
+        example's `notes` say what the media policy did (a clip cut, frames spread); MediaRefused
+        and PromptTooLong (SampleErrors) carry one line for the user."""
         media = {k: v for k, v in (media or {}).items() if v}
         self.refuse_control_tokens(messages)
         self.check_placeholders(["".join(m.get("content", "") for m in messages)], media)
-        batch, counts = self.media(media, blank)
+        notes: list[str] = []
+        batch, counts = self.media(media, blank, notes)
         enc = self.tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt,
             return_assistant_tokens_mask=True,
         )
         out_ids, out_labels = self.expand(enc["input_ids"], enc["assistant_masks"], counts)
-        return Example(torch.tensor(out_ids), torch.tensor(out_labels), batch)
+        return Example(torch.tensor(out_ids), torch.tensor(out_labels), batch, notes)
 
 
 @dataclass

@@ -52,6 +52,9 @@ def rows(preset: str) -> list[tuple[str, str]]:
         ("audio", f"{window_s:g} s window = {audio.valid_frames(audio.window_samples)} encoder frames "
                   f"-> {m.audio_window_tokens(audio.valid_frames(audio.window_samples))} tokens "
                   f"= {m.audio_window_tokens(audio.valid_frames(audio.window_samples)) / window_s:g} tokens/s"),
+        ("audio clip", f"at most {cfg.audio.max_windows} windows = {cfg.audio.max_windows * window_s:g} s "
+                       f"-> {cfg.audio.max_windows * m.audio_window_tokens(audio.valid_frames(audio.window_samples))} "
+                       "tokens; a longer clip is cut, with a note"),
     ]
     return parts + tokens
 

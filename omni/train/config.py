@@ -25,7 +25,7 @@ from omni.train.optim import OptimConfig
 class BatchConfig:
     micro_batch: int = 8                # samples per forward/backward
     grad_accum: int = 1                 # micro-batches per optimizer step
-    tokens_per_pack: int = 0            # > 0: pack each micro-batch's samples into rows of this many tokens
+    tokens_per_pack: int = 0            # > 0: each micro-batch in one padding-free row, planned at this many tokens
 
     def __post_init__(self):
         if self.micro_batch < 1 or self.grad_accum < 1:

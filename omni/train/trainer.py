@@ -26,7 +26,7 @@ from omni.data.training import held_out, training_records, training_stream
 from omni.distributed import World
 from omni.modalities import MODALITIES
 from omni.model.load import load_model, save_model_dir
-from omni.model.omni_model import OmniModel
+from omni.model.omni_model import PRECISION_DTYPE, OmniModel
 from omni.model.processor import OmniProcessor
 from omni.presets import build_preset
 from omni.train.checkpoint import (
@@ -85,6 +85,8 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
     objective = OBJECTIVES[cfg.method](cfg)
     engine = build_engine(cfg, world)
     model, tokenizer = init_model(cfg, skeleton=engine.weights_from_rank0 and not world.main)
+    # the backend for the dtype the forwards run in (autocast's under bf16): FlashAttention-2 never in fp32
+    log.info("stage %s: %s attention", cfg.name, model.use_attention(PRECISION_DTYPE[cfg.precision], world.device))
     processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
     records = training_records(cfg.data)
     evals = held_out(cfg.data)
@@ -121,11 +123,17 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
              f", {len(evals)} held-out records" if evals else "")
 
     def evaluate(at: int) -> dict:
-        """Every rank scores the held-out records (sharded engines need all of them); rank 0 writes."""
+        """Each rank scores every world-th held-out record and the shares' results are merged;
+        engines that shard per module gather weights in every forward, so there every rank
+        scores every record (the same forwards everywhere). Rank 0 writes."""
         scorer = engine.inference_module
         scorer.eval()
+        split = world.size > 1 and not engine.shards_modules
+        share = evals[world.rank::world.size] if split else evals
+        log.info("held-out scoring at step %d: rank %d scores %d of %d records", at, world.rank, len(share), len(evals))
         with engine.autocast():
-            result = {"step": at, **objective.evaluate(scorer, evals)}
+            result = objective.evaluate(scorer, share) if share else {}
+        result = {"step": at, **(merge_shares(world.gather(result)) if split else result)}
         engine.train()
         if world.main:
             with open(out_dir / EVALS, "a") as f:
@@ -142,6 +150,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
     t0 = window_t0 = time.time()
     window, window_tokens, window_flops = [], 0, 0.0
+    over_budget = False
     metrics = open(out_dir / METRICS, "a") if world.main else None  # noqa: SIM115 - closed in finally
     try:
         while step < cfg.steps:
@@ -149,6 +158,11 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
             for _ in range(cfg.batch.grad_accum):
                 made = stream.take(cfg.batch.micro_batch)
                 batch, f = objective.collate(made)
+                if 0 < cfg.batch.tokens_per_pack < batch.input_ids.shape[1] and not over_budget:
+                    over_budget = True  # said once: the memory plan assumed rows of tokens_per_pack tokens
+                    log.warning("stage %s: a packed micro-batch of %d tokens exceeds batch.tokens_per_pack=%d, the row "
+                                "omni plan budgets memory for; raise tokens_per_pack or lower batch.micro_batch",
+                                cfg.name, batch.input_ids.shape[1], cfg.batch.tokens_per_pack)
                 batches.append(batch.to(world.device))
                 fill += f / cfg.batch.grad_accum
                 if flops is not None:
@@ -230,6 +244,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
     return out
+
+
+def merge_shares(parts: list[dict]) -> dict:
+    """One held-out result from the ranks' results on their shares: an objective's int fields are
+    counts (tokens, pairs), summed; its float fields are means over that count, weighted by it."""
+    parts = [p for p in parts if p]
+    count = next(k for k, v in parts[0].items() if isinstance(v, int))
+    total = sum(p[count] for p in parts)
+    return {k: total if k == count else sum(p[k] * p[count] for p in parts) / max(total, 1) for k in parts[0]}
 
 
 def _check_resume_config(saved: dict, now: dict, where: Path, allowed: bool) -> None:

@@ -2,14 +2,14 @@
 
 One server (`omni demo` as `python -m omni.cli demo`, a tiny model trained a few steps) on a free loopback port;
 1. uploads an image and an audio file, asks a question, and the streamed answer equals
-   `stream_answer`'s for the same inputs (what `omni chat` prints, tests/integration/test_chat.py);
+   the generator's (`LocalGenerator.stream`) for the same inputs (what `omni chat` prints, tests/integration/test_chat.py);
    a non-media upload gets a message and the next question is still answered; two tabs asking at
    once are both answered (queued, one generation at a time);
 2. a fake camera and microphone (Chromium reads them from a .y4m and a .wav): the webcam streams
    frames into the window, the VAD ends the utterance after the tone, and an answer arrives
    with the frames encoded ahead;
 3. a second server with `--pas` (a loopback endpoint plays the PAS model): a typed turn reaches
-   the model with its complement (the answer equals `stream_answer`'s for question + complement),
+   the model with its complement (the answer equals the generator's for question + complement),
    the complement is shown under the turn, and unticking the switch sends the next turn as typed.
 Screenshots land in the tests' tmp dirs.
 """
@@ -129,18 +129,15 @@ def _ask(page, text: str, files=(), send: bool = True):
         page.press("#omni-input textarea", "Enter")
 
 
-def test_uploaded_image_and_audio_get_the_stream_answer_answer(server, trained_tiny, tmp_path):
-    from omni.inference import load_media, stream_answer
-    from omni.model.load import load_model
-    from omni.model.processor import OmniProcessor
+def test_uploaded_image_and_audio_get_the_generators_answer(server, trained_tiny, tmp_path):
+    from omni.inference import load_media
+    from omni.model.generate import LocalGenerator
 
     img, wav = image_and_tone(tmp_path)
     question = "which note is played?"
-    model, tok = load_model(trained_tiny)
-    model.eval()
+    gen = LocalGenerator.load(trained_tiny, device="cpu")
     msgs = [{"role": "user", "content": f"<image> <audio> {question}"}]
-    expected = "".join(stream_answer(model, tok, OmniProcessor.from_config(model.config, tok, model.token_ids), msgs,
-                                     load_media(images=[img], audios=[wav]), MAX_NEW_TOKENS)).strip()
+    expected = "".join(gen.stream(gen.prompt(msgs, load_media(images=[img], audios=[wav])), MAX_NEW_TOKENS)).strip()
     assert expected
 
     junk = tmp_path / "notes.txt"
@@ -243,18 +240,15 @@ def pas_server(trained_tiny, tmp_path_factory):
 
 
 def test_the_pas_switch_adds_the_complement_before_the_model_reads_the_turn(pas_server, trained_tiny, tmp_path):
-    from omni.inference import load_media, stream_answer, with_placeholders
-    from omni.model.load import load_model
-    from omni.model.processor import OmniProcessor
+    from omni.inference import load_media, with_placeholders
+    from omni.model.generate import LocalGenerator
 
     url, pas = pas_server
     img, _ = image_and_tone(tmp_path)
     question = "what colour is the shape?"
-    model, tok = load_model(trained_tiny)
-    model.eval()
+    gen = LocalGenerator.load(trained_tiny, device="cpu")
     augmented = [{"role": "user", "content": with_placeholders(f"{question}\n{COMPLEMENT}", {"image": 1})}]
-    expected = "".join(stream_answer(model, tok, OmniProcessor.from_config(model.config, tok, model.token_ids), augmented, load_media(images=[img]),
-                                     MAX_NEW_TOKENS)).strip()
+    expected = "".join(gen.stream(gen.prompt(augmented, load_media(images=[img])), MAX_NEW_TOKENS)).strip()
     with sync_playwright() as p:
         context = _browser(p, tmp_path)
         page = _open(context, url)

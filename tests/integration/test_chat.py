@@ -4,25 +4,21 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from omni.inference import load_media, stream_answer
-from omni.model.processor import OmniProcessor
+from omni.inference import load_media
+from omni.model.generate import LocalGenerator
 from tests.helpers import image_and_tone
 
 
 def test_chat_cli_streams_the_api_answer(trained_tiny, tmp_path):
-    from omni.model.load import load_model
-
     img, wav = image_and_tone(tmp_path)
     prompt = "which note is played?"
     out = subprocess.run([sys.executable, "-m", "omni.cli", "chat", str(trained_tiny), "--image", str(img),
                           "--audio", str(wav), "--prompt", prompt, "--max-new-tokens", "6"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    model, tok = load_model(trained_tiny)
-    model.eval()
-    media = load_media(images=[img], audios=[wav])
+    gen = LocalGenerator.load(trained_tiny, device="cpu")
     msgs = [{"role": "user", "content": f"<image> <audio> {prompt}"}]
-    expected = "".join(stream_answer(model, tok, OmniProcessor.from_config(model.config, tok, model.token_ids), msgs, media, max_new_tokens=6))
+    expected = "".join(gen.stream(gen.prompt(msgs, load_media(images=[img], audios=[wav])), max_new_tokens=6))
     assert expected.strip() and out.stdout.strip() == expected.strip()
 
 

@@ -8,7 +8,7 @@
   builds the real ones; ``feature_layer`` variants vs the block outputs seen by forward hooks.
 - audio: ``AudioEncoder`` on its own log-mel vs openai-whisper's model on
   ``whisper.log_mel_spectrogram`` of the same waveform (bit-exact).
-- video: ``sample_frame_indices`` / ``read_video_frames`` vs frame times read back by decord's
+- video: ``sample_frame_indices`` / ``read_video`` vs frame times read back by decord's
   own ``get_frame_timestamp`` on real mp4 files.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from encoders import (
     ImageEncoder,
     ImageTowerConfig,
     VideoSamplingConfig,
-    read_video_frames,
+    read_video,
     sample_frame_indices,
 )
 from tests.helpers import write_mp4
@@ -236,11 +236,11 @@ def test_sampled_frames_follow_the_rule_on_decord_timestamps(tmp_path, num_frame
         for k, (start, end) in enumerate(reader.get_frame_timestamp(indices)):
             assert start - 1e-4 <= k / fps < end + 1e-4, (k, indices[k], start, end)
     # the decoded frames are those frames, RGB at native size, from a path and from bytes
-    frames = read_video_frames(path, VideoSamplingConfig(fps=fps, max_frames=max_frames))
+    frames = read_video(path, VideoSamplingConfig(fps=fps, max_frames=max_frames)).frames
     want = reader.get_batch(indices).asnumpy()
     assert len(frames) == len(indices)
     for frame, ref in zip(frames, want):
         assert frame.mode == "RGB" and frame.size == size
         np.testing.assert_array_equal(np.asarray(frame), ref)
-    from_bytes = read_video_frames(path.read_bytes(), VideoSamplingConfig(fps=fps, max_frames=max_frames))
+    from_bytes = read_video(path.read_bytes(), VideoSamplingConfig(fps=fps, max_frames=max_frames)).frames
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames, from_bytes))

@@ -24,7 +24,10 @@ from omni.demo.session import (
     wav_bytes,
 )
 from omni.inference import with_placeholders
+from omni.model.media_policy import MediaPolicy
 from tests.helpers import write_mp4
+
+POLICY = MediaPolicy(SAMPLE_RATE, 1, VideoSamplingConfig(fps=1.0, max_frames=4))  # 1-s windows, like the tiny model
 
 
 def _tone(seconds: float, sr: int = SAMPLE_RATE, hz: float = 440.0, amp: float = 0.5) -> np.ndarray:
@@ -147,13 +150,13 @@ def test_decode_wav_chunk_reads_samples_past_a_stale_header():
 def test_model_audio_resamples_like_an_uploaded_file_and_cuts_to_the_window():
     sr = 48_000
     rec = np.concatenate([_tone(1.5, sr), _silence(0.2, sr)])
-    wav, notes = model_audio(rec, sr, max_samples=SAMPLE_RATE)
-    assert wav.shape == (SAMPLE_RATE,) and "cut to its first 1.0 s" in notes[0]
+    wav, notes = model_audio(rec, sr, POLICY)
+    assert wav.shape == (SAMPLE_RATE,) and "recording is 1.7 s: cut to its first 1 s" in notes[0]
     np.testing.assert_array_equal(wav, load_audio(wav_bytes(rec, sr))[:SAMPLE_RATE])
-    wav, notes = model_audio(_tone(0.5), SAMPLE_RATE, max_samples=SAMPLE_RATE)
+    wav, notes = model_audio(_tone(0.5), SAMPLE_RATE, POLICY)
     assert wav.shape == (8000,) and notes == []
     with pytest.raises(MediaError, match="silence"):
-        model_audio(_silence(1.0, sr, 1e-4), sr, SAMPLE_RATE)
+        model_audio(_silence(1.0, sr, 1e-4), sr, POLICY)
 
 
 # ---------------------------------------------------------------- uploads
@@ -163,11 +166,10 @@ def _wav_file(path, signal: np.ndarray, sr: int = SAMPLE_RATE):
 
 
 def test_uploads_are_decoded_like_the_processor_would_or_refused_with_a_reason(tmp_path):
-    video_cfg = VideoSamplingConfig(fps=1.0, max_frames=4)
     png = tmp_path / "shape.png"
     Image.new("RGB", (32, 32), (200, 10, 10)).save(png)
-    item = load_upload(png, video_cfg, SAMPLE_RATE)
-    assert item.kind == "image" and item.value.size == (32, 32) and item.notes == []
+    item = load_upload(png, POLICY)
+    assert item.kind == "image" and item.value == str(png) and item.notes == []  # kept as its file
 
     noext = tmp_path / "photo"  # no suffix: recognised by content
     noext.write_bytes(png.read_bytes())
@@ -176,12 +178,13 @@ def test_uploads_are_decoded_like_the_processor_would_or_refused_with_a_reason(t
     short, long = tmp_path / "short.mp4", tmp_path / "long.mp4"
     write_mp4(short, 6, 2)   # 3 s at 1 fps -> 3 frames
     write_mp4(long, 40, 4)   # 10 s -> capped at 4 frames, said so
-    assert (len(load_upload(short, video_cfg, SAMPLE_RATE).value), load_upload(short, video_cfg, SAMPLE_RATE).notes) == (3, [])
-    item = load_upload(long, video_cfg, SAMPLE_RATE)
-    assert len(item.value) == 4 and "at most 4 frames" in item.notes[0]
+    item = load_upload(short, POLICY)
+    assert (item.value, len(item.frames), item.notes) == (str(short), 3, [])
+    item = load_upload(long, POLICY)
+    assert len(item.frames) == 4 and "long.mp4 is 10.0 s: the model takes at most 4 frames" in item.notes[0]
 
-    item = load_upload(_wav_file(tmp_path / "long.wav", _tone(2.5)), video_cfg, SAMPLE_RATE)
-    assert item.value.shape == (SAMPLE_RATE,) and "cut to its first 1.0 s" in item.notes[0]
+    item = load_upload(_wav_file(tmp_path / "long.wav", _tone(2.5)), POLICY)
+    assert item.value.shape == (SAMPLE_RATE,) and "long.wav is 2.5 s: cut to its first 1 s" in item.notes[0]
 
     (tmp_path / "notes.txt").write_text("not media")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
@@ -192,10 +195,10 @@ def test_uploads_are_decoded_like_the_processor_would_or_refused_with_a_reason(t
         "broken.mp4": "cannot read this video",
     }
     _wav_file(tmp_path / "silent.wav", _silence(1.0))
-    refusals["silent.wav"] = "is silent"
+    refusals["silent.wav"] = r"silent.wav is silent \(nothing in it reaches -60 dBFS\)"
     for name, reason in refusals.items():
         with pytest.raises(MediaError, match=reason):
-            load_upload(tmp_path / name, video_cfg, SAMPLE_RATE)
+            load_upload(tmp_path / name, POLICY)
 
 
 # ---------------------------------------------------------------- conversation
@@ -208,16 +211,17 @@ def test_placeholders_are_added_as_omni_chat_adds_them():
 def test_conversation_binds_each_turns_media_in_placeholder_order():
     from omni.demo.session import MediaItem
 
+    i1, i2 = Image.new("RGB", (8, 8)), Image.new("RGB", (9, 9))
     chat = Conversation()
-    chat.add_user("what colour?", [MediaItem("audio", "a1", ""), MediaItem("image", "i1", "")])
+    chat.add_user("what colour?", [MediaItem("audio", "a1", ""), MediaItem("image", i1, "")])
     chat.turns[-1].answer = "red"
-    chat.add_user("and now?", [MediaItem("video", ["f1", "f2"], ""), MediaItem("image", "i2", "")])
+    chat.add_user("and now?", [MediaItem("video", ["f1", "f2"], ""), MediaItem("image", i2, "")])
     assert chat.messages() == [
         {"role": "user", "content": "<image> <audio> what colour?"},
         {"role": "assistant", "content": "red"},
         {"role": "user", "content": "<image> <video> and now?"},
     ]
-    assert chat.media() == {"audio": ["a1"], "image": ["i1", "i2"], "video": [["f1", "f2"]]}
+    assert chat.media() == {"audio": ["a1"], "image": [i1, i2], "video": [["f1", "f2"]]}
     assert chat.drop_oldest() and len(chat) == 1 and not chat.drop_oldest()
 
 

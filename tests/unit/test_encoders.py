@@ -21,7 +21,7 @@ from encoders import (
     ImageTowerConfig,
     VideoSamplingConfig,
     load_audio,
-    read_video_frames,
+    read_video,
     sample_frame_indices,
 )
 from tests.helpers import write_mp4
@@ -208,29 +208,31 @@ def test_sample_frame_indices_rejects_bad_input():
         sample_frame_indices(10, 0.0, 1.0, 4)
 
 
-def test_read_video_frames_caps_uniformly(tmp_path):
+def test_read_video_caps_uniformly(tmp_path):
     path = tmp_path / "long.mp4"
     write_mp4(path, 60, 4, 32, 32)  # 15 s at 4 fps: 1 fps would give 15 frames
-    frames = read_video_frames(path, VideoSamplingConfig(fps=1.0, max_frames=4))
+    clip = read_video(path, VideoSamplingConfig(fps=1.0, max_frames=4))
+    frames = clip.frames
+    assert clip.spread and clip.seconds == 15.0
     assert len(frames) == 4
     levels = [int(np.asarray(f).mean()) for f in frames]
     assert levels == sorted(levels) and levels[0] < 30 and levels[-1] > 220  # first ... last frame
 
 
-def test_read_video_frames_names_unreadable_source(tmp_path):
+def test_read_video_names_unreadable_source(tmp_path):
     with pytest.raises(ValueError, match=r"<11 bytes>"):
-        read_video_frames(b"not a video", VideoSamplingConfig())
+        read_video(b"not a video", VideoSamplingConfig())
     missing = tmp_path / "missing.mp4"
     with pytest.raises(ValueError, match="missing.mp4"):
-        read_video_frames(missing, VideoSamplingConfig())
+        read_video(missing, VideoSamplingConfig())
     narrow = tmp_path / "narrow.mp4"  # decord bug: 16 px wide frames come back with 6 "channels"
     write_mp4(narrow, 3, 3, 16, 16)
     with pytest.raises(ValueError, match=r"narrow.mp4.*dmlc/decord#336"):
-        read_video_frames(narrow, VideoSamplingConfig())
+        read_video(narrow, VideoSamplingConfig())
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="empty.mp4"):
-        read_video_frames(empty, VideoSamplingConfig())
+        read_video(empty, VideoSamplingConfig())
 
 
 # ---------------------------------------------------------------- audio

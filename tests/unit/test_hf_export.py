@@ -47,7 +47,7 @@ def test_flat_names_and_rewrites():
 def test_remote_code_closure_is_the_entry_points_and_leaf_modules():
     files = remote_code_files()
     assert {"configuration_omni.py", "modeling_omni.py", "processing_omni.py", "omni_model_fusion.py",
-            "omni_model_baichuan2.py", "omni_model_composition.py", "omni_model_processor.py",
+            "omni_model_baichuan2.py", "omni_model_composition.py", "omni_model_processor.py", "omni_model_media_policy.py",
             "omni_model_batch.py", "omni_errors.py", "omni_modalities.py", "omni_encoders_image.py", "omni_encoders_audio.py", "omni_encoders_video.py",
             "omni_encoders_anyres.py", "omni_projectors.py", "omni_projectors_mlp.py",
             "omni_projectors_conv_gmlp.py"} == set(files)

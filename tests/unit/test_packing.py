@@ -1,27 +1,28 @@
-"""Packed rows keep samples isolated and leave the loss unchanged."""
+"""A packed micro-batch is one padding-free row whose samples stay isolated on every attention
+backend (SDPA and eager run here; flash_attention_2 gets the single row with resetting position ids
+that transformers turns into varlen boundaries), and the loss is the padded batch's."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
-from omni.data.packing import collate_packed, first_fit_decreasing
+from omni.data.packing import collate_packed
+from omni.model.fusion import IGNORE
+from omni.model.omni_model import OmniModel
 from omni.model.processor import OmniProcessor, collate
-
-
-def test_first_fit_decreasing_respects_the_budget():
-    rng = np.random.default_rng(0)
-    lengths = [int(x) for x in rng.integers(1, 60, 200)]
-    bins = first_fit_decreasing(lengths, 64)
-    assert sorted(i for b in bins for i in b) == list(range(200))
-    assert all(sum(lengths[i] for i in b) <= 64 for b in bins)
-    assert first_fit_decreasing([100, 10], 64) == [[0], [1]]  # over-long sample: its own row
+from omni.presets import build_preset
 
 
 @pytest.fixture(scope="module")
-def examples(tiny_model):
-    model, tok = tiny_model
+def examples():
+    """A tiny model of this module's own (the tests switch its attention backend) and one sample of
+    each kind: image, audio, text, video, image + audio."""
+    torch.manual_seed(0)
+    model, tok = OmniModel.from_config(build_preset("tiny"))
+    model.eval()
     proc = OmniProcessor.from_config(model.config, tok, model.token_ids)
     rng = np.random.default_rng(1)
     chats = []
@@ -41,37 +42,59 @@ def examples(tiny_model):
     return model, tok, chats
 
 
-def test_a_sample_packed_with_neighbours_has_the_logits_it_has_alone(examples):
-    model, tok, exs = examples
-    model.eval()
-    packed, fill = collate_packed(exs, budget=160, pad_id=tok.pad_token_id)
-    assert packed.input_ids.shape[0] < len(exs) and 0 < fill <= 1
+def test_a_packed_micro_batch_is_one_padding_free_row(examples):
+    _, tok, exs = examples
+    lengths = [len(e.input_ids) for e in exs]
+    packed, fill = collate_packed(exs)
+    assert packed.input_ids.shape == (1, sum(lengths)) and fill == 1.0 and packed.attention_mask is None
+    assert torch.equal(packed.input_ids[0], torch.cat([e.input_ids for e in exs]))
+    starts = torch.tensor([0, *np.cumsum(lengths)[:-1]])
+    assert torch.equal((packed.position_ids[0] == 0).nonzero().flatten(), starts)
+    assert (packed.labels[0, starts] == IGNORE).all()  # no sample's first token predicted from its neighbour
+    keep = torch.ones(sum(lengths), dtype=torch.bool)
+    keep[starts] = False
+    assert torch.equal(packed.labels[0, keep], torch.cat([e.labels[1:] for e in exs]))
+    assert {m: getattr(packed.media, m) is not None for m in ("image", "video", "audio")} == \
+        {"image": True, "video": True, "audio": True}
+
+
+def test_flash_attention_2_reads_one_varlen_sequence_per_sample(examples):
+    """What transformers' flash_attention_2 path does with the batch we hand the LLM: it detects
+    packing only for one row, and then derives the sequence boundaries from the position ids."""
+    _, _, exs = examples
+    packed, _ = collate_packed(exs)
+    pos = packed.position_ids
+    assert _is_packed_sequence(pos, batch_size=packed.input_ids.shape[0])
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(pos)
+    lengths = [len(e.input_ids) for e in exs]
+    assert cu_q.tolist() == cu_k.tolist() == [0, *np.cumsum(lengths).tolist()]
+    assert int(max_q) == int(max_k) == max(lengths)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_a_sample_packed_with_neighbours_has_the_logits_it_has_alone(examples, backend):
+    model, _, exs = examples
+    model.llm.set_attn_implementation(backend)
+    assert model.llm.config._attn_implementation == backend
+    packed, _ = collate_packed(exs)
     with torch.no_grad():
-        joint = model(packed.input_ids, media=packed.media, position_ids=packed.position_ids).logits
-        # find each sample in the packed rows by its position-id run and compare
-        found = 0
-        for row in range(packed.input_ids.shape[0]):
-            starts = (packed.position_ids[row] == 0).nonzero().flatten().tolist()
-            for s, e in zip(starts, starts[1:] + [packed.input_ids.shape[1]]):
-                ids = packed.input_ids[row, s:e]
-                match = [x for x in exs if len(x.input_ids) == len(ids) and torch.equal(x.input_ids, ids)]
-                if not match:
-                    continue  # the padding tail
-                alone = model(ids[None], media=match[0].media).logits[0]
-                torch.testing.assert_close(joint[row, s:e], alone, atol=1e-5, rtol=1e-4)
-                found += 1
-        assert found == len(exs)
+        joint = model(packed.input_ids, media=packed.media, position_ids=packed.position_ids).logits[0]
+        at = 0
+        for e in exs:
+            alone = model(e.input_ids[None], media=e.media).logits[0]
+            torch.testing.assert_close(joint[at: at + len(e.input_ids)], alone, atol=1e-5, rtol=1e-4)
+            at += len(e.input_ids)
         # without the position-id resets the samples would see each other
-        flat = torch.arange(packed.input_ids.shape[1]).expand_as(packed.input_ids)
-        leaky = model(packed.input_ids, media=packed.media, position_ids=flat).logits
+        flat = torch.arange(packed.input_ids.shape[1])[None]
+        leaky = model(packed.input_ids, media=packed.media, position_ids=flat).logits[0]
         assert not torch.allclose(leaky, joint, atol=1e-3)
 
 
 def test_packed_loss_equals_padded_loss(examples):
     model, tok, exs = examples
-    model.eval()
+    model.llm.set_attn_implementation("sdpa")
     padded = collate(exs, tok.pad_token_id)
-    packed, _ = collate_packed(exs, budget=160, pad_id=tok.pad_token_id)
+    packed, _ = collate_packed(exs)
     with torch.no_grad():
         a = model(padded.input_ids, padded.attention_mask, padded.labels, padded.media).loss
         b = model(packed.input_ids, None, packed.labels, packed.media, position_ids=packed.position_ids).loss

@@ -20,6 +20,7 @@ from omni.align.losses import REFERENCE_FREE, preference_loss
 from omni.align.objectives.base import chunks
 from omni.align.objectives.pairs import PairBatch, Pairs, pair_batch, policy_logps
 from omni.model.load import load_model
+from omni.model.omni_model import PRECISION_DTYPE
 
 log = logging.getLogger(__name__)
 REF_CACHE = "ref_logps.safetensors"  # tensors and a string key only: nothing to unpickle
@@ -40,6 +41,7 @@ class DPO(Pairs):
             raise ValueError("dpo: a reference model is needed; set dpo.reference or init_from")
         self.reference, _ = load_model(ref_path, self.cfg.model_overrides)
         self.reference.to(self.device).eval().requires_grad_(False)
+        self.reference.use_attention(PRECISION_DTYPE[self.cfg.precision], self.device)
         if d.precompute_ref:
             self.ref_table = self._precompute(out_dir / REF_CACHE, ref_path, train or [], evals)
             self.reference = None  # freed: training holds the policy only
@@ -64,7 +66,7 @@ class DPO(Pairs):
             for chunk in chunks((train + evals)[self.world.rank::self.world.size], self.cfg.batch.micro_batch):
                 made = [self.make(r) for r in chunk]
                 pairs = pair_batch(made, self.tokenizer.pad_token_id)[0].batch.to(self.device)
-                lp, _ = policy_logps(self.reference, pairs)
+                lp = self._reference_logps(pairs)
                 c, r = lp.chunk(2)
                 table.update({w: torch.stack([a, b]).cpu() for (w, _, _), a, b in zip(made, c, r)})
         table = {w: lp for part in self.world.gather(table) for w, lp in part.items()}
@@ -74,6 +76,14 @@ class DPO(Pairs):
             tmp.replace(cache)
         log.info("reference log-probs of %d train / %d held-out pairs -> %s", len(train), len(evals), cache)
         return table
+
+    def _reference_logps(self, batch) -> torch.Tensor:
+        """The frozen reference's log-probs in the stage's precision (autocast under bf16, the dtype its
+        attention backend was chosen for), also where no engine autocasts around it: the pre-compute,
+        DeepSpeed (whose autocast wraps the policy's forward only)."""
+        bf16 = self.cfg.precision == "bf16"
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return policy_logps(self.reference, batch)[0]
 
     def _ref(self, made) -> torch.Tensor | None:
         if not self.ref_table:
@@ -94,8 +104,7 @@ class DPO(Pairs):
             if pb.ref is not None:
                 ref = pb.ref
             else:
-                with torch.no_grad():
-                    ref, _ = policy_logps(self.reference, pb.batch)
+                ref = self._reference_logps(pb.batch)
             rc, rr = ref.chunk(2)
         losses, cr, rj = preference_loss(d.loss_type, d.beta, pc, pr, rc, rr, lc, lr, d.gamma)
         return losses, cr, rj, pc.detach(), pr.detach(), lc, lr

@@ -21,10 +21,9 @@ class SFT(Objective):
         return sft_example(self.processor, record, self.cfg.sft.turns)
 
     def collate(self, made):
-        pad = self.tokenizer.pad_token_id
         if self.cfg.batch.tokens_per_pack:
-            return collate_packed(made, self.cfg.batch.tokens_per_pack, pad)
-        batch = collate(made, pad)
+            return collate_packed(made)
+        batch = collate(made, self.tokenizer.pad_token_id)
         return batch, fill(batch)
 
     def units(self, batch) -> int:
