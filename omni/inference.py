@@ -39,7 +39,7 @@ def _load_one(modality: str, path: str | Path):
     from PIL import Image
 
     from encoders import load_audio
-    from encoders.video import VideoSamplingConfig, read_video_frames
+    from encoders.video import VideoSamplingConfig, read_video
 
     where = f"--{modality} {path}"
     if not Path(path).is_file():
@@ -51,7 +51,7 @@ def _load_one(modality: str, path: str | Path):
             with Image.open(path) as im:
                 return im.convert("RGB")
         if modality == "video":
-            read_video_frames(str(path), VideoSamplingConfig(max_frames=1))  # one frame: it opens, has pictures
+            read_video(str(path), VideoSamplingConfig(max_frames=1))  # one frame: it opens, has pictures
             return str(Path(path))  # the processor samples its frames (its own fps and cap) per prompt
         return load_audio(str(path))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -1,4 +1,4 @@
-"""The `omni` command line: synth, train, schedule, eval, chat, demo, plan, data, align, export."""
+"""The `omni` command line: synth, train, schedule, consolidate, eval, chat, demo, plan, data, align, export."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ EPILOG = """examples:
   omni eval runs/quickstart/final --data runs/quickstart/synth/manifest.yaml --out runs/quickstart
   omni chat runs/quickstart/final --image shape.png --audio tone.wav
   omni export --ckpt runs/quickstart --out exports/omni-tiny [--push-to-hub USER/omni-tiny]
+  omni consolidate runs/sft/checkpoints/step-00000300 --out runs/sft/step-300
 """
 
 
@@ -173,6 +174,12 @@ def _plan(args) -> None:
     print(table)
 
 
+def _consolidate(args) -> None:
+    from omni.train.consolidate import consolidate
+
+    print(f"model folder: {consolidate(args.ckpt, args.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from omni.inference import add_placement_arguments
 
@@ -210,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume a stage's checkpoint although the config changed (logged; not exact)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=_schedule)
+
+    p = sub.add_parser("consolidate", help="a checkpoint of any engine (ddp, fsdp2, deepspeed) -> a model folder "
+                                           "for export, chat, eval and init_from")
+    p.add_argument("ckpt", help="a checkpoint folder, e.g. runs/sft/checkpoints/step-00000300")
+    p.add_argument("--out", required=True, help="the model folder to write (new or empty)")
+    p.set_defaults(func=_consolidate)
 
     p = sub.add_parser("eval", help="held-out accuracy per modality vs chance and blanked media")
     p.add_argument("model", help="model folder (a stage's final/)")

@@ -61,11 +61,12 @@ class Skips(list):
 
 @dataclass
 class Item:
-    """One raw sample of logical worker `role`: what `make` made of it (None: it was bad) and the
-    skips since the previous item."""
+    """One raw sample of logical worker `role`: what `make` made of it (None: it was bad), the
+    skips since the previous item and the sample's key and shard."""
     role: int
     made: Any
     skips: list[tuple[str, str]]
+    where: str
 
 
 def resampled_samples(entry: DatasetEntry, index: int, seed: int, shuffle_buffer: int, rank: int,
@@ -144,7 +145,7 @@ class Readers:
                 made = self.make(sample)
             except Exception as e:  # noqa: BLE001 - counted, reported with key+shard, rate-limited
                 skips.append((where(sample), str(e)))
-            yield Item(role, made, skips.drain())
+            yield Item(role, made, skips.drain(), where(sample))
 
 
 class Roles(IterableDataset):
@@ -175,6 +176,7 @@ class ShardStream(Stream):
         self._consumed = [0] * self.readers.roles  # raw samples taken from each logical worker
         self._next = 0                             # the one the round robin hands out next
         self._items: Iterator[Item] | None = None
+        self._taken: list[tuple[None, str]] = []
 
     def _check_enough_shards(self) -> None:
         """Epochs split shards, not samples: a logical worker without a shard would have nothing."""
@@ -213,6 +215,7 @@ class ShardStream(Stream):
             item = next(self._items)
             self._consumed[item.role] += 1
             self._next = (item.role + 1) % self.readers.roles
+            self._taken.append((None, item.where))  # logical workers have no shared sequence to be placed in
             for place, why in item.skips:
                 self.counter.skip(place, SampleError(why))
             if item.made is not None:
@@ -220,16 +223,30 @@ class ShardStream(Stream):
                 out.append(item.made)
         return out
 
+    def taken(self) -> list[tuple[None, str]]:
+        out, self._taken = self._taken, []
+        return out
+
     def state(self) -> dict:
         """This rank's position for a checkpoint. Items prefetched by the workers but not taken are
         not in it: after a resume they are read again."""
         return {"workers": self.workers, "consumed": list(self._consumed), "next": self._next}
 
-    def restore(self, state: dict) -> None:
-        """Continue from `state()` of an earlier run of the same configuration (before the first take)."""
+    def restore(self, states: list) -> None:
+        """Continue from every rank's `state()` of an earlier run of the same configuration (before the
+        first take). Each rank read its own shards with its own RNGs, so the positions only hold for
+        as many processes as wrote them."""
         if self._items is not None:
             raise RuntimeError("ShardStream.restore must come before the first take")
-        if not isinstance(state, dict):
+        if len(states) != self.readers.world_size:
+            raise ConfigError(
+                f"the checkpoint's data position was written by {len(states)} process(es) with data.partition: "
+                f"shard, this run has {self.readers.world_size}: each rank read its own shards with its own RNGs, "
+                f"so the position cannot be re-split; resume on {len(states)} process(es) (torchrun "
+                f"--nproc_per_node {len(states)}), or train into a new --out folder (data.partition: sample "
+                "resumes on any number of processes)")
+        state = states[self.readers.rank]
+        if not isinstance(state, dict) or "workers" not in state:
             raise ConfigError(f"the checkpoint's data position {state!r} was written by data.partition: sample; "
                               "resume with data.partition: sample (as when it was written)")
         if len(state["consumed"]) != self.readers.roles:

@@ -3,17 +3,20 @@ read in the training process.
 
 A stream hands out this rank's next k good items (`take`), counting the raw samples it consumed
 (good and bad) in `consumed`; a bad sample (its `make` raises) is skipped, counted in the stage's
-SkipCounter and named. `state()` is this rank's position for a checkpoint and `restore(state)`,
-before the first take, continues exactly there. Kinds (omni/data/training.py picks one):
+SkipCounter and named. `taken()` names the samples consumed since it was last called (for the
+per-step samples log). `state()` is this rank's position for a checkpoint and `restore(states)`,
+given every rank's `state()`, continues exactly there before the first take. Kinds
+(omni/data/training.py picks one):
 
-    RecordStream    in-memory records (`data.records`) in seeded epochs; position: records consumed
-    MixtureStream   a manifest's weighted WebDataset mixture, `data.partition: sample`; position:
-                    raw samples consumed
+    RecordStream    in-memory records (`data.records`) in seeded epochs
+    MixtureStream   a manifest's weighted WebDataset mixture, `data.partition: sample`
     ShardStream     the same mixture, `data.partition: shard` (omni/data/sharded.py); position: a dict
-                    of what each decode worker consumed
+                    of what each decode worker consumed, on the same number of processes only
 
-The first two read one sequence that every rank walks in the same order, each keeping every
-world-th item from offset `rank`, so N processes see exactly what one would (docs/data.md).
+The first two read one sequence that every rank walks in the same order, each keeping the samples
+at positions n with n % world == rank, so N processes see exactly what one would; their position
+(`SequentialStream.state`) says which positions of that sequence are consumed, so a resume may
+re-split the rest over another number of processes (docs/data.md).
 """
 from __future__ import annotations
 
@@ -37,39 +40,65 @@ class Stream(ABC):
     @property
     @abstractmethod
     def consumed(self) -> int:
-        """Raw samples (records) this rank has taken, good and bad, for metrics."""
+        """Raw samples (records) this rank has taken, good and bad, for metrics (summed over ranks)."""
 
     @abstractmethod
     def take(self, k: int) -> list:
         """The next k good items."""
 
     @abstractmethod
+    def taken(self) -> list[tuple[int | None, str]]:
+        """(position in the shared sequence or None, key and shard) of every raw sample consumed
+        since the last call, in order; clears the list."""
+
+    @abstractmethod
     def state(self):
         """This rank's position for a checkpoint (picklable)."""
 
     @abstractmethod
-    def restore(self, state) -> None:
-        """Continue from `state()` of an earlier run of the same configuration (before the first take)."""
+    def restore(self, states: list) -> None:
+        """Continue from every rank's `state()` of an earlier run of the same configuration, in rank
+        order (before the first take)."""
 
 
 class SequentialStream(Stream):
-    """Items made by `make(sample)` from one endless sequence of samples read in the training
-    process; the position is how many samples were consumed, so a resume passes over that many
-    without making them."""
+    """Items made by `make(sample)` from one endless sequence of samples that every rank reads in the
+    training process; rank r of W consumes the positions n with n % W == r and passes over the rest
+    without making them.
 
-    def __init__(self, samples: Iterator, make: Callable[[Any], Any], counter: SkipCounter):
+    Position: everything before `frontier` and the positions in `done` were consumed before the
+    run this one resumes (none for a fresh run), and this rank consumed its own positions from
+    `frontier` up to `next`. `merged_position` turns every rank's position into one (frontier,
+    done) that holds for any number of processes: a resume passes over the first `frontier` samples
+    and never consumes a position in `done`, so no sample is trained on twice or left out."""
+
+    def __init__(self, samples: Iterator, make: Callable[[Any], Any], counter: SkipCounter, rank: int = 0,
+                 world_size: int = 1):
         self.samples, self.make, self.counter = samples, make, counter
+        self.rank, self.world_size = rank, world_size
+        self._read = 0                                  # positions read from `samples`
+        self._frontier, self._done = 0, frozenset()     # consumed before the run this one resumes
+        self._next = 0                                  # one past the last position this rank consumed
         self._consumed = 0
+        self._taken: list[tuple[int, str]] = []
 
     @property
     def consumed(self) -> int:
         return self._consumed
 
+    def _mine(self, n: int) -> bool:
+        return n % self.world_size == self.rank and n >= self._frontier and n not in self._done
+
     def take(self, k: int) -> list:
         out = []
         while len(out) < k:
-            sample = next(self.samples)
+            n, sample = self._read, next(self.samples)
+            self._read += 1
+            if not self._mine(n):
+                continue
             self._consumed += 1
+            self._next = n + 1
+            self._taken.append((n, where(sample) if isinstance(sample, dict) else repr(sample)))
             try:
                 out.append(self.make(sample))
             except Exception as e:  # noqa: BLE001 - counted, reported with key+shard, rate-limited
@@ -78,16 +107,58 @@ class SequentialStream(Stream):
             self.counter.ok()
         return out
 
-    def state(self) -> int:
-        return self._consumed
+    def taken(self) -> list[tuple[int, str]]:
+        out, self._taken = self._taken, []
+        return out
 
-    def restore(self, state: int) -> None:
-        if not isinstance(state, int):
-            raise ConfigError(f"the checkpoint's data position {state!r} was written by data.partition: shard; "
-                              "resume with data.partition: shard (as when it was written)")
-        for _ in range(state):
+    def state(self) -> dict:
+        return {"world_size": self.world_size, "rank": self.rank, "frontier": self._frontier,
+                "done": sorted(self._done), "next": max(self._next, self._frontier)}
+
+    def restore(self, states: list) -> None:
+        if self._read:
+            raise RuntimeError("SequentialStream.restore must come before the first take")
+        frontier, done = merged_position(states)
+        self._frontier, self._done, self._next = frontier, frozenset(done), frontier
+        for _ in range(frontier):  # passed over unmade, as when they were first read
             next(self.samples)
-            self._consumed += 1
+        self._read = frontier
+        # what the ranks consumed before counts once, on rank 0: the metrics' sum stays right
+        self._consumed = frontier + len(done) if self.rank == 0 else 0
+
+
+def merged_position(states: list) -> tuple[int, list[int]]:
+    """Every rank's `SequentialStream.state()` (in rank order) -> (frontier, done): all positions
+    before `frontier` and those in `done` (sorted, each >= frontier) are consumed, no other. Ranks
+    that skipped different numbers of bad samples consumed different counts, so the consumed
+    positions need not be a prefix; `done` holds the few beyond the first gap. Checkpoints of
+    earlier versions hold an int per rank: how many of its positions the rank consumed."""
+    if not states or not all(isinstance(s, (int, dict)) and not (isinstance(s, dict) and "workers" in s)
+                             for s in states):
+        raise ConfigError("the checkpoint's data position was written by data.partition: shard; "
+                          "resume with data.partition: shard (as when it was written)")
+    world = len(states)
+    states = [{"world_size": world, "rank": r, "frontier": 0, "done": [], "next": r + s * world}
+              if isinstance(s, int) else s for r, s in enumerate(states)]
+    if [(s["world_size"], s["rank"]) for s in states] != [(world, r) for r in range(world)]:
+        raise ConfigError(f"the checkpoint's data positions are not one per rank of {world} process(es); "
+                          "the checkpoint is damaged: remove it to resume from an earlier one")
+    frontier, done = states[0]["frontier"], set(states[0]["done"])
+    nexts = [max(s["next"], frontier) for s in states]
+
+    def first_after(r: int, n: int) -> int:
+        """Rank r's first position >= n."""
+        return n + (r - n) % world
+
+    def first_open(r: int) -> int:
+        p = first_after(r, nexts[r])
+        while p in done:
+            p += world
+        return p
+
+    new_frontier = min(first_open(r) for r in range(world))
+    consumed_past = {p for r in range(world) for p in range(first_after(r, new_frontier), nexts[r], world)}
+    return new_frontier, sorted(consumed_past | {d for d in done if d >= new_frontier})
 
 
 class RecordStream(SequentialStream):
@@ -97,18 +168,14 @@ class RecordStream(SequentialStream):
                  rank: int = 0, world_size: int = 1):
         if not records:
             raise AlignDataError("no training records")
-        super().__init__(_epochs(records, seed, rank, world_size), make, counter)
+        super().__init__(_epochs(records, seed), make, counter, rank, world_size)
 
 
-def _epochs(records: list, seed: int, rank: int, world_size: int) -> Iterator:
-    n = 0
+def _epochs(records: list, seed: int) -> Iterator:
     for epoch in itertools.count():
         order = list(range(len(records)))
         random.Random(seed * 100_003 + epoch).shuffle(order)
-        for i in order:
-            if n % world_size == rank:
-                yield records[i]
-            n += 1
+        yield from (records[i] for i in order)
 
 
 class MixtureStream(SequentialStream):
@@ -120,7 +187,7 @@ class MixtureStream(SequentialStream):
     def __init__(self, entries: list[DatasetEntry], weights: list[float], seed: int, shuffle_buffer: int,
                  make: Callable[[dict], Any], counter: SkipCounter, rank: int = 0, world_size: int = 1):
         samples = mixture_samples(entries, weights, seed, shuffle_buffer, counter.handler)
-        super().__init__(itertools.islice(samples, rank, None, world_size), make, counter)
+        super().__init__(samples, make, counter, rank, world_size)
 
 
 class DryShards:

@@ -8,7 +8,7 @@ Inputs: typed text with uploaded images / videos / audio (a multimodal textbox),
 run through the image tower as it arrives), and a live microphone (chunks streamed to the
 server; an energy VAD ends an utterance after a pause, or push-to-talk ends it on stop). A turn
 carries the typed text, the uploads, the camera window as one `<video>` and the utterance as one
-`<audio>`; the answer streams token by token from `omni.inference.stream_answer`, the same call
+`<audio>`; the answer streams token by token from `omni.model.generate.LocalGenerator`, the same generator
 `omni chat` makes, and the chat shows what the model was given. TTFT and tokens/s of every turn
 are shown under the chat and logged. See docs/demo.md.
 """

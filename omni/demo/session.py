@@ -9,7 +9,7 @@
   whose message is shown in the UI as is; `model_audio` turns a recording into the 16 kHz mono
   waveform the processor takes. Both apply the model's media policy (omni/model/media_policy.py:
   long audio cut, silence refused, long video spread), the one `omni chat` and `omni eval` get.
-- `Conversation`: the turns of a chat with their media, in the form `stream_answer` takes
+- `Conversation`: the turns of a chat with their media, in the form the generator takes
   (placeholders added the way `omni chat` adds them). What it holds is bounded: uploaded images
   and videos stay files (opened for each turn), camera frames are shrunk to the tower's size on
   arrival (`shrink`), and `nbytes` counts the rest for the demo's per-session budget.

@@ -2,7 +2,8 @@
 
 A run killed mid-write leaves either the previous checkpoint or the new one, never a torn
 folder. Resumable checkpoints hold the full training state (weights, optimizer, scheduler,
-every rank's RNGs and data stream position, step) so a resumed run continues exactly. The
+every rank's RNGs and data stream position, step) so a resumed run continues exactly, for ddp
+and fsdp2 also on another number of processes (the data positions re-split, docs/data.md). The
 weights and optimizer are written by the engine (omni/train/engines.py), sharded where it
 shards: ddp a model folder (`save_pretrained`) + the optimizer state, fsdp2 a
 torch.distributed.checkpoint folder `dcp/`, deepspeed its own `deepspeed/` tag folder.
@@ -83,23 +84,43 @@ def latest_resumable(ckpt_root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_resumable(path: Path, engine) -> dict:
-    """Restore the engine's state in place; returns the rest of the checkpoint: step, samples and
-    counters (each rank's), config."""
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer state; `engine` names what wrote its weights (omni consolidate reads it too)."""
+    if not (path / STATE).is_file():
+        raise ConfigError(f"{path}: no {STATE}; not a checkpoint omni wrote (a checkpoints/step-N folder)")
     try:  # tensors, numbers and strings only: a checkpoint from elsewhere cannot run code here
         state = torch.load(path / STATE, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several kinds for a refused or torn file
         raise ConfigError(f"{path / STATE}: not a training state omni wrote ({type(e).__name__}: "
                           f"{str(e).splitlines()[0]}); remove {path} to resume from an earlier checkpoint") from None
-    written_by = state.get("engine", "ddp")  # checkpoints from before engines were named are ddp's
-    world_size = state.get("world_size", len(state["samples"]))
-    if (written_by, world_size) != (engine.description, engine.world.size):
-        raise ConfigError(
-            f"{path} was written by engine {written_by} with {world_size} process(es); this run is "
-            f"{engine.description} with {engine.world.size}. Resume it with the same engine (stage keys engine, "
-            "zero_stage) and number of processes (torchrun --nproc_per_node), or train into a new --out folder")
+    state.setdefault("engine", "ddp")  # checkpoints from before engines were named are ddp's
+    state.setdefault("world_size", len(state["samples"]))
+    return state
+
+
+def read_resumable(path: Path, engine) -> dict:
+    """The trainer state of checkpoint `path`, once it is known that `engine` can resume it: written
+    by the same engine, on as many processes unless the engine reshards its checkpoints on load
+    (`Engine.elastic`). Nothing is loaded yet."""
+    state = read_state(path)
+    written_by, world_size = state["engine"], state["world_size"]
+    wrote = f"{path} was written by engine {written_by} with {world_size} process(es); this run is " \
+            f"{engine.description} with {engine.world.size}."
+    if written_by != engine.description:
+        raise ConfigError(f"{wrote} Resume it with the same engine (stage keys engine, zero_stage), or train into "
+                          "a new --out folder")
+    if world_size != engine.world.size and not engine.elastic:
+        raise ConfigError(f"{wrote} Its checkpoints hold one optimizer shard per process and cannot be re-split: "
+                          f"resume on {world_size} process(es) (torchrun --nproc_per_node {world_size}), or train "
+                          "into a new --out folder")
+    return state
+
+
+def load_resumable(path: Path, state: dict, engine) -> None:
+    """Restore the engine's state in place from checkpoint `path` (`state`: its `read_resumable`):
+    weights, optimizer (resharded by the engine on another number of processes), scheduler, RNGs.
+    A rank the writing run did not have takes the RNGs of rank (its rank mod the old world size)."""
     engine.load(path, state)
     engine.scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
-    set_rng_state(rng[engine.world.rank] if isinstance(rng, list) else rng)
-    return state
+    set_rng_state(rng[engine.world.rank % len(rng)] if isinstance(rng, list) else rng)

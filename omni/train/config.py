@@ -45,6 +45,7 @@ class LogConfig:
     interval: int = 10                  # steps between console/JSONL metric lines
     profile: bool = False               # add tokens, tokens/s, model TFLOP/s and MFU to the metrics (omni/train/flops.py)
     peak_tflops: float = 0.0            # per-device peak for MFU; 0: look the GPU up by name (none on CPU)
+    samples: bool = False               # samples.jsonl: every step's raw samples (position, key and shard)
 
     def __post_init__(self):
         if self.interval < 1:

@@ -19,8 +19,15 @@
   rate glob, frozen parameters left out), handed to DeepSpeed as a client optimizer, so every
   engine runs the same update rule. bf16: DeepSpeed's `torch_autocast` (fp32 parameters, bf16
   compute and bf16 gradient communication), the same numerics as ddp and fsdp2 rather than
-  DeepSpeed's bf16 mode, which would store frozen towers in bf16. Checkpoints: DeepSpeed's own
-  `save_checkpoint`/`load_checkpoint` (one optimizer shard per rank).
+  DeepSpeed's bf16 mode, which would store frozen towers in bf16. ZeRO-3 under torchrun builds
+  like fsdp2: only rank 0 builds the weights, the others a meta-device skeleton; each module's
+  parameters are then made real one module at a time and partitioned by `deepspeed.zero.Init`
+  (which broadcasts them from rank 0), so no rank other than 0 ever holds more than one module
+  in full. Checkpoints: DeepSpeed's own `save_checkpoint`/`load_checkpoint` (one optimizer shard
+  per rank).
+
+Every engine's checkpoint becomes a normal model folder with `omni consolidate`
+(omni/train/consolidate.py).
 
 Common to all: the trainer weighs the loss by the step's label tokens, so gradients are summed
 correctly whatever the engine averages; gradients are synchronised on the last micro-batch of a
@@ -52,6 +59,7 @@ class Engine:
     (omni/train/config.py StageConfig, which reads the names here)."""
     name = "ddp"
     shards_modules = False  # weights gathered / gradients reduced per module: all ranks must run the same ones
+    elastic = True  # a checkpoint resumes on another number of processes (ddp: full state; fsdp2: DCP reshards)
     # the memory layouts `omni plan` knows this engine by: name -> (weights, gradients, optimizer
     # state) sharded over the ranks (omni/plan.py)
     layouts = {"ddp": (False, False, False)}
@@ -183,9 +191,7 @@ class FSDP2Engine(Engine):
     def _weights_from_rank0(self, model: nn.Module, full: dict | None) -> None:
         """Fill the other ranks' meta-device shards from rank 0's full weights (torch's
         `set_model_state_dict(broadcast_from_rank0)`: one tensor at a time, each rank keeps its
-        shard), then copy every buffer: the non-persistent ones (e.g. rotary frequencies) are in
-        no state dict, and `to_empty` left them uninitialised."""
-        import torch.distributed as dist
+        shard), then copy every buffer (`broadcast_buffers`)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -195,8 +201,7 @@ class FSDP2Engine(Engine):
             model.to_empty(device=self.world.device)
         set_model_state_dict(model, full if self.world.main else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        for buffer in model.buffers():  # fully_shard and to_empty put them on the mesh's device
-            dist.broadcast(buffer, src=0)
+        broadcast_buffers(model)  # fully_shard and to_empty put them on the mesh's device
         log.info("fsdp2: weights built on rank 0 only, sharded to %d rank(s)", self.world.size)
 
     @contextmanager
@@ -232,7 +237,16 @@ class FSDP2Engine(Engine):
         )
 
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return _retie(self.model, full) if self.world.main else None
+        return retie(self.model, full) if self.world.main else None
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Every buffer from rank 0: the non-persistent ones (e.g. rotary frequencies) are in no state
+    dict, and a meta skeleton made real holds uninitialised memory."""
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def omni_model(module: nn.Module) -> nn.Module:
@@ -256,7 +270,7 @@ def fsdp_units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     return layers, blocks + list(model.encoders.values())
 
 
-def _retie(model: nn.Module, full: dict) -> dict:
+def retie(model: nn.Module, full: dict) -> dict:
     """Gathered weights as a module's own state dict would hold them: each tensor owning its
     storage (gathering may leave views into a larger buffer, which safetensors refuses), and
     tied parameters (e.g. tied embeddings) sharing one tensor again, so the file drops the
@@ -278,6 +292,7 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
     shards_modules = True  # ZeRO-3 gathers per module; ZeRO-2 reduces gradient buckets per micro-batch
     layouts = {f"zero{z}": (z == 3, True, True) for z in ZERO_STAGES}  # ZeRO-2: gradients + optimizer
+    elastic = False  # one optimizer partition per rank, laid out for that world size
 
     @classmethod
     def layout(cls, cfg) -> str:
@@ -287,12 +302,21 @@ class DeepSpeedEngine(Engine):
     def description(self) -> str:
         return f"deepspeed-zero{self.cfg.zero_stage}"
 
+    @property
+    def weights_from_rank0(self) -> bool:
+        return self.cfg.zero_stage == 3 and self.world.size > 1
+
     def setup(self, model: nn.Module) -> None:
         import deepspeed  # imported here: it probes the accelerator at import, which costs seconds
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it; a single process has no launcher
-        model.to(self.world.device)
-        optimizer = build_optimizer(model, self.cfg.optim)
         config = deepspeed_config(self.cfg, self.world.size)
+        # before partitioning: the groups (weight decay by parameter rank) see the full shapes
+        optimizer = build_optimizer(model, self.cfg.optim)
+        if self.weights_from_rank0:
+            self._partition_from_rank0(model, config)
+        model.to(self.world.device)  # buffers; a partitioned parameter moves no data
+        if self.weights_from_rank0:
+            broadcast_buffers(model)
         # a modality absent from a whole step has no gradient; ZeRO's flat partitions cannot say "none"
         # (ZeRO-2 steps on zeros, ZeRO-3 was measured to reuse the previous step's), so its trainable
         # modules always run, on a blank input if need be: a zero gradient on every engine stage
@@ -304,6 +328,29 @@ class DeepSpeedEngine(Engine):
         self.model, self.optimizer = model, optimizer
         # DeepSpeed partitions the client optimizer's param groups in place; the schedule sets their lr
         self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.steps)
+
+    def _partition_from_rank0(self, model: nn.Module, config: dict) -> None:
+        """ZeRO-3 partitions from rank 0's weights, one module at a time, children first: on the other
+        ranks the module's own meta parameters become real (the same Parameter objects, which the
+        optimizer already holds) and `deepspeed.zero.Init(module=...)` broadcasts them from rank 0
+        and keeps this rank's partition; converted parameters (shared ones, children's) are skipped."""
+        import deepspeed
+
+        deepspeed.init_distributed()  # over the trainer's process group, which it finds already made
+        for module in reversed(list(model.modules())):  # pre-order reversed: descendants first
+            own = [p for p in module.parameters(recurse=False) if not hasattr(p, "ds_id")]
+            if not self.world.main:
+                for p in own:
+                    if p.is_meta:
+                        torch.utils.swap_tensors(p, nn.Parameter(torch.empty(p.shape, dtype=p.dtype,
+                                                                              device=self.world.device),
+                                                                  requires_grad=p.requires_grad))
+                for name, b in module.named_buffers(recurse=False):
+                    if b.is_meta:
+                        module._buffers[name] = torch.empty_like(b, device=self.world.device)
+            if own:
+                deepspeed.zero.Init(module=module, config_dict_or_path=config)
+        log.info("deepspeed: weights built on rank 0 only, partitioned over %d rank(s)", self.world.size)
 
     def modalities_to_run(self, in_step: set[str]) -> set[str]:
         return set(in_step) | self.trainable_modalities
@@ -343,7 +390,7 @@ class DeepSpeedEngine(Engine):
         if self.cfg.zero_stage < 3:  # ZeRO-2 keeps the full fp32 weights in the module, as views of its flat buffer
             if not self.world.main:
                 return None
-            return _retie(self.model, {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+            return retie(self.model, {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
         import deepspeed
 
         gathered: dict[int, torch.Tensor] = {}

@@ -5,9 +5,10 @@ ddp, fsdp2, deepspeed ZeRO-2/3), with the stage's objective (`method:` sft, dpo 
 omni/align/objectives/). Per step: `grad_accum` micro-batches, gradient clipping, AdamW with
 per-group learning rates, warmup + cosine. Console progress bar plus a JSONL metrics file (with
 `log.profile`: tokens/s, model TFLOP/s and MFU); held-out records (`data.eval`) scored by the objective
-before, every `eval_interval` steps and after (`eval.jsonl`, `eval.json`); resumable checkpoints
-every `checkpoint.interval` steps; the final model is written atomically to `<out>/final/`, the
-folder the next stage's `init_from` points at.
+before, every `eval_interval` steps and after (`eval.jsonl`, `eval.json`); with `log.samples` every
+step's samples (`samples.jsonl`); resumable checkpoints every `checkpoint.interval` steps (ddp and
+fsdp2 resume them on another number of processes too); the final model is written atomically to
+`<out>/final/`, the folder the next stage's `init_from` points at.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from omni.presets import build_preset
 from omni.train.checkpoint import (
     latest_resumable,
     load_resumable,
+    read_resumable,
     save_resumable,
     seed_everything,
 )
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 FINAL = "final"
 METRICS = "metrics.jsonl"
 EVALS = "eval.jsonl"
+SAMPLES = "samples.jsonl"
 
 
 def init_model(cfg: StageConfig, skeleton: bool = False):
@@ -68,7 +71,9 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, progress: bool = True, re
     Under torchrun (with `data.partition: sample`, the default) every rank reads the same seeded
     sample stream and keeps every world-th sample, and the loss is normalised by the units (label
     tokens, pairs) of the whole step (all micro-batches, all ranks), so N processes x micro-batch b
-    train exactly like 1 process x micro-batch N*b."""
+    train exactly like 1 process x micro-batch N*b. So a checkpoint of ddp or fsdp2 resumes on another
+    number of processes too, given the same global batch (processes x micro_batch x grad_accum):
+    the weights and optimizer reshard and the data continues where all ranks together stopped."""
     world = World.from_env(need_group=cfg.engine != "ddp")
     try:
         return _train(cfg, Path(out_dir), progress and world.main, world, resume_with_changes)
@@ -107,15 +112,18 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
     ckpt_root = out_dir / "checkpoints"
     resume = latest_resumable(ckpt_root)
     if resume is not None:
-        saved = load_resumable(resume, engine)
+        saved = read_resumable(resume, engine)
         step = saved["step"]
-        _check_resume_config(saved["config"], to_dict(cfg), resume, resume_with_changes)
-        with counter.replaying(saved["counters"][world.rank]):
-            stream.restore(saved["samples"][world.rank])
+        _check_resume_config(saved["config"], to_dict(cfg), resume, resume_with_changes,
+                             (saved["world_size"], world.size))
+        with counter.replaying(_own_counts(saved["counters"], world)):
+            stream.restore(saved["samples"])  # re-split over this run's processes where they differ
+        load_resumable(resume, saved, engine)  # last: the RNGs are the checkpoint's whatever the replay drew
         if world.main:  # rows after the checkpoint are about to be written again
-            for name in (METRICS, EVALS):
+            for name in (METRICS, EVALS, SAMPLES):
                 _keep_rows_up_to(out_dir / name, step)
-        log.info("resumed %s from %s at step %d", cfg.name, resume, step)
+        log.info("resumed %s from %s at step %d (%d process(es), written by %d)", cfg.name, resume, step,
+                 world.size, saved["world_size"])
 
     log.info("stage %s (%s): %d/%d parameters trainable (%s ...), %d steps of %d process(es) x %d x %d samples "
              "on %s%s", cfg.name, cfg.method, n_train, n_all, ", ".join(trainable[:3]), cfg.steps, world.size,
@@ -152,6 +160,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
     window, window_tokens, window_flops = [], 0, 0.0
     over_budget = False
     metrics = open(out_dir / METRICS, "a") if world.main else None  # noqa: SIM115 - closed in finally
+    samples_log = open(out_dir / SAMPLES, "a") if world.main and cfg.log.samples else None  # noqa: SIM115
     try:
         while step < cfg.steps:
             batches, fill = [], 0.0
@@ -190,15 +199,18 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
             grad_norm = engine.step()
             step += 1
             window.append({"loss": total, "fill": fill, **stats})
+            taken = stream.taken()
+            if cfg.log.samples:
+                _log_samples(samples_log, step, world.gather(taken))
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}")
             if step % cfg.log.interval == 0 or step == cfg.steps:
-                samples = world.gather(stream.consumed)
+                samples, skipped = world.sum_all([stream.consumed, counter.skipped])
                 mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                 row = {"stage": cfg.name, "step": step, "loss": mean.pop("loss"),
                        "fill": round(mean.pop("fill"), 4),  # real tokens / batch tokens
                        "lr": engine.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                       "samples": sum(samples), "skipped": counter.skipped,
+                       "samples": int(samples), "skipped": int(skipped),
                        "elapsed_s": round(time.time() - t0, 2), **mean}
                 if flops is not None:
                     row.update(_throughput(world, window_tokens, window_flops, window_t0, peak))
@@ -218,8 +230,9 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
                 window_t0 += time.time() - paused  # throughput counts training time only
     finally:
         bar.close()
-        if metrics is not None:
-            metrics.close()
+        for f in (metrics, samples_log):
+            if f is not None:
+                f.close()
     if counter.skipped:
         log.warning("stage %s skipped %d bad samples of %d", cfg.name, counter.skipped,
                     counter.skipped + counter.good)
@@ -255,17 +268,49 @@ def merge_shares(parts: list[dict]) -> dict:
     return {k: total if k == count else sum(p[k] * p[count] for p in parts) / max(total, 1) for k in parts[0]}
 
 
-def _check_resume_config(saved: dict, now: dict, where: Path, allowed: bool) -> None:
-    """Refuse (or, when allowed, log) a resume whose config differs where the run's exactness depends on it."""
+def _check_resume_config(saved: dict, now: dict, where: Path, allowed: bool, processes: tuple[int, int]) -> None:
+    """Refuse (or, when allowed, log) a resume whose config differs where the run's exactness depends on it.
+    `processes`: (the checkpoint's, this run's). The split of the global batch (processes x
+    batch.micro_batch x batch.grad_accum) may change as long as the global batch stays: every step
+    then trains on the same samples, with the loss weighed by the whole step's units."""
     old, new = _flat(saved), _flat(now)
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and not k.startswith(FREE_ON_RESUME)]
+    split = ("batch.micro_batch", "batch.grad_accum")
+    (p0, m0, a0), (p1, m1, a1) = ((p, d[split[0]], d[split[1]]) for p, d in zip(processes, (old, new), strict=True))
+    hint = ""
+    if p0 * m0 * a0 == p1 * m1 * a1:
+        changed = [c for c in changed if not c.startswith(split)]
+    else:
+        changed.append(f"global batch (processes x batch.micro_batch x batch.grad_accum): {p0} x {m0} x {a0} = "
+                       f"{p0 * m0 * a0} -> {p1} x {m1} x {a1} = {p1 * m1 * a1}")
+        if (p0 * m0 * a0) % (p1 * m1) == 0:
+            hint = f" (on {p1} process(es) batch.grad_accum={p0 * m0 * a0 // (p1 * m1)} keeps the global batch)"
     if not changed:
         return
     if not allowed:
         raise ConfigError(f"{where} was written with another config ({'; '.join(changed)}); resuming would not "
-                          "continue that run exactly. Train into a new --out folder, or pass --resume-with-changes")
+                          f"continue that run exactly{hint}. Train into a new --out folder, or pass "
+                          "--resume-with-changes")
     log.warning("resuming %s with changed config: %s", where, "; ".join(changed))
+
+
+def _own_counts(saved: list, world: World) -> list[int]:
+    """This rank's [good, skipped] from the checkpoint's per-rank counts; on another number of
+    processes rank 0 carries the totals (the budget's rate stays, the metrics' sums too)."""
+    if len(saved) == world.size:
+        return saved[world.rank]
+    return [sum(int(c[i]) for c in saved) for i in (0, 1)] if world.main else [0, 0]
+
+
+def _log_samples(out, step: int, per_rank: list[list]) -> None:
+    """One samples.jsonl row: the step's raw samples over all ranks, [position or None, key and shard],
+    by position in the shared sequence (data.partition: shard has none: then in rank order)."""
+    if out is None:
+        return
+    rows = sorted((s for rank in per_rank for s in rank), key=lambda s: (s[0] is None, s[0] or 0))
+    out.write(json.dumps({"step": step, "samples": [list(s) for s in rows]}) + "\n")
+    out.flush()
 
 
 def _keep_rows_up_to(path: Path, step: int) -> None:

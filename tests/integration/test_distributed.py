@@ -4,7 +4,10 @@ Real torchrun with the gloo backend: 2 processes x micro-batch 2 must give the l
 1 process x micro-batch 4, and of 1 process x micro-batch 2 x accumulation 2 (ddp, fsdp2);
 DeepSpeed ZeRO-2 and ZeRO-3 over 2 processes must give the curve of one DeepSpeed process.
 A run killed with SIGKILL resumes step for step (ddp, fsdp2); DeepSpeed resumes exactly from a
-mid-run checkpoint.
+mid-run checkpoint, and refuses one written by another number of processes (ddp and fsdp2 take it:
+tests/integration/test_elastic_resume.py). ZeRO-3 builds the weights on rank 0 only. `omni consolidate`
+turns a mid-run checkpoint of each engine into a model folder whose logits are the live model's at
+that step (the 2-process runs go through observed_train.py, which records them).
 """
 from __future__ import annotations
 
@@ -33,10 +36,12 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _command(out: Path, manifest, *extra, nproc: int = 1) -> list[str]:
+def _command(out: Path, manifest, *extra, nproc: int = 1, observed: bool = False) -> list[str]:
+    """`observed`: through observed_train.py, which also records the live logits at each checkpoint."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                  "--master_port", str(_port())] if nproc > 1 else [sys.executable])
-    return launcher + ["-m", "omni.cli", "-q", "train", str(ROOT / "stages/tiny/2_sft.yaml"), "--out", str(out),
+    omni = [str(Path(__file__).with_name("observed_train.py"))] if observed else ["-m", "omni.cli"]
+    return launcher + omni + ["-q", "train", str(ROOT / "stages/tiny/2_sft.yaml"), "--out", str(out),
                        f"data.manifest={manifest}", "init_from=null", f"steps={STEPS}", "log.interval=1",
                        "data.shuffle_buffer=20", "optim.lr=3e-3", *extra]
 
@@ -44,9 +49,9 @@ def _command(out: Path, manifest, *extra, nproc: int = 1) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _train(out: Path, manifest, *extra, nproc: int = 1) -> subprocess.CompletedProcess:
-    done = subprocess.run(_command(out, manifest, *extra, nproc=nproc), check=False, capture_output=True, text=True, env=ENV,
-                          timeout=600)
+def _train(out: Path, manifest, *extra, nproc: int = 1, observed: bool = False) -> subprocess.CompletedProcess:
+    done = subprocess.run(_command(out, manifest, *extra, nproc=nproc, observed=observed), check=False,
+                          capture_output=True, text=True, env=ENV, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -84,9 +89,15 @@ def test_accumulation_equals_one_big_batch(one_big_batch, tiny_corpus, tmp_path)
     assert _losses(tmp_path) == pytest.approx(one_big_batch, rel=1e-5, abs=1e-6)
 
 
-def test_two_processes_equal_one_big_batch(one_big_batch, tiny_corpus, tmp_path):
-    _train(tmp_path, tiny_corpus, "batch.micro_batch=2", nproc=2)
-    losses = _losses(tmp_path)
+@pytest.fixture(scope="module")
+def ddp_run(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    _train(out, tiny_corpus, "batch.micro_batch=2", "checkpoint.interval=1", nproc=2, observed=True)
+    return out
+
+
+def test_two_processes_equal_one_big_batch(one_big_batch, ddp_run):
+    losses = _losses(ddp_run)
     assert len(losses) == STEPS
     assert losses == pytest.approx(one_big_batch, rel=1e-5, abs=1e-6)
     assert losses[-1] < losses[0]
@@ -149,7 +160,7 @@ FSDP2 = ("batch.micro_batch=2", "engine=fsdp2", "checkpoint.interval=1", "checkp
 @pytest.fixture(scope="module")
 def fsdp2_run(tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    _train(out, tiny_corpus, *FSDP2, nproc=2)
+    _train(out, tiny_corpus, *FSDP2, nproc=2, observed=True)
     return out
 
 
@@ -191,9 +202,12 @@ def test_resuming_with_another_engine_or_world_size_is_refused(tiny_corpus, tmp_
     (tmp_path / "final").rename(tmp_path / "done")
     with pytest.raises(ConfigError, match="engine ddp with 1 process.*this run is fsdp2 with 1"):
         train_stage(load_stage(ROOT / "stages/tiny/2_sft.yaml", [*args, "engine=fsdp2"]), tmp_path, progress=False)
-    done = subprocess.run(_command(tmp_path, tiny_corpus, "batch.micro_batch=2", nproc=2), check=False, capture_output=True,
-                          text=True, env=ENV, timeout=600)
-    assert done.returncode != 0 and "ddp with 1 process(es); this run is ddp with 2" in done.stderr
+    # another number of processes is fine for ddp (tests/integration/test_elastic_resume.py), another global batch is not
+    done = subprocess.run(_command(tmp_path, tiny_corpus, *args[2:], "steps=2", "optim.lr=3e-4", nproc=2), check=False,
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode != 0
+    assert "(global batch (processes x batch.micro_batch x batch.grad_accum): 1 x 2 x 1 = 2 -> 2 x 2 x 1 = 4)" \
+        in done.stderr and "batch.grad_accum=" not in done.stderr  # 2 processes cannot make 2 of micro-batches of 2
 
 
 def test_profile_reports_mfu_against_a_configured_peak(tiny_corpus, tmp_path):
@@ -220,18 +234,22 @@ def deepspeed_one_process(tiny_corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def zero2_run(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero2")
+    _train(out, tiny_corpus, *DEEPSPEED, "zero_stage=2", nproc=2, observed=True)
+    return out
+
+
+@pytest.fixture(scope="module")
 def zero3_run(tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
-    _train(out, tiny_corpus, *DEEPSPEED, "zero_stage=3", nproc=2)
+    _train(out, tiny_corpus, *DEEPSPEED, "zero_stage=3", nproc=2, observed=True)
     return out
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_two_processes_equal_one_process(stage, deepspeed_one_process, zero3_run, tiny_corpus, tmp_path):
-    run = zero3_run
-    if stage == 2:
-        _train(tmp_path, tiny_corpus, *DEEPSPEED, "zero_stage=2", nproc=2)
-        run = tmp_path
+def test_deepspeed_two_processes_equal_one_process(stage, deepspeed_one_process, request):
+    run = request.getfixturevalue(f"zero{stage}_run")
     losses = _losses(run)
     assert losses == pytest.approx(_losses(deepspeed_one_process), rel=1e-5, abs=1e-6)
     assert losses[-1] < losses[0]
@@ -240,6 +258,20 @@ def test_deepspeed_two_processes_equal_one_process(stage, deepspeed_one_process,
     assert config["zero_optimization"]["stage"] == stage and config["train_batch_size"] == 4
     shards = sorted(p.name for p in (run / "checkpoints/step-00000003/deepspeed").glob("*optim_states.pt"))
     assert len(shards) == 2  # DeepSpeed's own checkpoint: one optimizer shard per rank
+
+
+def test_deepspeed_refuses_to_resume_on_another_number_of_processes(zero3_run, tiny_corpus, tmp_path):
+    """ZeRO's checkpoint holds one optimizer partition per rank: a clear refusal, not a wrong run."""
+    from omni.config import ConfigError
+    from omni.train.config import load_stage
+    from omni.train.trainer import train_stage
+
+    shutil.copytree(zero3_run, tmp_path / "run", ignore=shutil.ignore_patterns("final"))
+    args = [f"data.manifest={tiny_corpus}", "init_from=null", f"steps={STEPS}", "log.interval=1", "data.shuffle_buffer=20",
+            "optim.lr=3e-3", "batch.micro_batch=4", "engine=deepspeed", "zero_stage=3", "checkpoint.interval=1"]
+    with pytest.raises(ConfigError, match=r"deepspeed-zero3 with 2 process\(es\); this run is deepspeed-zero3 with 1\. "
+                                          r".*cannot be re-split: resume on 2 process\(es\)"):
+        train_stage(load_stage(ROOT / "stages/tiny/2_sft.yaml", args), tmp_path / "run", progress=False)
 
 
 def test_deepspeed_zero3_resumes_from_a_mid_run_checkpoint_exactly(zero3_run, tiny_corpus, tmp_path):
@@ -253,3 +285,35 @@ def test_deepspeed_zero3_resumes_from_a_mid_run_checkpoint_exactly(zero3_run, ti
     _train(run, tiny_corpus, *DEEPSPEED, "zero_stage=3", nproc=2)
     assert _losses(run) == pytest.approx(_losses(zero3_run), rel=1e-6, abs=1e-7)
     _same_weights(zero3_run, run, atol=1e-6)
+
+
+def test_zero3_builds_the_weights_on_rank_0_only(zero3_run):
+    """Ranks other than 0 get a meta-device skeleton (no parameter in memory), hold at most one
+    module in full while DeepSpeed partitions it, and after setup their ZeRO-3 partition only: no
+    rank but 0 ever holds a full copy of the model (observed_train.py records it)."""
+    ranks = [json.loads((zero3_run / f"deepspeed-setup/rank-{r}.json").read_text()) for r in (0, 1)]
+    full = ranks[0]["full_model"]
+    assert ranks[0]["held_before_setup"] == full  # rank 0 builds (or reads) the weights
+    assert ranks[1]["held_before_setup"] == 0
+    assert 0 < ranks[1]["most_held_in_setup"] <= ranks[1]["largest_module"] < full / 10
+    for rank in ranks:
+        assert rank["full_model"] == full
+        assert full / 2 <= rank["partition_after_setup"] < full / 2 * 1.01  # half each (plus padding)
+
+
+# ---- omni consolidate: every engine's mid-run checkpoint -> a model folder -------------------
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero2", "zero3"])
+def test_a_mid_run_checkpoint_consolidates_to_the_live_model(engine, request, tmp_path):
+    """`omni consolidate` of the step-3 checkpoint (of 4 steps): the folder's model gives the logits
+    the live, sharded model gave right after writing that checkpoint (observed_train.py)."""
+    from omni.cli.main import main
+    from omni.model.load import load_model
+    from tests.integration.observed_train import live_logits
+
+    run = request.getfixturevalue(f"{engine}_run")
+    main(["-q", "consolidate", str(run / "checkpoints/step-00000003"), "--out", str(tmp_path / "model")])
+    model, tokenizer = load_model(tmp_path / "model")
+    live = torch.load(run / "live-logits/step-00000003.pt")
+    torch.testing.assert_close(live_logits(model, tokenizer), live, rtol=0, atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.safetensors", "omni_config.json",
+                                                                      "tokenizer"]

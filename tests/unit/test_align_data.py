@@ -100,8 +100,10 @@ def test_record_stream_is_deterministic_and_ranks_split_it():
     assert first == _records(seed=3).take(14)
     ranks = [_records(3, rank=r, world_size=2).take(7) for r in (0, 1)]
     assert ranks[0] == first[0::2] and ranks[1] == first[1::2]
+    stopped = _records(seed=3)
+    stopped.take(5)
     resumed = _records(seed=3)
-    resumed.restore(5)
+    resumed.restore([stopped.state()])
     assert resumed.take(9) == first[5:] and resumed.consumed == 14
     with pytest.raises(AlignDataError, match="no training records"):
         RecordStream([], 0, lambda r: r, SkipCounter())

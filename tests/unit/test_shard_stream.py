@@ -105,7 +105,7 @@ def test_a_restored_stream_continues_exactly(tmp_path, resample, workers):
         assert state["next"] == sum(state["consumed"]) % max(workers, 1)
 
         resumed = _stream(entries, [2.0, 1.0], **setup)
-        resumed.restore(state)
+        resumed.restore([None, state])  # rank 1 of 2
         assert resumed.take(24) == after
         assert resumed.consumed == run.consumed
 
@@ -124,7 +124,7 @@ def test_a_restored_stream_of_real_examples_continues_exactly(tiny_corpus, tiny_
     state = run.state()
     after = run.take(6)
     resumed = _stream(entries, make=make, workers=2, seed=3)
-    resumed.restore(state)
+    resumed.restore([state])
     got = resumed.take(6)
     assert len(got) == 6
     for a, b in zip(got, after, strict=True):
@@ -168,14 +168,18 @@ def test_epochs_over_too_few_shards_are_a_clear_error(tmp_path):
 def test_a_position_only_restores_into_the_same_layout(tmp_path):
     entry = _write(tmp_path, "d", shards=4, per_shard=2)
     with pytest.raises(ConfigError, match=r"written with data\.workers=2, this run has data\.workers=3"):
-        _stream([entry], workers=3).restore(_stream([entry], workers=2).state())
+        _stream([entry], workers=3).restore([_stream([entry], workers=2).state()])
     with pytest.raises(ConfigError, match="partition: sample"):
-        _stream([entry]).restore(12)
-    _stream([entry], workers=0).restore(_stream([entry], workers=1).state())  # one logical worker either way
+        _stream([entry]).restore([12])
+    _stream([entry], workers=0).restore([_stream([entry], workers=1).state()])  # one logical worker either way
+    two = [_stream([entry], rank=r, world_size=2).state() for r in (0, 1)]
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\) with data\.partition: shard, this run has 1"
+                                          r".*--nproc_per_node 2.*partition: sample resumes on any number"):
+        _stream([entry]).restore(two)
     started = _stream([entry])
     started.take(1)
     with pytest.raises(RuntimeError, match="before the first take"):
-        started.restore(started.state())
+        started.restore([started.state()])
 
 
 def test_the_builder_picks_the_stream_and_each_restores(tmp_path):
@@ -194,12 +198,12 @@ def test_the_builder_picks_the_stream_and_each_restores(tmp_path):
     sample = stream()
     assert isinstance(sample, MixtureStream)
     first = sample.take(7)
-    assert sample.state() == 7
+    assert sample.state()["next"] == 7
     again = stream()
-    again.restore(3)
+    again.restore([3])
     assert again.take(4) == first[3:]
     with pytest.raises(ConfigError, match="partition: shard"):
-        stream().restore(_stream([entry]).state())
+        stream().restore([_stream([entry]).state()])
     shard = stream(partition="shard", workers=2, resample=False)
     assert isinstance(shard, ShardStream) and (shard.workers, shard.readers.resample) == (2, False)
     assert sorted(shard.take(20)) == sorted(f"d-s{s:02d}-{i:03d}" for s in range(4) for i in range(5))

@@ -32,6 +32,11 @@ class Objective(ABC):
                 train: list | None, evals: list, world: World) -> nn.Module:
         """The module to train; `train`: the in-memory training records (None when streamed)."""
         self.tokenizer, self.processor, self.world, self.device = tokenizer, processor, world, world.device
+        return self.wrap(model)
+
+    def wrap(self, model: OmniModel) -> nn.Module:
+        """The module this objective trains around `model` (no data needed: omni consolidate
+        rebuilds it to write a checkpoint's weights)."""
         return model
 
     def trainable(self, globs: list[str]) -> list[str]:

@@ -80,8 +80,7 @@ class RewardModel(nn.Module):
 class RM(Pairs):
     name = "rm"
 
-    def prepare(self, model, tokenizer, processor, out_dir, train, evals, world):
-        super().prepare(model, tokenizer, processor, out_dir, train, evals, world)
+    def wrap(self, model):
         return RewardModel(model)
 
     def trainable(self, globs):
