@@ -1,10 +1,12 @@
-"""Small media writers shared by tests (real files, written with the real libraries)."""
+"""Small media writers shared by tests (real files, written with the real libraries), and the
+`omni` command's own exit line."""
 from __future__ import annotations
 
 import wave
 
 import av
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -32,3 +34,13 @@ def image_and_tone(folder):
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
         w.writeframes((0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes())
     return img, wav
+
+
+def cli_error(*argv: str) -> str:
+    """The one line `omni ARGV` exits with: its own main, in this process (the model stack is
+    imported once for all tests, where a subprocess would import it again each time)."""
+    from omni.cli.main import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(list(argv))
+    return str(stop.value.code)

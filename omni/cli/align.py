@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from omni.cli.args import out_folder, positive_int
+
 ALIGN_EPILOG = """examples:
   omni align synth --out runs/align/synth
   omni align sft omni/align/configs/tiny_sft.yaml --out runs/align/sft
@@ -143,7 +145,7 @@ def _train_parser(sub, verb: str, help_: str, method: str) -> None:
     p = sub.add_parser(verb, help=help_)
     p.add_argument("config", help=f"align YAML with method: {method} (omni/align/configs/ has tiny and 7b ones)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    p.add_argument("--out", required=True,
+    p.add_argument("--out", required=True, type=out_folder,
                    help="run folder; the model lands in OUT/final, held-out numbers in OUT/eval.json")
 
 
@@ -182,9 +184,9 @@ def add_align_commands(subparsers) -> None:
     p.add_argument("--undecided", choices=["error", "fail", "skip"], default="error",
                    help="criteria no judge could decide: stop, count as unmet, or leave out")
     p.add_argument("--official-rounding", action="store_true", help="CFBench: round as the official scorer does")
-    p.add_argument("--limit", type=int, help="at most this many dialogues / items")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8, help="local models: prompts per generate call")
+    p.add_argument("--limit", type=positive_int, help="at most this many dialogues / items")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="local models: prompts per generate call")
     p.add_argument("--out", required=True, help="folder for <bench>_eval.json, <bench>_metrics.json, <bench>.md")
     p.set_defaults(func=lambda a: _run("eval", _eval, a))
 
@@ -203,7 +205,7 @@ def add_align_commands(subparsers) -> None:
     p.add_argument("--per-category", type=int, default=0, help="keep at most N prompts per category (0: all)")
     p.add_argument("--max-words", type=int, default=80)
     p.add_argument("--regenerate", type=int, default=2, help="regeneration rounds for rejected complements")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--out", required=True)
     p.set_defaults(func=lambda a: _run("pas build", _pas_build, a))
     _train_parser(psub, "train", "train the PAS model (an sft align YAML over pas_pairs.jsonl)", "sft")

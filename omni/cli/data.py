@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from omni.cli.args import positive_int
+
 DATA_EPILOG = """examples:
   omni data build --format llava --input llava_v1_5_mix665k.json --media-root data/ --name llava665k --out cur/
   omni data build --format asr --input train.jsonl --name asr_en --out cur/
@@ -182,6 +184,6 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", help="omni model folder: its tokenizer counts text, its config media")
     p.add_argument("--split", help="only this split")
     p.add_argument("--datasets", help="comma-separated dataset names")
-    p.add_argument("--limit", type=int, help="at most this many samples per dataset")
+    p.add_argument("--limit", type=positive_int, help="at most this many samples per dataset")
     p.set_defaults(func=lambda a: _run("stats", _stats, a))
     return data

@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from omni.cli.args import out_folder, positive_float, positive_int
+
 EPILOG = """examples:
   omni synth --out runs/quickstart/synth
   omni train stages/tiny/2_sft.yaml --out runs/sft data.manifest=runs/quickstart/synth/manifest.yaml steps=50
@@ -195,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write the tiny synthetic multimodal corpus (shards + manifest)")
     p.add_argument("--out", required=True, help="output folder (shards/ and manifest.yaml)")
-    p.add_argument("--train-per-task", type=int, default=2000)
-    p.add_argument("--val-per-task", type=int, default=200)
+    p.add_argument("--train-per-task", type=positive_int, default=2000)
+    p.add_argument("--val-per-task", type=positive_int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
 
@@ -205,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="stage YAML, e.g. stages/tiny/2_sft.yaml or an align config "
                                   "(omni/align/configs/tiny_dpo.yaml); launch with torchrun for several processes")
     p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.add_argument("--out", required=True, help="stage output folder; the model lands in OUT/final")
+    p.add_argument("--out", required=True, type=out_folder, help="stage output folder; the model lands in OUT/final")
     p.add_argument("--profile", action="store_true", help="log tokens/s, model TFLOP/s and MFU in metrics.jsonl")
     p.add_argument("--resume-with-changes", action="store_true",
                    help="resume OUT's checkpoint although the config changed (logged; the run is then not exact)")
@@ -215,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schedule", help="run a list of stages, each from the previous one's model")
     p.add_argument("schedule", help="schedule YAML, e.g. stages/tiny/schedule.yaml")
     p.add_argument("overrides", nargs="*", help=overrides_help + " (applied to every stage)")
-    p.add_argument("--out", required=True, help="run folder; one subfolder per stage, final model in OUT/final")
+    p.add_argument("--out", required=True, type=out_folder,
+                   help="run folder; one subfolder per stage, final model in OUT/final")
     p.add_argument("--resume-with-changes", action="store_true",
                    help="resume a stage's checkpoint although the config changed (logged; not exact)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -232,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="manifest YAML")
     p.add_argument("--split", default="val")
     p.add_argument("--datasets", help="comma-separated dataset names (default: the whole split)")
-    p.add_argument("--limit", type=int, help="at most this many samples per dataset")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", help="folder for eval.json")
+    p.add_argument("--limit", type=positive_int, help="at most this many samples per dataset")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--out", type=out_folder, help="folder for eval.json")
     p.add_argument("--min-gain", type=float, metavar="G",
                    help="exit 1 unless every task's accuracy beats chance and its blanked control by G")
     add_placement_arguments(p)
@@ -243,12 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="per-GPU memory of a stage on N GPUs, before you launch it")
     p.add_argument("config", help="stage YAML, e.g. stages/7b/2_sft.yaml")
     p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
-    p.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU (default 80, an H100/A100-80G)")
+    p.add_argument("--gpus", type=positive_int, default=8, help="data-parallel GPUs (default 8)")
+    p.add_argument("--gpu-mem", type=positive_float, default=80, help="GiB per GPU (default 80, an H100/A100-80G)")
     p.add_argument("--engine", default=None,
                    help="memory layout to plan: an engine's, deepspeed's per ZeRO stage (what each shards: "
                         "omni/train/engines.py; an unknown name lists them); default: the stage's own")
-    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sample when the stage does not pack")
+    p.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per sample when the stage does not pack")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("chat", help="talk to a model in the terminal; the answer streams token by token")

@@ -142,6 +142,9 @@ class ShardSink:
                                       maxsize=self.max_bytes, verbose=0, mtime=0.0)
 
     def write(self, sample: dict) -> None:
+        if "." in sample["__key__"]:  # webdataset would read KEY.X.json back as key KEY, member X.json
+            raise CurationError(f"sample key {sample['__key__']!r} has a dot; webdataset ends a key at the first "
+                                "dot of a member's name, so keys are letters, digits, _ and -")
         if self.writer is None:
             self._open()
         self.writer.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("_")})

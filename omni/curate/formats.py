@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from omni.curate.common import KIND_OF_EXT, CurationError, Reject
+from omni.data.loader import content_text
+from omni.errors import SampleError
 from omni.modalities import EXTENSIONS, PLACEHOLDERS
 
 FORMATS = ("llava", "sharegpt", "asr", "captions")
@@ -163,8 +165,15 @@ def _field(rec: dict, keys: tuple[str, ...], where: str, what: str):
 
 
 def _text(value, where: str, name: str) -> str:
+    """A turn's text: a string, or typed content parts (OpenAI / transformers form) read as training reads them."""
+    if isinstance(value, list):
+        try:
+            return content_text(value, where, name)
+        except SampleError as e:
+            raise Reject("bad_field", str(e)) from None
     if not isinstance(value, str):
-        raise Reject("bad_field", f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+        raise Reject("bad_field", f"{where}: field {name!r} must be a string or a list of typed parts, "
+                                  f"got {type(value).__name__}")
     return value
 
 

@@ -21,7 +21,12 @@ from PIL import Image
 from encoders import load_audio
 from omni.data.manifest import DatasetEntry
 from omni.errors import SampleError
-from omni.modalities import EXTENSIONS
+from omni.modalities import EXTENSIONS, PLACEHOLDERS
+
+ROLES = ("system", "user", "assistant")
+# typed content parts (OpenAI / transformers chat format) -> the modality whose placeholder they stand for
+MEDIA_PARTS = {"image": "image", "image_url": "image", "video": "video", "video_url": "video",
+               "audio": "audio", "input_audio": "audio", "audio_url": "audio"}
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,11 @@ def where(raw: dict) -> str:
 def read_json(raw: dict) -> dict:
     """The sample's json member, parsed (an object)."""
     if "json" not in raw:
+        dotted = [k for k in raw if k.endswith(".json")]
+        if dotted:  # KEY.X.json: webdataset ends a sample's key at the first dot of the file name
+            raise SampleError(f"{where(raw)}: the shard's file names have a dot in the sample key "
+                              f"({raw.get('__key__')}.{dotted[0]}): webdataset splits a name at its first dot, so "
+                              "rename the tar members to KEY.json, KEY.jpg, ... with no dot in KEY")
         raise SampleError(f"{where(raw)}: missing the required 'json' member")
     try:
         meta = json.loads(raw["json"])
@@ -99,12 +109,46 @@ def read_json(raw: dict) -> dict:
     return meta
 
 
+def chat_turns(messages, place: str, field: str = "messages") -> list[dict]:
+    """`messages` checked (roles system/user/assistant, each with content) with every content a
+    string: a list of typed parts (`[{"type": "text", "text": ...}, {"type": "image"}]`, the
+    OpenAI / transformers form) becomes its texts and placeholders joined by spaces. A media part
+    stands for the sample's next media member of its kind; a url or data inside it is not read."""
+    if not isinstance(messages, list):
+        raise SampleError(f"{place}: field '{field}' must be a list of {{role, content}}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise SampleError(f"{place}: field '{field}[{i}]' must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise SampleError(f"{place}: field '{field}[{i}].role' is {m['role']!r}; use one of {list(ROLES)}")
+        out.append({**m, "content": content_text(m["content"], place, f"{field}[{i}].content")})
+    return out
+
+
+def content_text(content, place: str, field: str) -> str:
+    """A message content as one string: itself, or its typed parts (see `chat_turns`)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise SampleError(f"{place}: field '{field}' must be a string or a list of typed parts")
+    pieces = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        elif kind in MEDIA_PARTS:
+            pieces.append(PLACEHOLDERS[MEDIA_PARTS[kind]])
+        else:
+            raise SampleError(f"{place}: field '{field}[{j}]' must be {{\"type\": \"text\", \"text\": str}} or a "
+                              f"media part of type {sorted(MEDIA_PARTS)}; got {part!r:.80}")
+    return " ".join(pieces)
+
+
 def read_meta(raw: dict) -> dict:
-    """The sample's json member, parsed, with `messages` checked to be a list of {role, content}."""
+    """The sample's json member, parsed, with `messages` checked and normalised by `chat_turns`."""
     meta = read_json(raw)
-    messages = meta.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise SampleError(f"{where(raw)}: field 'json.messages' must be a list of {{role, content}}")
+    meta["messages"] = chat_turns(meta.get("messages"), where(raw), "json.messages")
     return meta
 
 

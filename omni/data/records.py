@@ -2,7 +2,8 @@
 from them with the omni processor (same chat template, same assistant-only label mask).
 
 Records (docs/data_format.md)
-    chat        {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
+    chat        {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}, a reply after a
+                user turn; `content` a string or typed parts (omni.data.loader.chat_turns)
     preference  {"prompt": messages or a string, "chosen": reply, "rejected": reply}
                 a reply is a string, an assistant message, or a list of messages (TRL's
                 conversational format); the prompt may hold earlier turns and media placeholders.
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from omni.data.loader import SkipCounter, decode_media, read_json, split_stream
+from omni.data.loader import SkipCounter, chat_turns, decode_media, read_json, split_stream
 from omni.data.loader import where as sample_where
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
@@ -94,18 +95,22 @@ def _reply(value, where: str, field: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
     if isinstance(value, dict) and "content" in value:
-        return [{"role": value.get("role", "assistant"), "content": value["content"]}]
+        return chat_turns([{"role": value.get("role", "assistant"), "content": value["content"]}], where, field)
     if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
-        return value
+        return chat_turns(value, where, field)
     raise AlignDataError(f"{where}: field '{field}' must be a string, an assistant message or a list of messages")
 
 
 def chat_messages(rec: dict) -> list[dict]:
-    msgs = rec.get("messages")
-    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-        raise AlignDataError(f"{rec.get('__where__')}: field 'messages' must be a list of {{role, content}}")
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise AlignDataError(f"{rec.get('__where__')}: no assistant message to learn from")
+    """The record's messages (see `chat_turns`) with an assistant reply that follows a user turn."""
+    where = rec.get("__where__")
+    msgs = chat_turns(rec.get("messages"), where)
+    roles = [m["role"] for m in msgs]
+    if "assistant" not in roles:
+        raise AlignDataError(f"{where}: no assistant message to learn from")
+    if "user" not in roles[:roles.index("assistant")]:
+        raise AlignDataError(f"{where}: field 'messages' has an assistant reply with no user turn before it; "
+                             "a training sample needs the user turn the reply answers")
     return msgs
 
 
@@ -116,8 +121,8 @@ def preference_messages(rec: dict) -> tuple[list[dict], list[dict], list[dict]]:
         if key not in rec:
             raise AlignDataError(f"{where}: a preference record needs 'prompt', 'chosen' and 'rejected' (no {key!r})")
     prompt = rec["prompt"]
-    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if not isinstance(prompt, list) or not prompt or prompt[-1].get("role") != "user":
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else chat_turns(prompt, where, "prompt")
+    if not prompt or prompt[-1]["role"] != "user":
         raise AlignDataError(f"{where}: field 'prompt' must be a string or messages ending with a user turn")
     return prompt, prompt + _reply(rec["chosen"], where, "chosen"), prompt + _reply(rec["rejected"], where, "rejected")
 

@@ -15,11 +15,13 @@ the newest `checkpoints/step-*` of an unfinished stage), a model folder itself (
     configuration_omni.py, modeling_omni.py, processing_omni.py, omni_*.py    remote code (remote_code.py)
     README.md                      model card (card.py)
 
-Safety: the folder is written to a temp dir beside `--out` and renamed into place (atomic_dir);
-a non-empty `--out` is refused without `--force`, and `--out` may never contain the source or
-hold training outputs (stage.json, final/, checkpoints/, ...), not even with `--force`.
+Safety: the folder is written to a temp dir beside `--out` and renamed into place (atomic_dir,
+which also removes what a killed export left there); a non-empty `--out` is refused without
+`--force`, and `--out` may never contain the source, lie inside it or hold training outputs
+(stage.json, final/, checkpoints/, ...), not even with `--force`.
 Weights are read and written with safetensors only; no pickle is ever written (checked before
-the rename) and none is read (a checkpoint's trainer_state.pt is not opened).
+the rename) and none is read (a checkpoint's trainer_state.pt is not opened). config.json records
+the sha256 of every weights file (`weights_sha256`), which omni's loader checks.
 """
 from __future__ import annotations
 
@@ -150,15 +152,21 @@ def resolve_source(ckpt: str | Path) -> tuple[Path, Provenance]:
 
 
 # ---- writing ------------------------------------------------------------------------------
-def _check_out(out: Path, src: Path, force: bool) -> None:
-    s, o = src.resolve(), out.resolve()
-    if o == s or o in s.parents:
-        raise ExportError(f"--out {out} contains the model being exported ({src}); choose another folder")
+def _check_out(out: Path, sources: list[Path], force: bool) -> None:
+    """`sources`: the folder --ckpt names and the model folder read from it."""
+    o = out.resolve()
+    for src in sources:
+        s = src.resolve()
+        if o == s or o in s.parents:
+            raise ExportError(f"--out {out} contains the model being exported ({src}); choose another folder")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any((out / name).exists() for name in (STAGE, OMNI_CONFIG, FINAL, "checkpoints", METRICS)):
         raise ExportError(f"--out {out} holds training outputs ({STAGE}, {FINAL}/, ...); an export never replaces "
                           "them, even with --force: choose another folder")
+    inside = [src for src in sources if src.resolve() in o.parents]
+    if inside:
+        raise ExportError(f"--out {out} lies inside the folder being exported ({inside[0]}); choose a folder outside it")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out} is not empty; pass --force to replace it")
 
@@ -174,14 +182,16 @@ def _state_dict(model, dtype=None) -> dict:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def _write_weights(state: dict, out: Path, max_shard_size: str | int) -> None:
+def _write_weights(state: dict, out: Path, max_shard_size: str | int) -> dict[str, str]:
+    """Write the shards and read every tensor back; returns {file: sha256} for config.json."""
     import torch
     from huggingface_hub import save_torch_state_dict
     from safetensors import safe_open
 
-    from omni.model.load import weight_files
+    from omni.model.load import weight_checksums, weight_files
 
     save_torch_state_dict(state, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    checksums = weight_checksums(out)  # hashed now, while the files are in the page cache
     seen = set()
     for f in weight_files(out):  # read back every tensor before the folder is renamed into place
         with safe_open(str(f), framework="pt") as sf:
@@ -191,6 +201,18 @@ def _write_weights(state: dict, out: Path, max_shard_size: str | int) -> None:
                 seen.add(k)
     if seen != set(state):
         raise ExportError(f"weights written incompletely: missing {sorted(set(state) - seen)[:5]}")
+    return checksums
+
+
+def _record_checksums(out: Path, checksums: dict[str, str]) -> None:
+    """`weights_sha256` in config.json: omni's loader checks it; OmniConfig drops it on load, so a
+    model re-saved with transformers does not carry the hashes of these files."""
+    from omni.model.load import HF_CONFIG
+    from omni.model.omni_model import CHECKSUMS
+
+    config = json.loads((out / HF_CONFIG).read_text())
+    config[CHECKSUMS] = checksums
+    (out / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _warn_unbundled_open_clip(name: str | None) -> None:
@@ -247,7 +269,7 @@ def write_export(model, tokenizer, out: Path, prov: Provenance, name: str, licen
     GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                      bos_token_id=tokenizer.bos_token_id, do_sample=False,
                      max_new_tokens=256).save_pretrained(out)
-    _write_weights(_state_dict(model, torch_dtype), out, max_shard_size)
+    _record_checksums(out, _write_weights(_state_dict(model, torch_dtype), out, max_shard_size))
     core = OmniProcessorCore.from_config(model.config, tokenizer, model.token_ids,
                                          model.llm.config.max_position_embeddings)
     processor = OmniProcessor(tokenizer, chat_template=tokenizer.chat_template, **core.configs())
@@ -285,9 +307,12 @@ def export_model(ckpt: str | Path, out: str | Path | None, force: bool = False, 
             return target
     out = Path(out)
     model_dir, prov = resolve_source(ckpt)
-    _check_out(out, model_dir, force)
+    _check_out(out, [Path(ckpt), model_dir], force)
     if eval_path is not None:
-        prov.eval_path, prov.eval = str(eval_path), read_eval(Path(eval_path))
+        try:
+            prov.eval_path, prov.eval = str(eval_path), read_eval(Path(eval_path))
+        except (OSError, ValueError) as e:
+            raise ExportError(f"--eval {eval_path}: not an eval.json written by `omni eval` ({e})") from None
     model, tokenizer = load_model(model_dir)
     model.eval()
     with atomic_dir(out) as tmp:
@@ -324,6 +349,19 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, commit_
 
 
 # ---- CLI --------------------------------------------------------------------------------
+def shard_size(text: str) -> int:
+    """`--max-shard-size`: bytes, or a number with KB/MB/GB/TB (huggingface_hub's own parser)."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        value = int(text) if text.strip().isdigit() else parse_size_to_int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; give e.g. 5GB, 500MB or a number of bytes") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0 bytes")
+    return value
+
+
 def _export_cmd(args) -> None:
     try:
         out = export_model(args.ckpt, args.out, force=args.force, push_to_hub=args.push_to_hub,
@@ -353,7 +391,7 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--commit-message", help="commit message of the upload")
     p.add_argument("--license", default="apache-2.0", help="license field of the model card (default: apache-2.0)")
     p.add_argument("--eval", help="eval.json (omni eval) for the card; default: one found beside the run")
-    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB", help="safetensors shard size, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--dtype", choices=DTYPES, help="cast floating weights (default: as trained)")
     p.set_defaults(func=_export_cmd)
     return p

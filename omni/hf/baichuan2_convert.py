@@ -116,7 +116,10 @@ def _read_safetensors(src: Path) -> dict[str, torch.Tensor]:
             f" (found {pickles}: convert them to safetensors first; omni never unpickles weights)" if pickles else ""))
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        state.update(load_file(str(src / name)))
+        try:
+            state.update(load_file(str(src / name)))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a missing, torn or forged file
+            raise ConfigError(f"{src / name}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     return state
 
 

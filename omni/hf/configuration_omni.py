@@ -74,6 +74,8 @@ class OmniConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # the export's file hashes (omni's loader checks them): not carried into a re-save of other weights
+        kwargs.pop("weights_sha256", None)
         if self.projectors is None:
             self.projectors = _default_projectors()
         if self.video_config is None:

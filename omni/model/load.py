@@ -9,16 +9,23 @@ Weights are read with safetensors only and loaded strictly: every OmniModel para
 from the folder, except an LM output embedding tied to its input embedding. `overrides` (dotted
 key=value on the model config) switch options that keep the weights' shapes, e.g.
 `llm.norm_head=true`, `llm.max_z_loss=2e-4`, `video.max_frames=8`; the LM's architecture is fixed.
+
+Integrity: every writer records the sha256 of each weights file in the folder's config
+(`weights_sha256`: omni_config.json, or an export's config.json); the loader checks it, refuses
+NaN/inf weights and floating tensors of another dtype than the config says, naming the file and
+the tensor. `verify=False` or OMNI_VERIFY_WEIGHTS=0 skips the hash and the NaN scan (for speed).
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from omni.config import ConfigError, apply_overrides
-from omni.files import atomic_dir
+from omni.files import atomic_dir, file_sha256
 from omni.hf.configuration_omni import MODEL_TYPE
 from omni.model.omni_model import (
+    CHECKSUMS,
     CONFIG,
     TOKENIZER_DIR,
     WEIGHTS,
@@ -29,6 +36,18 @@ from omni.presets import model_config_from_dict, model_config_to_dict
 
 HF_CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
+VERIFY_ENV = "OMNI_VERIFY_WEIGHTS"
+SKIP_HINT = f"(to load it anyway, unchecked: {VERIFY_ENV}=0)"
+
+
+def verify_by_default() -> bool:
+    """Whether loads check hashes and scan for NaN/inf: yes unless OMNI_VERIFY_WEIGHTS=0."""
+    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def weight_checksums(model_dir: str | Path) -> dict[str, str]:
+    """{file name: sha256} of a folder's weights files (what a writer records in the config)."""
+    return {f.name: file_sha256(f) for f in weight_files(model_dir)}
 
 
 def is_exported_dir(path: str | Path) -> bool:
@@ -46,8 +65,11 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files of a model folder or an export, in index order; never anything else."""
     model_dir = Path(model_dir)
     if (model_dir / INDEX).is_file():
-        index = json.loads((model_dir / INDEX).read_text())
-        names = list(dict.fromkeys(index["weight_map"].values()))
+        try:
+            names = list(dict.fromkeys(json.loads((model_dir / INDEX).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{model_dir / INDEX}: not a safetensors index ({type(e).__name__}: {e}); "
+                              "the folder is damaged: copy or export it again") from None
         files = [model_dir / n for n in names]
     elif (model_dir / WEIGHTS).is_file():
         files = [model_dir / WEIGHTS]
@@ -59,23 +81,54 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def read_weights(model_dir: str | Path) -> dict:
+def read_weights(model_dir: str | Path, checksums: dict | None = None, dtype: str | None = None,
+                 verify: bool = True, floating: set[str] = frozenset()) -> dict:
+    """Every tensor of the folder's weights files. `checksums` ({file: sha256}, from the config) and
+    `dtype` (the floating dtype the config names) are checked where given, and the tensors named in
+    `floating` (the model's floating parameters) must be floating; `verify` also refuses NaN/inf
+    values. Every error names the file (and the tensor)."""
+    import torch
     from safetensors.torch import load_file
 
+    model_dir = Path(model_dir)
+    files = weight_files(model_dir)
+    if verify and checksums is not None:
+        unlisted = sorted({f.name for f in files} - set(checksums))
+        if unlisted:
+            raise ConfigError(f"{model_dir}: weights files {unlisted} have no recorded checksum ({CHECKSUMS} in "
+                              f"the config); they were added after saving {SKIP_HINT}")
     state = {}
-    for f in weight_files(model_dir):
-        part = load_file(str(f))
+    for f in files:
+        if verify and checksums is not None and file_sha256(f) != checksums[f.name]:
+            raise ConfigError(f"{f}: sha256 differs from the one recorded when it was saved: the file is truncated, "
+                              f"damaged or was changed since; copy or export it again {SKIP_HINT}")
+        try:
+            part = load_file(str(f))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a torn or forged file
+            raise ConfigError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); the file is "
+                              "truncated or damaged: copy or export it again") from None
         dup = set(part) & set(state)
         if dup:
             raise ConfigError(f"{f}: keys {sorted(dup)[:3]} also appear in another shard")
+        for k, t in part.items():
+            if k in floating and not t.is_floating_point():
+                raise ConfigError(f"{f}: tensor {k} is stored as {t.dtype}, not a floating dtype like the model's "
+                                  "parameter: the file was altered; copy or export it again")
+            if dtype is not None and t.is_floating_point() and str(t.dtype).removeprefix("torch.") != dtype:
+                raise ConfigError(f"{f}: tensor {k} is {str(t.dtype).removeprefix('torch.')} but the config says "
+                                  f"{dtype}: the file does not belong to this config")
+            if verify and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ConfigError(f"{f}: tensor {k} holds NaN or inf values; the model diverged or the file is "
+                                  f"damaged: load an earlier checkpoint {SKIP_HINT}")
         state.update(part)
     return state
 
 
-def load_model(path: str | Path, overrides: list[str] = (), weights: bool = True):
+def load_model(path: str | Path, overrides: list[str] = (), weights: bool = True, verify: bool | None = None):
     """(OmniModel, tokenizer) from any model folder omni writes; see the module docstring.
     `weights=False`: the architecture only (built under `torch.device("meta")` by ranks that
-    receive the weights from rank 0, omni/train/engines.py)."""
+    receive the weights from rank 0, omni/train/engines.py). `verify`: check the recorded
+    hashes and scan for NaN/inf (default: yes, unless OMNI_VERIFY_WEIGHTS=0)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from omni.hf.mapping import model_config_from_hf
@@ -85,11 +138,13 @@ def load_model(path: str | Path, overrides: list[str] = (), weights: bool = True
         raise ConfigError(f"{path}: the LLM's architecture is fixed once trained; "
                           "drop llm.hf_config/llm.pretrained overrides")
     if is_exported_dir(path):
-        cfg, text, token_ids = model_config_from_hf(json.loads((path / HF_CONFIG).read_text()))
-        data, where = model_config_to_dict(cfg), path / HF_CONFIG
+        meta = json.loads((path / HF_CONFIG).read_text())
+        cfg, text, token_ids = model_config_from_hf(meta)
+        data, where, dtype = model_config_to_dict(cfg), path / HF_CONFIG, meta.get("dtype") or meta.get("torch_dtype")
     elif (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
-        meta = json.loads((path / CONFIG).read_text())
+        meta = _read_json(path / CONFIG)
         data, text, token_ids, where = meta["model"], meta["llm_config"], meta["token_ids"], path / CONFIG
+        dtype = None
     else:
         raise FileNotFoundError(f"{path}: not an omni model folder ({CONFIG} + {WEIGHTS}) nor an omni export "
                                 f"({HF_CONFIG} with model_type {MODEL_TYPE!r})")
@@ -99,9 +154,22 @@ def load_model(path: str | Path, overrides: list[str] = (), weights: bool = True
     llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=attention_backend(cfg.llm.attn_implementation))
     model = OmniModel(cfg, llm, token_ids, pretrained=False)
     if weights:
-        _load_state(model, read_weights(path), path, overrides)
+        verify = verify_by_default() if verify is None else verify
+        floating = {k for k, p in model.named_parameters(remove_duplicate=False) if p.is_floating_point()}
+        state = read_weights(path, meta.get(CHECKSUMS), dtype if isinstance(dtype, str) else None, verify, floating)
+        _load_state(model, state, path, overrides)
     tokenizer = _saved_tokenizer(path) if where.name == HF_CONFIG else AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
     return model, tokenizer
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not readable JSON ({e}); the folder is damaged: copy or save it again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
 
 
 def _saved_tokenizer(path: Path):

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from omni.config import ConfigError
+from omni.files import file_sha256
 from omni.modalities import MODALITIES
 from omni.model.architecture import llm_config, with_architecture
 from omni.model.batch import MediaBatch
@@ -33,6 +34,7 @@ from omni.tokenizer import load_tokenizer, placeholder_ids
 WEIGHTS = "model.safetensors"
 CONFIG = "omni_config.json"
 TOKENIZER_DIR = "tokenizer"
+CHECKSUMS = "weights_sha256"  # config key {weights file: sha256}, checked by omni.model.load on load
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -122,7 +124,7 @@ class OmniModel(OmniComposition, nn.Module):
         out_dir.mkdir(parents=True, exist_ok=True)
         save_model(self if state_dict is None else _Weights(state_dict), str(out_dir / WEIGHTS))
         meta = {"model": model_config_to_dict(self.config), "token_ids": self.token_ids,
-                "llm_config": self.llm.config.to_dict()}
+                "llm_config": self.llm.config.to_dict(), CHECKSUMS: {WEIGHTS: file_sha256(out_dir / WEIGHTS)}}
         (out_dir / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
         tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
 
@@ -130,7 +132,11 @@ class OmniModel(OmniComposition, nn.Module):
         """Weights of a `save_pretrained` folder into this model, in place (what a resume reads)."""
         from safetensors.torch import load_model
 
-        load_model(self, str(Path(model_dir) / WEIGHTS))
+        path = Path(model_dir) / WEIGHTS
+        try:
+            load_model(self, str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a torn file or other keys
+            raise ConfigError(f"{path}: cannot be read into the model ({type(e).__name__}: {e})") from None
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute activations in backward: the LLM via transformers, the vision tower via open_clip."""

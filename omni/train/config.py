@@ -16,6 +16,7 @@ from omni.align.config import DPOSection, RMSection, SFTSection
 from omni.align.objectives import OBJECTIVES
 from omni.config import ConfigError, load_config
 from omni.data.config import DataConfig
+from omni.presets import PRESETS
 from omni.train.engines import ENGINES, ZERO_STAGES
 from omni.train.optim import OptimConfig
 
@@ -82,6 +83,8 @@ class StageConfig:
             raise ConfigError(f"method: {self.method!r} is not an objective; choose one of {list(OBJECTIVES)}")
         if self.preset is None and self.init_from is None:
             raise ConfigError("give preset (tiny or 7b: a fresh model) or init_from (a model folder) to start from")
+        if self.preset is not None and self.preset not in PRESETS:  # checked even when init_from wins
+            raise ConfigError(f"preset: {self.preset!r} is unknown; choose one of {list(PRESETS)}")
         if self.method != "sft" and self.batch.tokens_per_pack:
             raise ConfigError(f"batch.tokens_per_pack: packing is for sft; {self.method} compares whole sequences")
         if self.method == "dpo" and self.dpo.precompute_ref and self.data.records is None:

@@ -146,3 +146,11 @@ def test_unconvertible_layouts_are_refused(baichuan_dir, tmp_path):
     (src / "pytorch_model.bin").write_bytes(b"\x80\x02")
     with pytest.raises(ConfigError, match="never unpickles"):
         load_baichuan2_as_llama(src)
+
+
+def test_a_truncated_checkpoint_is_refused_naming_the_file(baichuan_dir):
+    src, _ = baichuan_dir
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ConfigError, match=f"{weights}: not a readable safetensors file"):
+        load_baichuan2_as_llama(src)
