@@ -47,7 +47,7 @@ class LogConfig:
     profile: bool = False               # add tokens, tokens/s, model TFLOP/s and MFU to the metrics (omni/train/flops.py)
     peak_tflops: float = 0.0            # per-device peak for MFU; 0: look the GPU up by name (none on CPU)
     samples: bool = False               # samples.jsonl: every step's raw samples (position, key and shard)
-    trackers: list[str] = field(default_factory=list)  # also log to: tensorboard, wandb (omni/train/trackers.py)
+    trackers: list[str] = field(default_factory=list)  # also log to tensorboard, wandb (omni/train/trackers.py)
 
     def __post_init__(self):
         if self.interval < 1:

@@ -94,7 +94,8 @@ def test_wandb_offline_run_holds_every_scalar_and_the_stage_config(tracked_run):
 
 
 def test_unknown_tracker_is_a_config_error_listing_the_known_ones():
-    with pytest.raises(ConfigError, match=r"log.trackers: 'mlflow' is not a tracker; choose from \['tensorboard', 'wandb'\]"):
+    known = r"choose from \['tensorboard', 'wandb'\]"
+    with pytest.raises(ConfigError, match=r"log.trackers: 'mlflow' is not a tracker; " + known):
         load_stage(STAGE, ["log.trackers=[tensorboard, mlflow]"])
 
 
@@ -104,3 +105,20 @@ def test_missing_tracker_package_names_the_extra_to_install(package, monkeypatch
     with pytest.raises(ConfigError, match=rf"log.trackers: {package} needs the {package} package; install the "
                                           r"track extra: pip install -e \.\[track\]"):
         load_stage(STAGE, [f"log.trackers=[{package}]"])
+
+
+def test_a_resumed_run_hides_the_tensorboard_events_written_after_its_checkpoint(tmp_path):
+    """A killed run logged steps 1-3 but checkpointed at 1: the resumed run's rows replace steps 2-3."""
+    from omni.train.trackers import Trackers
+
+    first = Trackers(["tensorboard"], tmp_path, "s", {"steps": 3})
+    for step in (1, 2, 3):
+        first.log(step, "train", {"step": step, "loss": float(step)})
+    first.close()
+    resumed = Trackers(["tensorboard"], tmp_path, "s", {"steps": 3}, start_step=2)
+    for step in (2, 3):
+        resumed.log(step, "train", {"step": step, "loss": 10.0 * step})
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 20.0), (3, 30.0)]
