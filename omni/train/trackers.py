@@ -52,8 +52,12 @@ class WandB:
 
         configured = bool(os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_PROJECT"))
         mode = None if os.environ.get("WANDB_MODE") else "online" if configured else "offline"
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "omni"), name=name, config=config,
-                              dir=str(out_dir), mode=mode, settings=wandb.Settings(console="off"))
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "omni"), name=name, config=config,
+                                  dir=str(out_dir), mode=mode, settings=wandb.Settings(console="off"))
+        except wandb.errors.Error as e:  # an online run W&B refuses (no key, no server): say what to change
+            raise ConfigError(f"log.trackers: wandb could not start a run ({e}); unset WANDB_MODE and "
+                              "WANDB_API_KEY to log offline under the run folder, no account needed") from e
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)

@@ -99,12 +99,22 @@ def test_unknown_tracker_is_a_config_error_listing_the_known_ones():
         load_stage(STAGE, ["log.trackers=[tensorboard, mlflow]"])
 
 
+# `python -c`: the package made unimportable the way Python marks a module that cannot be imported
+# (sys.modules[name] = None), then `omni train` as the console runs it
+WITHOUT = "import runpy, sys; sys.modules[sys.argv.pop(1)] = None; runpy.run_module('omni.cli', run_name='__main__')"
+
+
 @pytest.mark.parametrize("package", ["tensorboard", "wandb"])
-def test_missing_tracker_package_names_the_extra_to_install(package, monkeypatch):
-    monkeypatch.setitem(sys.modules, package, None)  # what Python reports for a package that is not installed
-    with pytest.raises(ConfigError, match=rf"log.trackers: {package} needs the {package} package; install the "
-                                          r"track extra: pip install -e \.\[track\]"):
-        load_stage(STAGE, [f"log.trackers=[{package}]"])
+def test_missing_tracker_package_stops_train_in_one_line_naming_the_extra(package, tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", WITHOUT, package, "train", str(STAGE), "--out", str(out),
+                           "log.trackers=[tensorboard, wandb]"], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        f"config error: {STAGE}: log.trackers: {package} needs the {package} package; install the track extra: "
+        "pip install -e .[track]"]
+    assert not out.exists()  # refused when the config loads, before any training
 
 
 def test_a_resumed_run_hides_the_tensorboard_events_written_after_its_checkpoint(tmp_path):
@@ -122,3 +132,16 @@ def test_a_resumed_run_hides_the_tensorboard_events_written_after_its_checkpoint
     acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 20.0), (3, 30.0)]
+
+
+def test_an_online_wandb_run_without_an_account_is_one_line_saying_how_to_log_offline(tmp_path, monkeypatch):
+    from omni.train.trackers import Trackers
+
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(ConfigError, match=r"log.trackers: wandb could not start a run \(.*API key.*\); unset "
+                                          r"WANDB_MODE and WANDB_API_KEY to log offline"):
+        Trackers(["wandb"], tmp_path, "s", {})
