@@ -10,6 +10,10 @@ judged 是; an instruction is usable (是否可用, the ISR and SSR) unless a ve
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -218,3 +222,15 @@ def test_wrong_files_and_options_are_one_line_naming_the_problem(book, tmp_path)
         "SysBench's published figures are unrounded ratios of counts: drop the option")
     with pytest.raises(BenchmarkDataError, match=r"is an Excel workbook where a JSON array is expected"):
         score_cfbench_judged(book, tmp_path / "out")
+
+
+def test_a_workbook_without_openpyxl_names_the_extra_to_install(book, tmp_path):
+    """`omni align eval` with openpyxl made unimportable (sys.modules[name] = None, as Python marks it)."""
+    root = Path(__file__).resolve().parents[2]
+    without = "import runpy, sys; sys.modules['openpyxl'] = None; runpy.run_module('omni.cli', run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", without, "align", "eval", "sysbench", "--judged", str(book),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"omni align eval: {book}: reading a workbook needs openpyxl; install the bench extra: pip install -e .[bench]")
