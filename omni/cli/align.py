@@ -15,6 +15,7 @@ ALIGN_EPILOG = """examples:
   omni align rm omni/align/configs/tiny_rm.yaml --out runs/align/rm
   omni align eval sysbench --data runs/align/synth/sysbench.json --model runs/align/sft/final --out runs/align/eval
   omni align eval cfbench --judged gpt4o_eval.json --out runs/align/eval     # score official judged outputs
+  omni align eval sysbench --judged gpt4o_analysis.xlsx --out runs/align/eval  # a published SysBench workbook
   omni align pas build --prompts prompts.jsonl --generator http://127.0.0.1:8000/v1 --out runs/align/pas
   omni align pas augment runs/align/pas-model/final --prompt "what is two plus three ?"
 docs/align.md describes every stage, config key and metric.
