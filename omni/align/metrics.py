@@ -14,6 +14,7 @@ The figures are the ones the benchmark publishes (its analysis code's sheets and
                                                        its tables print the constraint-level CSR)
     turn t: ISR at turn t and the dialogues whose turns 1..t are all usable; `all_yes` and
     `all_yes_continuous` use the analysis sheets' stricter per-turn rule (every verdict 是).
+
 CFBench (Zhang et al. 2024, arXiv:2408.01122). An item = one instruction with n >= 1 criteria,
 each `[text, priority, type, subtype]`, priority primary ("主需") or secondary ("次需").
     CSR_i = mean_j s_ij          ISR_i = prod_j s_ij
