@@ -36,10 +36,10 @@ quickstart: setup
 test: setup browser
 	$(BIN)/python -m pytest -q tests
 
-# Resolve pyproject's pins (+ test extra) in a throw-away venv and record every version.
+# Resolve pyproject's pins (+ test, track and bench extras) in a throw-away venv and record every version.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install --quiet -e '.[test]'
+	.venv-lock/bin/python -m pip install --quiet -e '.[test,track,bench]'
 	(echo '# Exact versions the CPU install is tested with. Regenerate with `make lock`.'; \
 	 .venv-lock/bin/python -m pip freeze --exclude-editable) > requirements.lock
 	rm -rf .venv-lock

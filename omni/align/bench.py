@@ -13,8 +13,12 @@ SysBench (github.com/PKU-Baichuan-MLSystemLab/SysBench, datas/system_benchmark_e
   The assistant messages are the ground truth. History modes (the official two scripts):
     model  each turn sees the model's own earlier replies (eval_system_bench.py)
     gt     each turn sees the ground-truth earlier replies (eval_system_bench_with_gt.py)
-  Judged layout: each dialogue plus "infer_results" and "eval_results": {user content:
-  {"评判结果": {"1": "是"|"否"}, "criteria", "response", "评判理由"}}.
+  Judged layout (the official eval script's <model>_eval.json): each dialogue plus "infer_results"
+  and "eval_results": {user content: {"评判结果": {"1": verdict}, "criteria", "response", "评判理由"}},
+  a verdict being 是, 否 or another word of the official judge (omni/align/metrics.py VERDICTS).
+  Published results: <model>_analysis.xlsx, sheet 详情, one row per judged turn with the columns
+  system_id, 领域, 场景, multi_rounds_related, alignment, round_index, prompt, 评判结果
+  ("<id>. <type> | <verdict>" per line) and 是否可用 (1 unless a verdict is 否).
 CFBench (github.com/PKU-Baichuan-MLSystemLab/CFBench, data/cfbench_data.json):
     [{"idx", "prompt", "gold", "split": "easy"|"hard", "doamin", "scenario", "source",
       "criteria": [[text, "主需"|"次需" (or primary|secondary), type, subtype], ...]}]
@@ -25,11 +29,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from omni.align.judge import Criterion, JudgeTask, settle
 from omni.align.metrics import (
+    NO,
+    VERDICTS,
+    YES,
     CFItem,
     MetricError,
     SysDialogue,
@@ -43,15 +51,29 @@ from omni.align.metrics import (
 
 log = logging.getLogger(__name__)
 HISTORY_MODES = ("model", "gt")
-YES, NO = "是", "否"
+WORKBOOK = "详情"  # the sheet of SysBench's *_analysis.xlsx that lists every judged turn
+WORKBOOK_COLUMNS = ("system_id", "multi_rounds_related", "alignment", "round_index", "prompt", "评判结果",
+                    "是否可用")
+RESULT_LINE = re.compile(r"(\d+)\. (.*) \| (.*)")  # a 评判结果 line: "<id>. <type> | <verdict>"
+ALIASES = {"yes": YES, "true": YES, "1": YES, "1.0": YES, "no": NO, "false": NO, "0": NO, "0.0": NO}
 
 
 class BenchmarkDataError(ValueError):
     """A benchmark file does not have the layout it should; the message names file, item and field."""
 
 
+def is_workbook(path: str | Path) -> bool:
+    """An .xlsx file (a zip archive), whatever its name says."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def _load_array(path: str | Path) -> list[dict]:
     path = Path(path)
+    if path.is_file() and is_workbook(path):
+        raise BenchmarkDataError(f"{path}: is an Excel workbook where a JSON array is expected; only SysBench's "
+                                 "published *_analysis.xlsx is read from a workbook "
+                                 "(omni align eval sysbench --judged)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -61,21 +83,35 @@ def _load_array(path: str | Path) -> list[dict]:
     return data
 
 
+# fields only the other benchmark's files have: SysBench's dialogues, CFBench's items
+OWN_FIELDS = {"SysBench": ("messages", "eval_results"), "CFBench": ("split", "judge_score")}
+
+
+def _not_the_other_benchmark(records: list[dict], benchmark: str, where) -> None:
+    """A CFBench file given to SysBench, or the reverse, named as such."""
+    other = "CFBench" if benchmark == "SysBench" else "SysBench"
+    found = [f for f in OWN_FIELDS[other] if records and f in records[0]]
+    if found:
+        raise BenchmarkDataError(f"{where}: holds {other} records (fields {found}), not {benchmark}'s; use "
+                                 f"`omni align eval {other.lower()}`")
+
+
 def _write(path: Path, obj) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
     return path
 
 
-def _verdict(value, where: str) -> bool:
+def _verdict(value, where: str) -> str:
+    """是, 否 or another verdict of the official judge; yes/no, true/false and 1/0 read as 是/否."""
     if isinstance(value, bool):
-        return value
-    s = str(value).strip().lower()
-    if s in (YES, "yes", "true", "1", "1.0"):
-        return True
-    if s in (NO, "no", "false", "0", "0.0"):
-        return False
-    raise BenchmarkDataError(f"{where}: verdict {value!r} is not 是/否, yes/no or 1/0")
+        return YES if value else NO
+    text = str(value).strip()
+    text = ALIASES.get(text.lower(), text)
+    if text not in VERDICTS:
+        raise BenchmarkDataError(f"{where}: verdict {value!r} is none of the official judge's ({', '.join(VERDICTS)}) "
+                                 "nor yes/no, true/false, 1/0")
+    return text
 
 
 # ================================================================ SysBench
@@ -108,8 +144,10 @@ def _sys_criteria(raw, where: str) -> list[Criterion]:
 
 
 def load_sysbench(path: str | Path, limit: int | None = None) -> list[SysCase]:
+    records = _load_array(path)[:limit]
+    _not_the_other_benchmark(records, "SysBench", path)
     cases = []
-    for n, d in enumerate(_load_array(path)[:limit]):
+    for n, d in enumerate(records):
         sid = str(d.get("system_id", n))
         where = f"{path} system_id {sid}"
         msgs = d.get("messages")
@@ -224,6 +262,7 @@ def sysbench_records(cases, replies, convs, verdicts, history: str, model_name: 
 
 def parse_sysbench_judged(records: list[dict], where: str = "judged file") -> list[SysDialogue]:
     """Official eval layout (or ours) -> dialogues for `sysbench_metrics`."""
+    _not_the_other_benchmark(records, "SysBench", where)
     dialogues = []
     for n, d in enumerate(records):
         sid = str(d.get("system_id", n))
@@ -231,7 +270,9 @@ def parse_sysbench_judged(records: list[dict], where: str = "judged file") -> li
         results = d.get("eval_results")
         if results is None:
             raise BenchmarkDataError(f"{w}: eval_results is missing or null (the judge failed on this dialogue)")
-        users = [m["content"] for m in d.get("messages", []) if m.get("role") == "user"]
+        users = [m["content"] for m in d.get("messages") or [] if m.get("role") == "user"]
+        if not users:
+            raise BenchmarkDataError(f"{w}: 'messages' holds no user turn")
         infos = d.get("prompt_infos") or {}
         turns = []
         for t, user in enumerate(users):
@@ -241,7 +282,7 @@ def parse_sysbench_judged(records: list[dict], where: str = "judged file") -> li
             info = infos.get(user, {}) if isinstance(infos, dict) else (infos[t] if t < len(infos) else {})
             verdicts = r.get("评判结果", r.get("results"))
             if not isinstance(verdicts, dict) or not verdicts:
-                raise BenchmarkDataError(f"{w} turn {t + 1}: '评判结果' must be a non-empty dict id -> 是/否")
+                raise BenchmarkDataError(f"{w} turn {t + 1}: '评判结果' must be a non-empty dict id -> verdict")
             crit = r.get("criteria") or info.get("criteria") or {}
             types = {c.id: c.type for c in _sys_criteria(crit, f"{w} turn {t + 1}")} if crit else {}
             keys = sorted(verdicts, key=lambda k: int(k))
@@ -250,6 +291,60 @@ def parse_sysbench_judged(records: list[dict], where: str = "judged file") -> li
         dialogues.append(SysDialogue(sid, turns, d.get("rounds_related"), d.get("领域", d.get("domain")),
                                      d.get("场景", d.get("scene"))))
     return dialogues
+
+
+def read_sysbench_workbook(path: str | Path) -> list[SysDialogue]:
+    """A published <model>_analysis.xlsx (sheet 详情, one row per judged turn) -> dialogues."""
+    try:
+        import openpyxl
+    except ImportError:
+        raise BenchmarkDataError(f"{path}: reading a workbook needs openpyxl; install the bench extra: "
+                                 "pip install -e .[bench]") from None
+    try:
+        book = openpyxl.load_workbook(path, read_only=True)
+    except Exception as e:  # noqa: BLE001 - openpyxl raises zip, XML and key errors for a damaged file
+        raise BenchmarkDataError(f"{path}: not a readable .xlsx workbook ({type(e).__name__}: {e})") from None
+    if WORKBOOK not in book.sheetnames:
+        raise BenchmarkDataError(f"{path}: has no sheet {WORKBOOK!r} (sheets: {book.sheetnames}); SysBench's "
+                                 "*_analysis.xlsx lists every judged turn there")
+    rows = book[WORKBOOK].iter_rows(values_only=True)
+    header = list(next(rows, None) or ())
+    missing = [c for c in WORKBOOK_COLUMNS if c not in header]
+    if missing:
+        raise BenchmarkDataError(f"{path} sheet {WORKBOOK}: no column(s) {missing}; the official analysis writes "
+                                 f"{list(WORKBOOK_COLUMNS)}")
+    dialogues: dict[str, SysDialogue] = {}
+    rounds: dict[str, list] = {}
+    for n, row in enumerate(rows, start=2):
+        if all(v is None for v in row):
+            continue
+        r = dict(zip(header, row))
+        sid = str(r["system_id"])
+        w = f"{path} sheet {WORKBOOK} row {n} (system_id {sid})"
+        verdicts, types = [], []
+        for line in str(r["评判结果"] or "").split("\n"):
+            m = RESULT_LINE.fullmatch(line.strip())
+            if m is None:
+                raise BenchmarkDataError(f"{w}: 评判结果 line {line!r} is not '<id>. <type> | <verdict>'")
+            verdicts.append(_verdict(m[3], f"{w} criterion {m[1]}"))
+            types.append(m[2])
+        usable = NO not in verdicts
+        if r["是否可用"] not in (0, 1) or bool(r["是否可用"]) != usable:
+            raise BenchmarkDataError(f"{w}: 是否可用 is {r['是否可用']!r} but the verdicts {verdicts} make it "
+                                     f"{int(usable)} (1 unless a verdict is 否)")
+        if not isinstance(r["multi_rounds_related"], bool):
+            raise BenchmarkDataError(f"{w}: multi_rounds_related is {r['multi_rounds_related']!r}, not TRUE or FALSE")
+        d = dialogues.setdefault(sid, SysDialogue(sid, [], r["multi_rounds_related"], r.get("领域"), r.get("场景")))
+        d.turns.append(SysTurn(str(r["prompt"]), verdicts, types, str(r["alignment"])))
+        rounds.setdefault(sid, []).append(r["round_index"])
+    if not dialogues:
+        raise BenchmarkDataError(f"{path} sheet {WORKBOOK}: no judged turns")
+    for sid, d in dialogues.items():
+        if sorted(rounds[sid]) != list(range(1, len(d.turns) + 1)):
+            raise BenchmarkDataError(f"{path} sheet {WORKBOOK} system_id {sid}: round_index {rounds[sid]} is not "
+                                     f"1..{len(d.turns)}")
+        d.turns = [t for _, t in sorted(zip(rounds[sid], d.turns), key=lambda p: p[0])]
+    return list(dialogues.values())
 
 
 def _report(out_dir: Path, name: str, metrics: dict, markdown: str) -> dict:
@@ -277,7 +372,12 @@ def run_sysbench(data: str | Path, out_dir: str | Path, generator, judge, histor
 
 
 def score_sysbench_judged(path: str | Path, out_dir: str | Path) -> dict:
-    metrics = sysbench_metrics(parse_sysbench_judged(_load_array(path), str(path)))
+    """The official eval script's JSON, ours, or a published *_analysis.xlsx (told apart by content)."""
+    if Path(path).is_file() and is_workbook(path):
+        dialogues = read_sysbench_workbook(path)
+    else:
+        dialogues = parse_sysbench_judged(_load_array(path), str(path))
+    metrics = sysbench_metrics(dialogues)
     metrics["setup"] = {"judged": str(path)}
     return _report(Path(out_dir), "sysbench", metrics, sysbench_markdown(metrics, f"SysBench ({Path(path).name})"))
 
@@ -285,6 +385,7 @@ def score_sysbench_judged(path: str | Path, out_dir: str | Path) -> dict:
 # ================================================================ CFBench
 def load_cfbench(path: str | Path, limit: int | None = None) -> list[dict]:
     items = _load_array(path)[:limit]
+    _not_the_other_benchmark(items, "CFBench", path)
     for n, it in enumerate(items):
         w = f"{path} item idx {it.get('idx', n)}"
         for key in ("prompt", "split", "criteria"):
@@ -302,6 +403,7 @@ def _cf_criteria(item: dict) -> list[Criterion]:
 
 
 def parse_cfbench_judged(items: list[dict], where: str = "judged file") -> list[CFItem]:
+    _not_the_other_benchmark(items, "CFBench", where)
     out = []
     for n, it in enumerate(items):
         idx = it.get("idx", n)
@@ -370,6 +472,7 @@ __all__ = [
     "load_sysbench",
     "parse_cfbench_judged",
     "parse_sysbench_judged",
+    "read_sysbench_workbook",
     "run_cfbench",
     "run_sysbench",
     "score_cfbench_judged",

@@ -3,13 +3,17 @@
 Definitions (docs/align.md states them with the papers' wording and the official scorers' code):
 
 SysBench (Qin et al. 2024, arXiv:2408.10943). A dialogue = a system message + T user turns
-(T = 5); each user turn is one *instruction* with m >= 1 checklist *constraints*; s_ij in {0, 1}.
-    CSR  = 1/N sum_i (1/m_i sum_j s_ij)             mean over instructions of the satisfied fraction
-    ISR  = 1/N sum_i prod_j s_ij                    fraction of instructions with every constraint met
-    SSR  = 1/D sum_d (c_d / T_d)                    c_d = consecutive fully satisfied turns from turn 1
-    CSR_micro = sum s_ij / sum m_i                  constraint-level rate (the "total" column of the
-                                                    official scorer's per-constraint-type sheet)
-    turn t: rate (instructions at turn t met) and continuous rate (dialogues whose turns 1..t all met)
+(T = 5); each user turn is one *instruction* with a checklist of *constraints*, each judged 是
+(met), 否 (not met) or, from the official GPT-4o judge, another word (不适用, 无法判断, 部分, ...).
+The figures are the ones the benchmark publishes (its analysis code's sheets and plotting code):
+    CSR  = constraints judged 是 / all constraints     any other verdict counts as not met
+    ISR  = instructions with no 否 / all instructions  the official "usable" flag (是否可用): a verdict
+                                                       such as 不适用 does not fail an instruction
+    SSR  = 1/D sum_d (c_d / T_d)                       c_d = consecutive usable turns from turn 1
+    CSR_per_instruction = mean over instructions of the fraction judged 是 (the paper's formula;
+                                                       its tables print the constraint-level CSR)
+    turn t: ISR at turn t and the dialogues whose turns 1..t are all usable; `all_yes` and
+    `all_yes_continuous` use the analysis sheets' stricter per-turn rule (every verdict 是).
 
 CFBench (Zhang et al. 2024, arXiv:2408.01122). An item = one instruction with n >= 1 criteria,
 each `[text, priority, type, subtype]`, priority primary ("主需") or secondary ("次需").
@@ -31,6 +35,11 @@ from dataclasses import dataclass, field
 # SysBench's six constraint types (criteria_type) and the names its paper uses
 SYSBENCH_TYPES = {"动作约束": "action", "内容约束": "content", "背景约束": "background",
                   "角色约束": "role", "格式约束": "format", "风格约束": "style"}
+YES, NO = "是", "否"
+# the official GPT-4o judge's other verdicts, as found in the published workbooks: not met for the
+# CSR, yet no failure of the instruction (the official code fails an instruction on 否 only)
+OTHER_VERDICTS = ("不适用", "无法判断", "无法评判", "部分", "部分是", "忽略")
+VERDICTS = (YES, NO, *OTHER_VERDICTS)
 PRIMARY = {"主需", "primary", "main"}
 SECONDARY = {"次需", "secondary"}
 
@@ -52,9 +61,21 @@ def _r2(x: float) -> float:
 @dataclass
 class SysTurn:
     prompt: str
-    satisfied: list[bool]                   # one per constraint, in criteria-id order
+    verdicts: list[str]                     # one of VERDICTS per constraint, in criteria-id order
     types: list[str]                        # constraint type per constraint
     alignment: str = "unknown"              # "align" | "misalign" (user turn vs system message)
+
+    @property
+    def met(self) -> int:
+        return sum(v == YES for v in self.verdicts)
+
+    @property
+    def usable(self) -> bool:
+        return NO not in self.verdicts
+
+    @property
+    def all_yes(self) -> bool:
+        return all(v == YES for v in self.verdicts)
 
 
 @dataclass
@@ -66,74 +87,81 @@ class SysDialogue:
     scene: str | None = None
 
 
-def _dialogue_stats(d: SysDialogue) -> tuple[list[float], list[int], int]:
-    """(per-turn satisfied fraction, per-turn all-met flag, consecutive met turns from turn 1)."""
-    if not d.turns:
-        raise MetricError(f"SysBench dialogue {d.system_id}: no judged turns")
-    csr, isr = [], []
-    for t, turn in enumerate(d.turns, 1):
-        if not turn.satisfied:
-            raise MetricError(f"SysBench dialogue {d.system_id} turn {t}: empty constraint checklist")
-        csr.append(sum(turn.satisfied) / len(turn.satisfied))
-        isr.append(int(all(turn.satisfied)))
-    streak = 0
-    for ok in isr:
+def _streak(flags) -> int:
+    """Turns from turn 1 up to the first False."""
+    n = 0
+    for ok in flags:
         if not ok:
             break
-        streak += 1
-    return csr, isr, streak
+        n += 1
+    return n
+
+
+def _checked(d: SysDialogue) -> SysDialogue:
+    if not d.turns:
+        raise MetricError(f"SysBench dialogue {d.system_id}: no judged turns")
+    for t, turn in enumerate(d.turns, 1):
+        if not turn.verdicts:
+            raise MetricError(f"SysBench dialogue {d.system_id} turn {t}: empty constraint checklist")
+    return d
 
 
 def _sys_summary(dialogues: list[SysDialogue]) -> dict:
-    csr, isr, ssr = [], [], []
-    sat = total = 0
+    turns = [t for d in dialogues for t in _checked(d).turns]
+    met, total = sum(t.met for t in turns), sum(len(t.verdicts) for t in turns)
+    return {"CSR": met / total if total else None,
+            "ISR": _mean(int(t.usable) for t in turns),
+            "SSR": _mean(_streak(t.usable for t in d.turns) / len(d.turns) for d in dialogues),
+            "CSR_per_instruction": _mean(t.met / len(t.verdicts) for t in turns),
+            "dialogues": len(dialogues), "instructions": len(turns), "constraints": total}
+
+
+def _by_turn(dialogues: list[SysDialogue]) -> dict:
+    out = {}
+    for t in range(max(len(d.turns) for d in dialogues)):
+        ds = [d for d in dialogues if len(d.turns) > t]
+        out[str(t + 1)] = {
+            "ISR": _mean(int(d.turns[t].usable) for d in ds),
+            "continuous": _mean(int(_streak(x.usable for x in d.turns) > t) for d in ds),
+            "all_yes": _mean(int(d.turns[t].all_yes) for d in ds),
+            "all_yes_continuous": _mean(int(_streak(x.all_yes for x in d.turns) > t) for d in ds),
+            "n": len(ds)}
+    return out
+
+
+def _by_alignment(dialogues: list[SysDialogue]) -> dict:
+    groups = defaultdict(list)
     for d in dialogues:
-        c, i, streak = _dialogue_stats(d)
-        csr += c
-        isr += i
-        ssr.append(streak / len(d.turns))
-        sat += sum(sum(t.satisfied) for t in d.turns)
-        total += sum(len(t.satisfied) for t in d.turns)
-    return {"CSR": _mean(csr), "ISR": _mean(isr), "SSR": _mean(ssr), "CSR_micro": sat / total if total else None,
-            "dialogues": len(dialogues), "instructions": len(csr), "constraints": total}
+        for turn in d.turns:
+            groups[turn.alignment].append(turn)
+    return {k: {"CSR": sum(t.met for t in ts) / sum(len(t.verdicts) for t in ts),
+                "ISR": _mean(int(t.usable) for t in ts), "instructions": len(ts)}
+            for k, ts in sorted(groups.items())}
 
 
 def sysbench_metrics(dialogues: list[SysDialogue]) -> dict:
-    """Overall CSR/ISR/SSR plus breakdowns by turn, alignment, dependent/parallel dialogues,
-    constraint type and domain."""
+    """Overall CSR/ISR/SSR plus breakdowns by turn, alignment, dependent/parallel dialogues (each
+    again by turn and alignment, as the official sheets), constraint type, domain, and the count
+    of each verdict."""
     if not dialogues:
         raise MetricError("SysBench: no judged dialogues to score")
-    out = {"overall": _sys_summary(dialogues)}
-
-    turns = max(len(d.turns) for d in dialogues)
-    by_turn = {}
-    for t in range(turns):
-        met = [int(all(d.turns[t].satisfied)) for d in dialogues if len(d.turns) > t]
-        cont = [int(_dialogue_stats(d)[2] > t) for d in dialogues if len(d.turns) > t]
-        by_turn[str(t + 1)] = {"ISR": _mean(met), "continuous": _mean(cont), "n": len(met)}
-    out["by_turn"] = by_turn
-
-    groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for d in dialogues:
-        for turn in d.turns:
-            groups["alignment"][turn.alignment].append(turn)
-    out["by_alignment"] = {
-        k: {"CSR": _mean(sum(t.satisfied) / len(t.satisfied) for t in ts),
-            "ISR": _mean(int(all(t.satisfied)) for t in ts), "instructions": len(ts)}
-        for k, ts in sorted(groups["alignment"].items())}
+    out = {"overall": _sys_summary(dialogues), "by_turn": _by_turn(dialogues), "by_alignment": _by_alignment(dialogues)}
 
     related = defaultdict(list)
     for d in dialogues:
         key = "unknown" if d.rounds_related is None else ("dependent" if d.rounds_related else "parallel")
         related[key].append(d)
-    out["by_dependency"] = {k: _sys_summary(ds) for k, ds in sorted(related.items())}
+    out["by_dependency"] = {k: {**_sys_summary(ds), "by_turn": _by_turn(ds), "by_alignment": _by_alignment(ds)}
+                            for k, ds in sorted(related.items())}
 
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    verdicts: dict[str, int] = defaultdict(int)
     for d in dialogues:
         for turn in d.turns:
-            for ok, kind in zip(turn.satisfied, turn.types):
-                counts[kind][0] += int(ok)
+            for v, kind in zip(turn.verdicts, turn.types):
+                counts[kind][0] += int(v == YES)
                 counts[kind][1] += 1
+                verdicts[v] += 1
     out["by_constraint_type"] = {
         kind: {"name": SYSBENCH_TYPES.get(kind, kind), "satisfied": s, "total": n, "rate": s / n}
         for kind, (s, n) in sorted(counts.items())}
@@ -142,6 +170,7 @@ def sysbench_metrics(dialogues: list[SysDialogue]) -> dict:
     for d in dialogues:
         domains[d.domain or "unknown"].append(d)
     out["by_domain"] = {k: _sys_summary(ds) for k, ds in sorted(domains.items())}
+    out["verdicts"] = {v: verdicts[v] for v in VERDICTS if verdicts[v]}
     return out
 
 
@@ -269,11 +298,14 @@ def _table(header: list[str], rows: list[list]) -> str:
 def sysbench_markdown(m: dict, title: str = "SysBench") -> str:
     o = m["overall"]
     parts = [f"# {title}", "",
-             _table(["CSR", "ISR", "SSR", "CSR (constraint-level)", "dialogues", "instructions", "constraints"],
-                    [[o[k] for k in ("CSR", "ISR", "SSR", "CSR_micro", "dialogues", "instructions", "constraints")]]),
+             _table(["CSR", "ISR", "SSR", "CSR per instruction", "dialogues", "instructions", "constraints"],
+                    [[o[k] for k in ("CSR", "ISR", "SSR", "CSR_per_instruction", "dialogues", "instructions",
+                                     "constraints")]]),
+             "", "Verdicts: " + ", ".join(f"{v} {n}" for v, n in m["verdicts"].items()),
              "", "## By turn", "",
-             _table(["turn", "ISR at turn", "turns 1..t all met", "n"],
-                    [[t, r["ISR"], r["continuous"], r["n"]] for t, r in m["by_turn"].items()]),
+             _table(["turn", "ISR at turn", "turns 1..t usable", "all 是 at turn", "turns 1..t all 是", "n"],
+                    [[t, r["ISR"], r["continuous"], r["all_yes"], r["all_yes_continuous"], r["n"]]
+                     for t, r in m["by_turn"].items()]),
              "", "## By alignment with the system message", "",
              _table(["alignment", "CSR", "ISR", "instructions"],
                     [[k, r["CSR"], r["ISR"], r["instructions"]] for k, r in m["by_alignment"].items()]),

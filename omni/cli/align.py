@@ -15,6 +15,7 @@ ALIGN_EPILOG = """examples:
   omni align rm omni/align/configs/tiny_rm.yaml --out runs/align/rm
   omni align eval sysbench --data runs/align/synth/sysbench.json --model runs/align/sft/final --out runs/align/eval
   omni align eval cfbench --judged gpt4o_eval.json --out runs/align/eval     # score official judged outputs
+  omni align eval sysbench --judged gpt4o_analysis.xlsx --out runs/align/eval  # a published SysBench workbook
   omni align pas build --prompts prompts.jsonl --generator http://127.0.0.1:8000/v1 --out runs/align/pas
   omni align pas augment runs/align/pas-model/final --prompt "what is two plus three ?"
 docs/align.md describes every stage, config key and metric.
@@ -79,6 +80,9 @@ def _eval(args) -> None:
 
     if bool(args.judged) == bool(args.data):
         sys.exit("omni align eval: give either --data (answer, judge, score) or --judged (score a judged file)")
+    if args.official_rounding and args.benchmark == "sysbench":
+        sys.exit("omni align eval sysbench: --official-rounding is CFBench's (its scorer rounds each item's scores); "
+                 "SysBench's published figures are unrounded ratios of counts: drop the option")
     if args.judged:
         if args.benchmark == "sysbench":
             m = bench.score_sysbench_judged(args.judged, args.out)
@@ -172,7 +176,8 @@ def add_align_commands(subparsers) -> None:
     p = sub.add_parser("eval", help="SysBench / CFBench: answer, judge and score (or score --judged results)")
     p.add_argument("benchmark", choices=["sysbench", "cfbench"])
     p.add_argument("--data", help="benchmark file in the official layout")
-    p.add_argument("--judged", help="already-judged results in the official output layout: only score them")
+    p.add_argument("--judged", help="already-judged results in the official output layout (SysBench: the eval "
+                   "script's JSON or a published *_analysis.xlsx): only score them")
     p.add_argument("--model", help="model under test: an omni/transformers model folder or an http(s):// endpoint")
     p.add_argument("--endpoint-model", default="default", help="model name sent to an endpoint")
     p.add_argument("--name", help="model name in the reports (default: folder name / endpoint model)")
@@ -183,7 +188,8 @@ def add_align_commands(subparsers) -> None:
     p.add_argument("--judge-endpoint-model", default="default", help="model name sent to a judge endpoint")
     p.add_argument("--undecided", choices=["error", "fail", "skip"], default="error",
                    help="criteria no judge could decide: stop, count as unmet, or leave out")
-    p.add_argument("--official-rounding", action="store_true", help="CFBench: round as the official scorer does")
+    p.add_argument("--official-rounding", action="store_true",
+                   help="CFBench: round as the official scorer does (refused for SysBench)")
     p.add_argument("--limit", type=positive_int, help="at most this many dialogues / items")
     p.add_argument("--max-new-tokens", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=8, help="local models: prompts per generate call")

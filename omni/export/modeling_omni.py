@@ -18,6 +18,11 @@ modules rewritten to relative imports of flattened copies of those modules
 (omni/export/remote_code.py), so the consumer needs torch, transformers, open_clip, whisper and
 PyAV, but not omni.
 
+Attention follows transformers' backend conventions (docs/serving.md): the LM's layers call
+`ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`, `_supports_attention_backend` is set, and
+`forward` hands every extra keyword argument to the LM, so they reach that attention function (an
+engine's own kernel registered with `AttentionInterface.register`, as vLLM's Transformers backend does).
+
 `generate` embeds the prompt (media included) once and hands `inputs_embeds` to the LM's own
 `generate`, exactly as OmniModel.generate does; it returns prompt + new tokens, the usual
 transformers convention for decoder-only models.

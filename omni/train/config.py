@@ -19,6 +19,7 @@ from omni.data.config import DataConfig
 from omni.presets import PRESETS
 from omni.train.engines import ENGINES, ZERO_STAGES
 from omni.train.optim import OptimConfig
+from omni.train.trackers import check_trackers
 
 
 @dataclass
@@ -46,12 +47,14 @@ class LogConfig:
     profile: bool = False               # add tokens, tokens/s, model TFLOP/s and MFU to the metrics (omni/train/flops.py)
     peak_tflops: float = 0.0            # per-device peak for MFU; 0: look the GPU up by name (none on CPU)
     samples: bool = False               # samples.jsonl: every step's raw samples (position, key and shard)
+    trackers: list[str] = field(default_factory=list)  # also log to tensorboard, wandb (omni/train/trackers.py)
 
     def __post_init__(self):
         if self.interval < 1:
             raise ConfigError("log.interval must be >= 1")
         if self.peak_tflops < 0:
             raise ConfigError("log.peak_tflops must be >= 0 (0: from the GPU's name)")
+        check_trackers(self.trackers)
 
 
 @dataclass

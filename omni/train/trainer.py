@@ -43,6 +43,7 @@ from omni.train.config import StageConfig
 from omni.train.engines import build_engine, write_engine_config
 from omni.train.flops import FlopCounter, peak_tflops
 from omni.train.optim import set_trainable
+from omni.train.trackers import Trackers
 
 log = logging.getLogger(__name__)
 FINAL = "final"
@@ -135,6 +136,8 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
              cfg.batch.micro_batch, cfg.batch.grad_accum, engine.description,
              f", {len(evals)} held-out records" if evals else "")
 
+    trackers = Trackers(cfg.log.trackers if world.main else [], out_dir, cfg.name, to_dict(cfg), step)
+
     def evaluate(at: int) -> dict:
         """Each rank scores every world-th held-out record and the shares' results are merged
         (engines that shard per module in lockstep: `_score_share`). Rank 0 writes."""
@@ -149,6 +152,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
         if world.main:
             with open(out_dir / EVALS, "a") as f:
                 f.write(json.dumps(result) + "\n")
+        trackers.log(at, "eval", result)
         return result
 
     first = None
@@ -222,6 +226,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
                     metrics.flush()
                     if not progress:  # the bar shows the loss; without it, a console line
                         log.info("%s step %d/%d loss %.4f lr %.2e", cfg.name, step, cfg.steps, row["loss"], row["lr"])
+                trackers.log(step, "train", row)
                 window, window_tokens, window_flops = [], 0, 0.0
                 window_t0 = time.time()
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps and evals:
@@ -240,6 +245,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
         log.warning("stage %s skipped %d bad samples of %d", cfg.name, counter.skipped,
                     counter.skipped + counter.good)
     last = evaluate(step) if evals else None
+    trackers.close()
     if world.main and evals:
         (out_dir / "eval.json").write_text(json.dumps({"before": first, "after": last}, indent=2))
     full = engine.full_state_dict()  # every rank takes part in gathering a sharded model

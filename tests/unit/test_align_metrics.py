@@ -33,31 +33,32 @@ B = [([1, 1, 1], ["背景约束", "格式约束", "格式约束"], "align"),
 
 def _dialogues():
     def turns(spec, tag):
-        return [SysTurn(f"{tag} question {i}", [bool(s) for s in sat], types, al)
+        return [SysTurn(f"{tag} question {i}", ["是" if s else "否" for s in sat], types, al)
                 for i, (sat, types, al) in enumerate(spec)]
     return [SysDialogue("A", turns(A, "A"), True, "edu"), SysDialogue("B", turns(B, "B"), False, "law")]
 
 
 def _check_sysbench(m):
     o = m["overall"]
-    # CSR: mean over the 6 instructions of the satisfied fraction = (1 + 2/3 + 1 + 1 + 1 + 1/2) / 6
-    assert o["CSR"] == pytest.approx(31 / 36)
+    assert o["CSR"] == pytest.approx(10 / 12)                # constraint level: 10 of 12 met (the published CSR)
+    assert o["CSR_per_instruction"] == pytest.approx(31 / 36)  # (1 + 2/3 + 1 + 1 + 1 + 1/2) / 6
     assert o["ISR"] == pytest.approx(4 / 6)                  # instructions with every constraint met
     assert o["SSR"] == pytest.approx((1 / 3 + 2 / 3) / 2)    # A: 1 of 3 turns before the first miss, B: 2 of 3
-    assert o["CSR_micro"] == pytest.approx(10 / 12)          # constraint level: 10 of 12 met
     assert (o["dialogues"], o["instructions"], o["constraints"]) == (2, 6, 12)
-    assert m["by_turn"]["1"] == {"ISR": 1.0, "continuous": 1.0, "n": 2}
-    assert m["by_turn"]["2"] == {"ISR": 0.5, "continuous": 0.5, "n": 2}
-    assert m["by_turn"]["3"] == {"ISR": 0.5, "continuous": 0.0, "n": 2}
+    # with 是/否 only, the analysis sheets' stricter all-是 rule agrees with the usable one
+    assert m["by_turn"]["1"] == {"ISR": 1.0, "continuous": 1.0, "all_yes": 1.0, "all_yes_continuous": 1.0, "n": 2}
+    assert m["by_turn"]["2"] == {"ISR": 0.5, "continuous": 0.5, "all_yes": 0.5, "all_yes_continuous": 0.5, "n": 2}
+    assert m["by_turn"]["3"] == {"ISR": 0.5, "continuous": 0.0, "all_yes": 0.5, "all_yes_continuous": 0.0, "n": 2}
     assert m["by_alignment"]["align"] == {"CSR": 1.0, "ISR": 1.0, "instructions": 4}
-    assert m["by_alignment"]["misalign"]["CSR"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["by_alignment"]["misalign"]["CSR"] == pytest.approx(3 / 5)
     assert m["by_alignment"]["misalign"]["ISR"] == 0.0
+    assert m["verdicts"] == {"是": 10, "否": 2}
     rates = {k: (v["satisfied"], v["total"]) for k, v in m["by_constraint_type"].items()}
     assert rates == {"格式约束": (3, 4), "内容约束": (1, 2), "动作约束": (2, 2), "风格约束": (1, 1),
                      "角色约束": (2, 2), "背景约束": (1, 1)}
     assert m["by_constraint_type"]["格式约束"]["name"] == "format"
     dep, par = m["by_dependency"]["dependent"], m["by_dependency"]["parallel"]
-    assert (dep["CSR"], dep["ISR"], dep["SSR"]) == pytest.approx((8 / 9, 2 / 3, 1 / 3))
+    assert (dep["CSR"], dep["ISR"], dep["SSR"]) == pytest.approx((5 / 6, 2 / 3, 1 / 3))
     assert (par["CSR"], par["ISR"], par["SSR"]) == pytest.approx((5 / 6, 2 / 3, 2 / 3))
     assert set(m["by_domain"]) == {"edu", "law"}
 
@@ -91,7 +92,7 @@ def test_sysbench_judged_file_in_the_official_layout(tmp_path):
     path.write_text(json.dumps(_official_sysbench_records(), ensure_ascii=False))
     m = score_sysbench_judged(path, tmp_path / "out")
     _check_sysbench(m)
-    assert json.loads((tmp_path / "out/sysbench_metrics.json").read_text())["overall"]["CSR"] == pytest.approx(31 / 36)
+    assert json.loads((tmp_path / "out/sysbench_metrics.json").read_text())["overall"]["CSR"] == pytest.approx(10 / 12)
     md = (tmp_path / "out/sysbench.md").read_text()
     assert "| CSR | ISR | SSR |" in md and "0.8611" in md
 
