@@ -8,10 +8,14 @@ EVAL_SETS = image_colour,video_colour_change,audio_note,image_audio_side,text_ar
 MIN_GAIN = 0.5
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.omni-installed
+# lmms-eval needs av<16 (omni: 18) and python-dateutil<3 (ours: 4), so it gets its own environment with omni in it (docs/eval.md)
+EVAL_VENV  = .venv-eval
+EVAL_STAMP = $(EVAL_VENV)/.omni-installed
+LMMS_EVAL  = 0.7.3
 
 BROWSER = /usr/bin/chromium
 
-.PHONY: setup browser quickstart test lock clean
+.PHONY: setup eval-env browser quickstart test lock lock-eval clean
 
 setup: $(STAMP)
 
@@ -20,6 +24,15 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# requirements-eval.lock (requirements.lock's versions but av and python-dateutil, plus lmms-eval); omni without its pins.
+eval-env: $(EVAL_STAMP)
+
+$(EVAL_STAMP): requirements-eval.lock pyproject.toml
+	test -x $(EVAL_VENV)/bin/python || $(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/python -m pip install --quiet -r requirements-eval.lock
+	$(EVAL_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(EVAL_STAMP)
 
 # Debian's Chromium drives the demo's browser tests (Playwright's own browser download does not
 # work offline); without it those tests skip and say why.
@@ -33,7 +46,7 @@ quickstart: setup
 	$(BIN)/omni schedule stages/tiny/schedule.yaml --out $(OUT) data.manifest=$(OUT)/synth/manifest.yaml
 	$(BIN)/omni eval $(OUT)/final --data $(OUT)/synth/manifest.yaml --out $(OUT) --datasets $(EVAL_SETS) --min-gain $(MIN_GAIN)
 
-test: setup browser
+test: setup eval-env browser
 	$(BIN)/python -m pytest -q tests
 
 # Resolve pyproject's pins (+ test, track and bench extras) in a throw-away venv and record every version.
@@ -42,6 +55,15 @@ lock:
 	.venv-lock/bin/python -m pip install --quiet -e '.[test,track,bench]'
 	(echo '# Exact versions the CPU install is tested with. Regenerate with `make lock`.'; \
 	 .venv-lock/bin/python -m pip freeze --exclude-editable) > requirements.lock
+	rm -rf .venv-lock
+
+# The eval environment's versions: requirements.lock's, except av and python-dateutil, which lmms-eval resolves.
+lock-eval:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	grep -v -E '^(av|python-dateutil)==' requirements.lock > .venv-lock/base.txt
+	.venv-lock/bin/python -m pip install --quiet -r .venv-lock/base.txt lmms-eval==$(LMMS_EVAL)
+	(echo '# Exact versions of the lmms-eval environment (make eval-env). Regenerate with `make lock-eval`.'; \
+	 .venv-lock/bin/python -m pip freeze --exclude-editable) > requirements-eval.lock
 	rm -rf .venv-lock
 
 clean:

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from omni.data.loader import SkipCounter, decode_sample, split_stream, where
-from omni.data.manifest import load_manifest
+from omni.data.manifest import DatasetEntry, load_manifest
 from omni.errors import SampleError
 from omni.model.generate import LocalGenerator
 
@@ -21,6 +21,12 @@ EVAL_FILE = "eval.json"
 
 def _normalise(text: str) -> str:
     return " ".join(text.lower().replace(" .", ".").split()).strip(" .")
+
+
+def answer_matches(said: str, reference: str) -> bool:
+    """The accuracy rule of `omni eval` (and of its lmms-eval tasks): equal up to case, spacing and a
+    final full stop."""
+    return _normalise(said) == _normalise(reference)
 
 
 def _answer(meta: dict, messages: list[dict]) -> str:
@@ -46,7 +52,7 @@ def answers_correct(generator: LocalGenerator, samples: list[tuple], blank: bool
         if not examples:
             continue
         answers = generator.generate(examples, max_new_tokens)
-        results += [_normalise(said) == _normalise(answer) for said, answer in zip(answers, kept)]
+        results += [answer_matches(said, answer) for said, answer in zip(answers, kept)]
     return results
 
 
@@ -57,6 +63,22 @@ def _sample(raw: dict) -> tuple:
         raise SampleError(f"{where(raw)}: field 'json.messages' is empty")
     prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
     return prompt, media, _answer(meta, messages), where(raw)
+
+
+def held_out_samples(entry: DatasetEntry, counter: SkipCounter, limit: int | None = None) -> list[tuple]:
+    """The first `limit` usable samples of one dataset in shard order, as `_sample` tuples; a bad one
+    is counted in `counter` and named in the log. `omni eval` scores these and `omni data lmms-task`
+    writes these, so both see the same items."""
+    samples = []
+    for raw in split_stream(entry, counter):
+        try:
+            samples.append(_sample(raw))
+        except Exception as e:  # noqa: BLE001 - counted and named, like training
+            counter.skip(where(raw), e)
+            continue
+        if limit and len(samples) >= limit:
+            break
+    return samples
 
 
 def evaluate(model_dir: str | Path, manifest_path: str | Path, split: str = "val",
@@ -74,15 +96,7 @@ def evaluate(model_dir: str | Path, manifest_path: str | Path, split: str = "val
         if keys.count(key) > 1:
             key = entry.name
         counter = SkipCounter(max_fraction=0.5, min_seen=10)
-        samples = []
-        for raw in split_stream(entry, counter):
-            try:
-                samples.append(_sample(raw))
-            except Exception as e:  # noqa: BLE001 - counted and named, like training
-                counter.skip(where(raw), e)
-                continue
-            if limit and len(samples) >= limit:
-                break
+        samples = held_out_samples(entry, counter, limit)
         refused: dict[str, Exception] = {}
         accuracy = {}
         for blank in (False, True):  # the blanked pass runs on the samples the first one took

@@ -1,4 +1,4 @@
-"""`omni data build | dedup | reweight | stats`: registered on the `omni` parser by `add_data_commands`."""
+"""`omni data build | dedup | reweight | stats | lmms-task`: registered on the `omni` parser by `add_data_commands`."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,8 @@ DATA_EPILOG = """examples:
   omni data dedup cur/manifest.yaml --out cur_dedup/
   omni data reweight cur_dedup/manifest.yaml --out cur_rw/ --by cluster --clusters 16 --alpha 0.5
   omni data stats cur_rw/manifest.yaml --out cur_rw/stats --preset 7b
-docs/curation.md describes formats, outputs and every option.
+  omni data lmms-task runs/quickstart/synth/manifest.yaml --out runs/lmms-tasks --limit 50
+docs/curation.md describes formats, outputs and every option; docs/eval.md the lmms-eval tasks.
 """
 
 
@@ -98,10 +99,21 @@ def _stats(args) -> None:
     print(f"\nwrote {result.table_file}, {result.json_file}, {result.png_file}")
 
 
+def _lmms_task(args) -> None:
+    from omni.integrations.lmms_task import write_tasks
+
+    written = write_tasks(args.manifest, args.out, split=args.split, datasets=_names(args.datasets),
+                          limit=args.limit, max_new_tokens=args.max_new_tokens)
+    for task, n in written.tasks.items():
+        print(f"{task:<32}{n:>6} items")
+    print(f"lmms-eval --model omni --model_args pretrained=MODEL_DIR --include_path {written.folder} "
+          f"--tasks {','.join(written.tasks)}")
+
+
 def add_data_commands(subparsers) -> argparse.ArgumentParser:
     """Register `data` with its verbs on the `omni` subparsers (each verb sets `func`)."""
     data = subparsers.add_parser(
-        "data", help="curate raw data into shards: build, dedup, reweight, stats",
+        "data", help="curate raw data into shards: build, dedup, reweight, stats; lmms-task",
         description="Turn raw media + text into clean, deduplicated, weighted WebDataset shards.",
         epilog=DATA_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = data.add_subparsers(dest="data_command", required=True, metavar="VERB")
@@ -186,4 +198,13 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--datasets", help="comma-separated dataset names")
     p.add_argument("--limit", type=positive_int, help="at most this many samples per dataset")
     p.set_defaults(func=lambda a: _run("stats", _stats, a))
+
+    p = verbs.add_parser("lmms-task", help="held-out samples as local lmms-eval tasks (the items omni eval scores)")
+    p.add_argument("manifest", help="manifest YAML")
+    p.add_argument("--out", required=True, help="folder for the task YAMLs, items (JSONL) and media files")
+    p.add_argument("--split", default="val")
+    p.add_argument("--datasets", help="comma-separated dataset names (default: the whole split)")
+    p.add_argument("--limit", type=positive_int, help="at most this many samples per dataset (as omni eval --limit)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="answer length (omni eval's: 8)")
+    p.set_defaults(func=lambda a: _run("lmms-task", _lmms_task, a))
     return data

@@ -24,7 +24,7 @@ LAYERS = [
     ("omni.align",),
     ("omni.train",),
     ("omni.inference", "omni.eval", "omni.plan"),
-    ("omni.export", "omni.demo"),
+    ("omni.export", "omni.demo", "omni.integrations"),
     ("omni.cli",),
 ]
 
