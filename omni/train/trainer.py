@@ -172,10 +172,11 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
                   (cfg.steps - step) * cfg.batch.grad_accum, cfg.data.prefetch)
     try:
         while step < cfg.steps:
-            batches, fill = [], 0.0
+            batches, fill, taken = [], 0.0, []
             for _ in range(cfg.batch.grad_accum):
                 micro = feed.next()
                 batch = micro.batch
+                taken += micro.taken
                 if 0 < cfg.batch.tokens_per_pack < batch.input_ids.shape[1] and not over_budget:
                     over_budget = True  # said once: the memory plan assumed rows of tokens_per_pack tokens
                     log.warning("stage %s: a packed micro-batch of %d tokens exceeds batch.tokens_per_pack=%d, the row "
@@ -208,7 +209,6 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
             grad_norm = engine.step()
             step += 1
             window.append({"loss": total, "fill": fill, **stats})
-            taken = micro.taken
             if cfg.log.samples:
                 _log_samples(samples_log, step, world.gather(taken))
             bar.update(1)
