@@ -26,6 +26,8 @@ class DataConfig:
     workers: int = 0                    # partition shard: DataLoader decode processes per rank (0: decode inline)
     resample: bool = True               # partition shard: endless resampled mixture; false: epochs over each
                                         # dataset's shards, split by node and worker, reshuffled per epoch
+    prefetch: int = 2                   # micro-batches made ahead in a background thread while the step runs
+                                        # (0: each made when the step asks); the same items in the same order
 
     eval: str | None = None             # held-out records (same sources as `records`); None: no held-out eval
     eval_split: str = "val"             # manifest split read for `eval`
@@ -41,6 +43,8 @@ class DataConfig:
             raise ConfigError("data.eval_limit must be >= 0 (0: all)")
         if any(w <= 0 for w in self.datasets.values()):
             raise ConfigError(f"data.datasets: weights must be > 0, got {self.datasets}")
+        if self.prefetch < 0:
+            raise ConfigError("data.prefetch must be >= 0 (0: make each micro-batch when the step asks)")
         if self.workers < 0:
             raise ConfigError("data.workers must be >= 0")
         if self.partition != "shard" and (self.workers or not self.resample):

@@ -24,6 +24,7 @@ import itertools
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import webdataset as wds
@@ -72,9 +73,11 @@ class SequentialStream(Stream):
     done) that holds for any number of processes: a resume passes over the first `frontier` samples
     and never consumes a position in `done`, so no sample is trained on twice or left out."""
 
-    def __init__(self, samples: Iterator, make: Callable[[Any], Any], counter: SkipCounter, rank: int = 0,
-                 world_size: int = 1):
-        self.samples, self.make, self.counter = samples, make, counter
+    def __init__(self, samples: Callable[[int], Iterator], make: Callable[[Any], Any], counter: SkipCounter,
+                 rank: int = 0, world_size: int = 1):
+        """`samples(start)`: the sequence from position `start` on (a resume starts past its frontier)."""
+        self.samples_from, self.make, self.counter = samples, make, counter
+        self.samples: Iterator | None = None
         self.rank, self.world_size = rank, world_size
         self._read = 0                                  # positions read from `samples`
         self._frontier, self._done = 0, frozenset()     # consumed before the run this one resumes
@@ -90,6 +93,8 @@ class SequentialStream(Stream):
         return n % self.world_size == self.rank and n >= self._frontier and n not in self._done
 
     def take(self, k: int) -> list:
+        if self.samples is None:
+            self.samples = self.samples_from(self._read)
         out = []
         while len(out) < k:
             n, sample = self._read, next(self.samples)
@@ -116,13 +121,12 @@ class SequentialStream(Stream):
                 "done": sorted(self._done), "next": max(self._next, self._frontier)}
 
     def restore(self, states: list) -> None:
-        if self._read:
+        if self.samples is not None:
             raise RuntimeError("SequentialStream.restore must come before the first take")
         frontier, done = merged_position(states)
         self._frontier, self._done, self._next = frontier, frozenset(done), frontier
-        for _ in range(frontier):  # passed over unmade, as when they were first read
-            next(self.samples)
         self._read = frontier
+        self.samples = self.samples_from(frontier)  # here: a replay's bad reads fall in counter.replaying
         # what the ranks consumed before counts once, on rank 0: the metrics' sum stays right
         self._consumed = frontier + len(done) if self.rank == 0 else 0
 
@@ -168,14 +172,18 @@ class RecordStream(SequentialStream):
                  rank: int = 0, world_size: int = 1):
         if not records:
             raise AlignDataError("no training records")
-        super().__init__(_epochs(records, seed), make, counter, rank, world_size)
+        super().__init__(partial(_epochs, records, seed), make, counter, rank, world_size)
 
 
-def _epochs(records: list, seed: int) -> Iterator:
-    for epoch in itertools.count():
+def _epochs(records: list, seed: int, start: int = 0) -> Iterator:
+    """The records in endless seeded epochs from position `start`: a seek (the epoch's permutation
+    is drawn again, nothing before `start` is read), so a resume costs the same at any step."""
+    first, skip = divmod(start, len(records))
+    for epoch in itertools.count(first):
         order = list(range(len(records)))
         random.Random(seed * 100_003 + epoch).shuffle(order)
-        yield from (records[i] for i in order)
+        yield from (records[i] for i in order[skip:])
+        skip = 0
 
 
 class MixtureStream(SequentialStream):
@@ -186,7 +194,14 @@ class MixtureStream(SequentialStream):
 
     def __init__(self, entries: list[DatasetEntry], weights: list[float], seed: int, shuffle_buffer: int,
                  make: Callable[[dict], Any], counter: SkipCounter, rank: int = 0, world_size: int = 1):
-        samples = mixture_samples(entries, weights, seed, shuffle_buffer, counter.handler)
+        def samples(start: int) -> Iterator[dict]:
+            # the mixture has no index to seek by: its first `start` raw samples are read from the tars
+            # again and passed over undecoded (the shuffle buffers and RNG draws depend on them)
+            out = mixture_samples(entries, weights, seed, shuffle_buffer, counter.handler)
+            for _ in range(start):
+                next(out)
+            return out
+
         super().__init__(samples, make, counter, rank, world_size)
 
 

@@ -11,6 +11,12 @@ window's pixels and gets those rows from the cache, so only the video projector 
 an MLP), the audio tower and the LLM prefill run after the user stops speaking. The model's
 fusion code runs unchanged; a row not in the cache (uploaded images, a frame evicted early) is
 computed then, as without the cache.
+
+Speech is encoded the same way where the audio tower's windows allow: each whisper window
+(`audio.n_ctx` x 20 ms of audio; 1 s on the tiny model, 30 s on the 7B) is log-mel'd and run
+through the audio tower as soon as the recording has filled it (`encode_audio_ahead`), through a
+second `FrameFeatureCache` around the audio tower keyed by the window's log-mel. After the user
+stops only the last, partial window runs. Utterances shorter than one window gain nothing.
 """
 from __future__ import annotations
 
@@ -140,6 +146,8 @@ class DemoEngine:
         self.frame_cache = FrameFeatureCache(self.model.encoders["image"],
                                              cache_frames or 4 * self.video.max_frames)
         self.model.encoders["image"] = self.frame_cache
+        self.audio_cache = FrameFeatureCache(self.model.encoders["audio"], 2 * self.model.config.audio.max_windows)
+        self.model.encoders["audio"] = self.audio_cache
         self._lock = threading.Lock()
         self._steps: list[float] = []      # one time stamp per LLM forward = per generated token
         self._prompt_len = 0
@@ -170,6 +178,22 @@ class DemoEngine:
         t0 = time.perf_counter()
         pixels = self.processor.pixels([frame.convert("RGB")]).to(self.generator.device, self.generator.dtype)
         self.frame_cache.encode_ahead(pixels)
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def encode_audio_ahead(self, waveform) -> float:
+        """Run the audio tower now on every whole window of a recording still in progress (16 kHz
+        mono, the waveform the model will read, from its start); returns seconds. The processor
+        cuts each window and computes its log-mel the same way, so the turn finds these rows."""
+        t0 = time.perf_counter()
+        tower = self.audio_cache.tower
+        windows = [w for w in tower.split_windows(waveform) if len(w) == tower.window_samples]
+        windows = windows[:self.model.config.audio.max_windows]
+        if windows:
+            # in the dtype the composition hands the tower (omni/model/composition.py)
+            mels = torch.stack([tower.log_mel(w) for w in windows]).to(self.generator.device,
+                                                                        tower.encoder.conv1.weight.dtype)
+            self.audio_cache.encode_ahead(mels)
         return time.perf_counter() - t0
 
     def stream(self, messages: list[dict], media: dict[str, list], stats: TurnStats, t_input: float,

@@ -24,6 +24,7 @@ from omni.align.objectives import OBJECTIVES
 from omni.align.objectives.base import chunks, merge_shares
 from omni.config import ConfigError, to_dict
 from omni.data.loader import SkipCounter
+from omni.data.prefetch import Feeder
 from omni.data.training import held_out, training_records, training_stream
 from omni.distributed import World
 from omni.modalities import MODALITIES
@@ -166,23 +167,28 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
     t0 = window_t0 = time.time()
     window, window_tokens, window_flops = [], 0, 0.0
     over_budget = False
+    data_wait = "-"  # the last log window's share of time spent waiting for data, on the bar
     metrics = open(out_dir / METRICS, "a") if world.main else None  # noqa: SIM115 - closed in finally
     samples_log = open(out_dir / SAMPLES, "a") if world.main and cfg.log.samples else None  # noqa: SIM115
+    # the step's micro-batches made ahead in a background thread (data.prefetch), the same items in the same order
+    feed = Feeder(stream, counter, objective.collate, lambda b: b.to(world.device), cfg.batch.micro_batch,
+                  (cfg.steps - step) * cfg.batch.grad_accum, cfg.data.prefetch)
     try:
         while step < cfg.steps:
-            batches, fill = [], 0.0
+            batches, fill, taken = [], 0.0, []
             for _ in range(cfg.batch.grad_accum):
-                made = stream.take(cfg.batch.micro_batch)
-                batch, f = objective.collate(made)
+                micro = feed.next()
+                batch = micro.batch
+                taken += micro.taken
                 if 0 < cfg.batch.tokens_per_pack < batch.input_ids.shape[1] and not over_budget:
                     over_budget = True  # said once: the memory plan assumed rows of tokens_per_pack tokens
                     log.warning("stage %s: a packed micro-batch of %d tokens exceeds batch.tokens_per_pack=%d, the row "
                                 "omni plan budgets memory for; raise tokens_per_pack or lower batch.micro_batch",
                                 cfg.name, batch.input_ids.shape[1], cfg.batch.tokens_per_pack)
-                batches.append(batch.to(world.device))
-                fill += f / cfg.batch.grad_accum
+                batches.append(batch)
+                fill += micro.fill / cfg.batch.grad_accum
                 if flops is not None:
-                    lengths = objective.lengths(made)
+                    lengths = objective.lengths(micro.made)
                     window_tokens += sum(lengths)
                     window_flops += flops(lengths, batch.media)
             # every unit of the step (label token, pair) weighs the same, whichever micro-batch or rank
@@ -206,37 +212,41 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
             grad_norm = engine.step()
             step += 1
             window.append({"loss": total, "fill": fill, **stats})
-            taken = stream.taken()
             if cfg.log.samples:
                 _log_samples(samples_log, step, world.gather(taken))
             bar.update(1)
-            bar.set_postfix(loss=f"{total:.3f}")
+            bar.set_postfix(loss=f"{total:.3f}", data_wait=data_wait)
             if step % cfg.log.interval == 0 or step == cfg.steps:
-                samples, skipped = world.sum_all([stream.consumed, counter.skipped])
+                samples, skipped = world.sum_all([micro.consumed, micro.counts[1]])
                 mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                 row = {"stage": cfg.name, "step": step, "loss": mean.pop("loss"),
                        "fill": round(mean.pop("fill"), 4),  # real tokens / batch tokens
                        "lr": engine.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "samples": int(samples), "skipped": int(skipped),
-                       "elapsed_s": round(time.time() - t0, 2), **mean}
+                       "elapsed_s": round(time.time() - t0, 2),
+                       # the share of the window's wall time the step waited for its data
+                       "data_wait": round(feed.wait_s / max(time.time() - window_t0, 1e-9), 4), **mean}
                 if flops is not None:
                     row.update(_throughput(world, window_tokens, window_flops, window_t0, peak))
                 if metrics is not None:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                     if not progress:  # the bar shows the loss; without it, a console line
-                        log.info("%s step %d/%d loss %.4f lr %.2e", cfg.name, step, cfg.steps, row["loss"], row["lr"])
+                        log.info("%s step %d/%d loss %.4f lr %.2e data wait %.1f%%", cfg.name, step, cfg.steps,
+                                 row["loss"], row["lr"], 100 * row["data_wait"])
                 trackers.log(step, "train", row)
                 window, window_tokens, window_flops = [], 0, 0.0
+                feed.wait_s, data_wait = 0.0, f"{row['data_wait']:.1%}"
                 window_t0 = time.time()
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps and evals:
                 evaluate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.steps:
                 paused = time.time()
-                save_resumable(engine, tokenizer, step, world.gather(stream.state()), ckpt_root, cfg.checkpoint.keep,
-                               counters=world.gather(counter.state()), config=to_dict(cfg))
+                save_resumable(engine, tokenizer, step, world.gather(micro.state), ckpt_root, cfg.checkpoint.keep,
+                               counters=world.gather(micro.counts), config=to_dict(cfg))
                 window_t0 += time.time() - paused  # throughput counts training time only
     finally:
+        feed.close()
         bar.close()
         for f in (metrics, samples_log):
             if f is not None:
@@ -258,7 +268,7 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
 
 # config keys a resume may change freely: they shape logging, checkpointing and held-out eval only
 # (and where the first weights came from, which a resume no longer reads)
-FREE_ON_RESUME = ("log.", "checkpoint.", "eval_interval", "data.eval", "init_from", "preset")
+FREE_ON_RESUME = ("log.", "checkpoint.", "eval_interval", "data.eval", "data.prefetch", "init_from", "preset")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

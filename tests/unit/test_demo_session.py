@@ -276,6 +276,30 @@ def test_engine_drops_the_oldest_turns_to_fit_the_context_and_times_the_turn(tin
         list(engine.answer(alone, TurnStats(), time.perf_counter()))
 
 
+def test_engine_encodes_whole_audio_windows_while_the_user_speaks(tiny_model, tmp_path):
+    import time
+
+    from omni.demo.engine import DemoEngine, TurnStats
+    from omni.demo.session import MediaItem
+
+    model, tok = tiny_model
+    model.save_pretrained(tmp_path / "model", tok)
+    engine = DemoEngine(tmp_path / "model", max_new_tokens=4)
+    cache = engine.audio_cache
+    window = cache.tower.window_samples  # 1 s on the tiny model
+    speech = _tone(2.5) + _silence(2.5, noise=0.05)  # noise: no two windows alike (a pure tone repeats each second)
+    for end in range(1600, speech.size + 1, 1600):  # 100 ms microphone chunks, the recording so far each time
+        engine.encode_audio_ahead(speech[:end])
+    assert len(cache._cache) == speech.size // window == 2  # the whole windows, each run once
+    chat = Conversation()
+    chat.add_user("what do you hear?", [MediaItem("audio", speech, "")])
+    ahead = "".join(engine.answer(chat, TurnStats(), time.perf_counter()))
+    assert (cache.hits, cache.misses) == (2, 1)  # after speech only the last, partial window ran
+    cache._cache.clear()
+    assert "".join(engine.answer(chat, TurnStats(), time.perf_counter())) == ahead  # the answer without it
+    assert (cache.hits, cache.misses) == (2, 4)
+
+
 def test_omni_demo_command_and_the_model_it_serves(tmp_path, monkeypatch):
     import argparse
 

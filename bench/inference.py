@@ -1,0 +1,182 @@
+"""Inference latency on the tiny model (random weights, built and saved here), two measurements,
+each alternative side by side in one process, taking turns for `--rounds` rounds (medians):
+
+1. A text+image+audio query through `LocalGenerator` (omni/model/generate.py): time to first
+   token (processor, media encoders, prefill) and decode tokens/s, with the KV cache (the real
+   path: transformers' generate) vs without (each new token re-runs the LLM over the whole
+   sequence; transformers' own `use_cache=False` with an embeddings prompt would drop the prompt
+   after the first step, so the baseline is written out here). Both decode `--tokens` greedy tokens
+   (end tokens suppressed) and the bench checks they are the same tokens.
+2. The demo's real path (omni/demo/engine.py `DemoEngine.answer`): end of speech -> first token for
+   a turn with the camera window (`video.max_frames` frames) and the utterance: everything encoded
+   after speech, vs the frames encoded while the user speaks (`encode_ahead` as each frame
+   arrives), vs frames and every whole audio window encoded while speaking (`encode_audio_ahead`).
+   Next to the wall time it prints the CPU time this process spent from end of speech to the first
+   token (`time.process_time`, all threads): on a machine shared with other jobs the wall time
+   counts their time slices too, the CPU time does not (with `--threads 1` it is the wall time the
+   turn would take on an idle core).
+
+Usage: python bench/inference.py [--rounds 5] [--tokens 32] [--speech-s 3] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from omni.demo.engine import DemoEngine, TurnStats
+from omni.demo.session import Conversation, MediaItem
+from omni.model.generate import LocalGenerator
+from omni.model.load import save_model_dir
+from omni.model.omni_model import OmniModel
+from omni.model.processor import collate
+from omni.presets import build_preset
+
+
+def tiny_model(folder: Path) -> Path:
+    torch.manual_seed(0)
+    model, tokenizer = OmniModel.from_config(build_preset("tiny"))
+    return save_model_dir(model, tokenizer, folder / "tiny")
+
+
+def image(seed: int, size: int = 64) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def speech(seconds: float, seed: int = 0) -> np.ndarray:
+    """A voiced-like 16 kHz waveform (tones + noise): the media policy keeps it (not silence)."""
+    t = np.arange(int(16000 * seconds)) / 16000
+    rng = np.random.default_rng(seed)
+    return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+class Steps:
+    """Time stamps of the LLM's forward calls (one per generated token)."""
+
+    def __init__(self, llm: torch.nn.Module):
+        self.times: list[float] = []
+        llm.register_forward_hook(lambda *a: self.times.append(time.perf_counter()))
+
+
+@torch.no_grad()
+def greedy_no_cache(model, ids: torch.Tensor, media, tokens: int, eos: list[int]) -> list[int]:
+    """Greedy decoding without a KV cache: every step runs the LLM over prompt + tokens so far."""
+    embeds = model.embed(ids, media)
+    table = model.llm.get_input_embeddings()
+    out: list[int] = []
+    for _ in range(tokens):
+        seq = torch.cat([embeds, table(torch.tensor([out], dtype=torch.long))], 1) if out else embeds
+        logits = model.llm(inputs_embeds=seq, use_cache=False).logits[0, -1]
+        logits[eos] = float("-inf")
+        out.append(int(logits.argmax()))
+    return out
+
+
+def kv_cache_vs_none(gen: LocalGenerator, args) -> None:
+    model = gen.model
+    steps = Steps(model.llm)
+    messages = [{"role": "user", "content": "<image> <audio> what do you see and hear?"}]
+    media = {"image": [image(1)], "audio": [speech(args.speech_s)]}
+    runs: dict[str, list[tuple[float, float]]] = {"cache": [], "none": []}
+    tokens: dict[str, list[int]] = {}
+    for r in range(args.rounds + 1):  # round 0 warms up, not counted
+        for mode in ("cache", "none"):
+            steps.times.clear()
+            t0 = time.perf_counter()
+            example = gen.prompt(messages, media, args.tokens)
+            batch = collate([example], gen.tokenizer.pad_token_id, left_pad=True)
+            if mode == "cache":
+                new = gen.model.generate(batch.input_ids, batch.attention_mask, gen._media(batch.media),
+                                         max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                                         suppress_tokens=gen.eos, do_sample=False,
+                                         pad_token_id=gen.tokenizer.pad_token_id)[0].tolist()
+            else:
+                new = greedy_no_cache(model, batch.input_ids, gen._media(batch.media), args.tokens, gen.eos)
+            tokens[mode] = new
+            ttft = steps.times[0] - t0
+            if r:
+                runs[mode].append((ttft, (len(steps.times) - 1) / (steps.times[-1] - steps.times[0])))
+    prompt = len(example.input_ids)
+    (t_c, r_c), (t_n, r_n) = ((statistics.median(r[0] for r in runs[m]), statistics.median(r[1] for r in runs[m]))
+                              for m in ("cache", "none"))
+    print(f"\n1. text+image+audio query, prompt {prompt} tokens, {args.tokens} new tokens "
+          f"(same tokens: {tokens['cache'] == tokens['none']})")
+    print(f"{'':<14} {'TTFT ms':>9} {'decode tok/s':>13} {'ms/token':>9}")
+    print(f"{'KV cache':<14} {t_c * 1000:>9.1f} {r_c:>13.1f} {1000 / r_c:>9.2f}")
+    print(f"{'no cache':<14} {t_n * 1000:>9.1f} {r_n:>13.1f} {1000 / r_n:>9.2f}")
+    print(f"ratio cache/none: TTFT {t_c / t_n:.3f}, time per decoded token {r_n / r_c:.3f}")
+
+
+MODES = {"after": (False, False), "frames ahead": (True, False), "frames+audio ahead": (True, True)}
+
+
+def demo_speech_to_first_token(folder: Path, args) -> None:
+    engine = DemoEngine(folder, max_new_tokens=8)
+    frames = [image(10 + i, 320) for i in range(engine.video.max_frames)]
+    wav = speech(args.speech_s)
+    window = engine.audio_cache.tower.window_samples
+    got: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
+    first_cpu: list[float] = []  # process CPU time at each LLM forward
+    engine.model.llm.register_forward_hook(lambda *a: first_cpu.append(time.process_time()))
+    during: dict[str, list[float]] = {m: [] for m in MODES}
+    for r in range(args.rounds + 1):  # round 0 warms up, not counted
+        for i, (mode, (frames_ahead, audio_ahead)) in enumerate(MODES.items()):
+            engine.frame_cache._cache.clear()  # noqa: SLF001 - a fresh camera window and utterance each turn
+            engine.audio_cache._cache.clear()  # noqa: SLF001
+            shot = [f.rotate(r * 7 + i) for f in frames]  # new pixels: nothing cached by chance
+            spent = 0.0  # while the user speaks: frames arrive, windows of speech fill
+            if frames_ahead:
+                spent += sum(engine.encode_ahead(f) for f in shot)
+            if audio_ahead:
+                spent += sum(engine.encode_audio_ahead(wav[:end]) for end in range(window, wav.size + 1, window))
+            chat = Conversation()
+            chat.add_user("what do you see and hear?", [MediaItem("video", shot, "camera"),
+                                                         MediaItem("audio", wav, "microphone")])
+            stats = TurnStats()
+            hits = engine.audio_cache.hits
+            first_cpu.clear()
+            c_input, t_input = time.process_time(), time.perf_counter()  # end of speech
+            for _ in engine.answer(chat, stats, t_input):
+                pass
+            assert stats.frames_ahead == (stats.frames if frames_ahead else 0), stats.line()
+            assert (engine.audio_cache.hits > hits) == audio_ahead
+            if r:
+                got[mode].append(stats.ttft_s)
+                cpu[mode].append(first_cpu[0] - c_input)
+                during[mode].append(spent)
+    after = statistics.median(got["after"])
+    print(f"\n2. demo: end of speech -> first token, {len(frames)} camera frames + {args.speech_s:g} s of speech "
+          f"(audio windows of {window / 16000:g} s)")
+    cpu_after = statistics.median(cpu["after"])
+    print(f"{'encoded':<20} {'wall ms':>8} {'ratio vs after':>15} {'CPU ms':>8} {'CPU ratio':>10} "
+          f"{'ms spent while speaking':>24}")
+    for mode in MODES:
+        ms, c = statistics.median(got[mode]), statistics.median(cpu[mode])
+        print(f"{mode:<20} {ms * 1000:>8.1f} {ms / after:>15.3f} {c * 1000:>8.1f} {c / cpu_after:>10.3f} "
+              f"{statistics.median(during[mode]) * 1000:>24.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--speech-s", type=float, default=3.0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = tiny_model(Path(tmp))
+        print(f"tiny model, random weights, CPU fp32, {torch.get_num_threads()} threads, {args.rounds} rounds (medians)")
+        kv_cache_vs_none(LocalGenerator.load(folder, batch_size=1, device="cpu"), args)
+        demo_speech_to_first_token(folder, args)
+
+
+if __name__ == "__main__":
+    main()
