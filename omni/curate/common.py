@@ -19,6 +19,7 @@ import webdataset as wds
 import yaml
 
 from omni.data.manifest import DatasetEntry
+from omni.errors import SampleError
 from omni.modalities import EXTENSIONS, PLACEHOLDERS
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,51 @@ def iter_entry(entry: DatasetEntry, errors: ReadErrors | None = None) -> Iterato
         wds.SimpleShardList(entry.urls),
         wds.tarfile_to_samples(handler=errors or ReadErrors()),
     ))
+
+
+class Unreadable(Exception):
+    """A shard member webdataset could not read (yielded in place of a sample, then skipped)."""
+
+
+def shard_urls(entry: DatasetEntry) -> list[str]:
+    """The entry's brace pattern expanded, in order (a shard's index is its place here)."""
+    return list(wds.SimpleShardList(entry.urls).urls)
+
+
+def read_shard(url: str) -> Iterator[dict | Unreadable]:
+    """Every raw sample of one shard in order; an unreadable member yields `Unreadable` and reading goes on."""
+    errors: list[Exception] = []
+    pipe = wds.DataPipeline(wds.SimpleShardList([url]),
+                            wds.tarfile_to_samples(handler=lambda e: errors.append(e) or True))
+    for raw in pipe:
+        yield from (Unreadable(str(e)) for e in errors)
+        errors.clear()
+        yield raw
+    yield from (Unreadable(str(e)) for e in errors)
+
+
+def shard_results(di: int, si: int, url: str, fn=None) -> Iterator[tuple]:
+    """(rank, raw | Unreadable, fn(raw) or the Reject/SampleError it raised) for one shard; the map
+    step of every verb over shards. rank = (dataset index, shard index, position), -1 for errors."""
+    p = 0
+    for item in read_shard(url):
+        if isinstance(item, Unreadable):
+            yield (di, si, -1), item, None
+            continue
+        try:
+            result = fn(item) if fn is not None else None
+        except (Reject, SampleError) as e:
+            result = e
+        yield (di, si, p), item, result
+        p += 1
+
+
+def map_samples(entries: list[DatasetEntry], fn=None) -> Iterator[tuple]:
+    """In-process `shard_results` over every shard of every entry, in manifest order (a `RayBackend`
+    gives the same sequence from its workers)."""
+    for di, entry in enumerate(entries):
+        for si, url in enumerate(shard_urls(entry)):
+            yield from shard_results(di, si, url, fn)
 
 
 # ---------------------------------------------------------------- writing shards
