@@ -34,10 +34,10 @@ import json
 import logging
 import re
 import time
-from functools import partial
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,15 @@ from omni.curate.common import (
     write_json,
     write_manifest,
 )
-from omni.curate.components import Rank, Removal, band_keys, bucket_edges, components, exact_edges, lsh_shape
+from omni.curate.components import (
+    Rank,
+    Removal,
+    band_keys,
+    bucket_edges,
+    components,
+    exact_edges,
+    lsh_shape,
+)
 from omni.data.loader import read_meta
 from omni.data.manifest import DatasetEntry, load_manifest
 from omni.errors import SampleError
