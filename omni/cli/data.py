@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from omni.cli.args import positive_int
@@ -35,12 +36,15 @@ def _optional_float(value: str) -> float | None:
 
 
 def _backend(args):
-    """None (in-process) or a RayBackend for `--ray auto|local|ADDRESS`."""
+    """A context giving None (in-process) or a RayBackend for `--ray auto|local|ADDRESS` (closed after)."""
     if not getattr(args, "ray", None):
-        return None
+        return contextlib.nullcontext()
     from omni.curate.ray_backend import RayBackend, RayOptions
 
     mb = args.ray_object_store_mb
+    if (args.ray_cpus or mb) and args.ray != "local":
+        sys.exit("omni data: --ray-cpus and --ray-object-store-mb size the instance --ray local starts; "
+                 f"a cluster ({args.ray}) keeps its own")
     return RayBackend(RayOptions(address=args.ray, num_cpus=args.ray_cpus,
                                  object_store_bytes=mb << 20 if mb else None))
 
@@ -70,7 +74,8 @@ def _build(args) -> None:
                       media_root=args.media_root, task=args.task, source=args.source, weight=args.weight,
                       prompt=args.prompt, system=args.system, samples_per_shard=args.samples_per_shard,
                       shard_bytes=args.shard_bytes, check_media=not args.no_decode_check)
-    print(format_result(build(cfg, progress=_progress(args), backend=_backend(args))))
+    with _backend(args) as backend:
+        print(format_result(build(cfg, progress=_progress(args), backend=backend)))
 
 
 def _dedup(args) -> None:
@@ -84,9 +89,10 @@ def _dedup(args) -> None:
     cfg = DedupConfig(exact=args.exact, near=not args.no_near, threshold=args.threshold, num_perm=args.num_perm,
                       shingle=args.shingle, ngram=args.ngram, seed=args.seed,
                       near_ignore_media=args.near_ignore_media, verify=not args.no_verify, lsh_params=lsh)
-    result = dedup(args.manifest, args.out, cfg, split=args.split, datasets=_names(args.datasets),
-                   samples_per_shard=args.samples_per_shard, dry_run=args.dry_run, progress=_progress(args),
-                   backend=_backend(args))
+    with _backend(args) as backend:
+        result = dedup(args.manifest, args.out, cfg, split=args.split, datasets=_names(args.datasets),
+                       samples_per_shard=args.samples_per_shard, dry_run=args.dry_run, progress=_progress(args),
+                       backend=backend)
     print(format_result(result))
 
 
@@ -102,20 +108,22 @@ def _reweight(args) -> None:
                             min_reply_words=args.min_reply_words, max_repetition=args.max_repetition,
                             scripts=_names(args.scripts), min_script_ratio=args.min_script_ratio,
                             max_bad_chars=args.max_bad_chars)
-    result = reweight(args.manifest, args.out, by=args.by, alpha=args.alpha, boosts=parse_boosts(args.boost),
-                      quality=quality, split=args.split, datasets=_names(args.datasets), clusters=args.clusters,
-                      fit_samples=args.fit_samples, max_groups=args.max_groups,
-                      samples_per_shard=args.samples_per_shard, dry_run=args.dry_run, progress=_progress(args),
-                      seed=args.seed, backend=_backend(args))
+    with _backend(args) as backend:
+        result = reweight(args.manifest, args.out, by=args.by, alpha=args.alpha, boosts=parse_boosts(args.boost),
+                          quality=quality, split=args.split, datasets=_names(args.datasets),
+                          clusters=args.clusters, fit_samples=args.fit_samples, max_groups=args.max_groups,
+                          samples_per_shard=args.samples_per_shard, dry_run=args.dry_run,
+                          progress=_progress(args), seed=args.seed, backend=backend)
     print(format_result(result))
 
 
 def _stats(args) -> None:
     from omni.curate.stats import stats
 
-    result = stats(args.manifest, args.out, preset=args.preset, model_dir=args.model, split=args.split,
-                   datasets=_names(args.datasets), limit=args.limit, progress=_progress(args),
-                   backend=_backend(args))
+    with _backend(args) as backend:
+        result = stats(args.manifest, args.out, preset=args.preset, model_dir=args.model, split=args.split,
+                       datasets=_names(args.datasets), limit=args.limit, progress=_progress(args),
+                       backend=backend)
     print(result.table)
     print(f"\nwrote {result.table_file}, {result.json_file}, {result.png_file}")
 

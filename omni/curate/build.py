@@ -224,12 +224,11 @@ def modalities_of(raw: dict) -> set[str]:
 # ---------------------------------------------------------------- the verb
 def converted(cfg: BuildConfig, backend=None) -> Iterator[tuple[str, str, dict | Reject]]:
     """(key, where, sample or Reject) of every record in input order: converted here, streaming, or
-    on Ray (`backend.map_records`: the records are listed first, the conversion runs on the workers)."""
+    on Ray (`backend.map_records`: records listed a window at a time, converted on the workers)."""
     convert = partial(convert_record, cfg=cfg)
     keyed = ((rec, where, root, f"{cfg.name}-{i:08d}") for i, (where, rec, root) in enumerate(iter_records(cfg)))
     if backend is not None:
-        records = list(keyed)
-        yield from ((r[3], r[1], out) for r, out in zip(records, backend.map_records(records, convert)))
+        yield from ((key, where, out) for (_, where, _, key), out in backend.map_records(keyed, convert))
         return
     for rec, where, root, key in keyed:
         try:

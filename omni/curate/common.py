@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import unicodedata
 from collections import Counter
@@ -21,8 +20,6 @@ import yaml
 from omni.data.manifest import DatasetEntry
 from omni.errors import SampleError
 from omni.modalities import EXTENSIONS, PLACEHOLDERS
-
-log = logging.getLogger(__name__)
 
 KIND_OF_EXT = {ext: kind for kind, exts in EXTENSIONS.items() for ext in exts}
 ROLES = ("system", "user", "assistant")
@@ -95,29 +92,6 @@ def media_members(raw: dict) -> list[tuple[str, int, str, bytes]]:
             out.append((kind, int(stem) if stem.isdigit() else 0, key, value))
     order = {k: i for i, k in enumerate(EXTENSIONS)}
     return sorted(out, key=lambda m: (order[m[0]], m[1], m[2]))
-
-
-class ReadErrors:
-    """webdataset handler that counts unreadable shards/members and keeps going (logged, reported)."""
-
-    def __init__(self, rejects: "RejectLog | None" = None):
-        self.count = 0
-        self.rejects = rejects
-
-    def __call__(self, exn: Exception) -> bool:
-        self.count += 1
-        log.warning("unreadable shard member, skipped: %s", exn)
-        if self.rejects is not None:
-            self.rejects.add("?", "unreadable", str(exn))
-        return True
-
-
-def iter_entry(entry: DatasetEntry, errors: ReadErrors | None = None) -> Iterator[dict]:
-    """Every raw sample of one manifest entry once, in shard order (webdataset's own reader)."""
-    return iter(wds.DataPipeline(
-        wds.SimpleShardList(entry.urls),
-        wds.tarfile_to_samples(handler=errors or ReadErrors()),
-    ))
 
 
 class Unreadable(Exception):

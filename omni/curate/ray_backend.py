@@ -8,29 +8,34 @@ manifest, reports, rejects) is the same code on the same values:
   `common.shard_results`) runs the verb's per-sample function where the shard is read; rows come
   back to the writer in manifest order (`preserve_order`).
 - `map_records`: `build`'s conversion (`convert_record`: JSON -> validated sample, media read and
-  decoded) over blocks of records.
-- `dedup_removed`: signatures (map) -> group-by digest and group-by LSH band key (Ray Data
-  shuffles; each group becomes edges) -> `components` on the edges only. No process holds every
-  signature; the driver holds the duplicates' edges.
+  decoded) over blocks of records, a window of records at a time.
+- `dedup_removed`: signatures (map) -> rows keyed by digest and by LSH band key, shuffled by a
+  hash of the key (Ray Data group-bys; each part groups its keys and yields edges, ray_groups.py)
+  -> `components` on the edges only. No process holds every signature; the driver holds the
+  duplicates' edges.
 
-A task whose worker dies is retried (Ray's default for tasks: 3 retries on a system failure), and
-its rows are produced once: Ray Data keeps only the output of the attempt that finished.
+A task whose worker process dies is rerun (Ray Data retries its tasks on system failures, without
+limit), and its rows are delivered once: only the output of the attempt that finished is kept, and
+the one writer (this process) writes what it receives, in order.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 
 from omni.curate.common import CurationError, shard_results, shard_urls
 from omni.curate.components import Rank, Removal, components, lsh_shape
 from omni.curate.dedup import DedupConfig, Signature, Signer, signature_of
-from omni.curate.ray_groups import band_rows, bucket_group, edges_of, exact_group
+from omni.curate.ray_groups import band_rows, bucket_part, digest_rows, edges_of, exact_part
 from omni.data.manifest import DatasetEntry
 
-RECORDS_PER_BLOCK = 256
+RECORDS_PER_BLOCK = 256        # build: records per Ray task
+RECORDS_PER_WINDOW = 1 << 16   # build: records listed on the driver at a time
 
 
 @dataclass
@@ -42,7 +47,8 @@ class RayOptions:
 
 
 class RayBackend:
-    """Connects to (or, with `local`, starts) Ray once; an already initialised Ray is reused."""
+    """Connects to (or, with `local`, starts) Ray once; an already initialised Ray is reused and left
+    running. As a context manager it shuts down (or disconnects from) the Ray it started."""
 
     def __init__(self, options: RayOptions | None = None):
         try:
@@ -50,9 +56,10 @@ class RayBackend:
         except ImportError:
             raise CurationError("--ray needs Ray Data: pip install -e .[scale]") from None
         self.options = opts = options or RayOptions()
-        if not ray.is_initialized():
+        self.owned = not ray.is_initialized()
+        if self.owned:
             if opts.address == "local":
-                ray.init(num_cpus=opts.num_cpus, object_store_memory=opts.object_store_bytes,
+                ray.init(address="local", num_cpus=opts.num_cpus, object_store_memory=opts.object_store_bytes,
                          include_dashboard=False, logging_level="WARNING", log_to_driver=False)
             else:
                 try:
@@ -61,11 +68,24 @@ class RayBackend:
                     raise CurationError(f"--ray {opts.address}: no Ray cluster there ({e}); start one with "
                                         "`ray start --head` or use --ray local") from None
         import ray.data
+        logging.getLogger("ray.data").setLevel(logging.WARNING)   # not a line per dataset executed
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
         ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         self.data = ray.data
+
+    def close(self) -> None:
+        import ray
+        if self.owned and ray.is_initialized():
+            ray.shutdown()
+        self.owned = False
+
+    def __enter__(self) -> "RayBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------ maps
     def _shards(self, entries: list[DatasetEntry]):
@@ -81,14 +101,17 @@ class RayBackend:
         for row in ds.iter_rows():
             yield (row["e"], row["s"], row["p"]), pickle.loads(row["raw"]), pickle.loads(row["result"])
 
-    def map_records(self, records: list[tuple], fn: Callable) -> Iterator:
-        """fn(*record) for every record, in order, on Ray (a raised `Reject` comes back as the value)."""
-        blocks = max(1, -(-len(records) // RECORDS_PER_BLOCK))
-        ds = self.data.from_items([{"i": i, "record": pickle.dumps(r)} for i, r in enumerate(records)],
-                                  override_num_blocks=blocks)
+    def map_records(self, records: Iterable[tuple], fn: Callable) -> Iterator[tuple]:
+        """(record, fn(*record)) for every record, in order, on Ray (a raised `Reject` comes back as the
+        value); records are taken RECORDS_PER_WINDOW at a time, so the driver never lists them all."""
+        records = iter(records)
         task = partial(_record_row, fn=fn, marker=self.options.fault_marker)
-        for row in ds.map(task).iter_rows():
-            yield pickle.loads(row["result"])
+        while window := list(islice(records, RECORDS_PER_WINDOW)):
+            blocks = -(-len(window) // RECORDS_PER_BLOCK)
+            ds = self.data.from_items([{"i": i, "record": pickle.dumps(r)} for i, r in enumerate(window)],
+                                      override_num_blocks=blocks)
+            for record, row in zip(window, ds.map(task).iter_rows()):
+                yield record, pickle.loads(row["result"])
 
     # ------------------------------------------------------------ dedup
     def dedup_removed(self, entries: list[DatasetEntry], cfg: DedupConfig) -> dict[Rank, Removal]:
@@ -98,15 +121,13 @@ class RayBackend:
         parts = max(1, sigs.num_blocks())
         edges = []
         if cfg.exact != "off":
-            exact = sigs.filter(lambda r: len(r["exact"]) > 0).groupby("exact", num_partitions=parts).map_groups(
-                exact_group, batch_format="pandas")
-            edges += edges_of(exact)
+            digests = sigs.flat_map(partial(digest_rows, parts=parts))
+            edges += edges_of(digests.groupby("part").map_groups(exact_part, batch_format="numpy"))
         if cfg.near:
             bands, rows = lsh_shape(cfg.threshold, cfg.num_perm, cfg.lsh_params)
-            banded = sigs.filter(lambda r: len(r["minhash"]) > 0).flat_map(partial(band_rows, bands=bands, rows=rows))
-            near = banded.groupby("band", num_partitions=parts).map_groups(
-                partial(bucket_group, threshold=cfg.threshold, verify=cfg.verify), batch_format="pandas")
-            edges += edges_of(near)
+            banded = sigs.flat_map(partial(band_rows, bands=bands, rows=rows, parts=parts))
+            edges += edges_of(banded.groupby("part").map_groups(
+                partial(bucket_part, threshold=cfg.threshold, verify=cfg.verify), batch_format="numpy"))
         return components(edges)
 
 
