@@ -115,11 +115,14 @@ def read_shard(url: str) -> Iterator[dict | Unreadable]:
     yield from (Unreadable(str(e)) for e in errors)
 
 
-def shard_results(di: int, si: int, url: str, fn=None) -> Iterator[tuple]:
-    """(rank, raw | Unreadable, fn(raw) or the Reject/SampleError it raised) for one shard; the map
-    step of every verb over shards. rank = (dataset index, shard index, position), -1 for errors."""
+def shard_results(di: int, si: int, url: str, fn=None, limit: int | None = None) -> Iterator[tuple]:
+    """(rank, raw | Unreadable, fn(raw) or the Reject/SampleError it raised) for one shard, its first
+    `limit` samples with a limit; the map step of every verb over shards. rank = (dataset index,
+    shard index, position), -1 for errors."""
     p = 0
     for item in read_shard(url):
+        if limit is not None and p >= limit:
+            return
         if isinstance(item, Unreadable):
             yield (di, si, -1), item, None
             continue
@@ -131,12 +134,18 @@ def shard_results(di: int, si: int, url: str, fn=None) -> Iterator[tuple]:
         p += 1
 
 
-def map_samples(entries: list[DatasetEntry], fn=None) -> Iterator[tuple]:
-    """In-process `shard_results` over every shard of every entry, in manifest order (a `RayBackend`
-    gives the same sequence from its workers)."""
+def map_samples(entries: list[DatasetEntry], fn=None, limit: int | None = None) -> Iterator[tuple]:
+    """In-process `shard_results` over every shard of every entry, in manifest order, the first
+    `limit` samples of each entry with a limit (a `RayBackend` gives the same sequence from its
+    workers, up to the limit)."""
     for di, entry in enumerate(entries):
+        left = limit
         for si, url in enumerate(shard_urls(entry)):
-            yield from shard_results(di, si, url, fn)
+            if left is not None and left <= 0:
+                break
+            for item in shard_results(di, si, url, fn, left):
+                left = None if left is None else left - (item[0][2] >= 0)
+                yield item
 
 
 # ---------------------------------------------------------------- writing shards

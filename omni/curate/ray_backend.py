@@ -93,10 +93,12 @@ class RayBackend:
         return self.data.from_items(items, override_num_blocks=max(1, len(items)))
 
     def map_samples(self, entries: list[DatasetEntry], fn: Callable | None = None,
-                    keep_raw: bool = True) -> Iterator[tuple]:
+                    keep_raw: bool = True, limit: int | None = None) -> Iterator[tuple]:
         """The same (rank, raw | Unreadable, result) sequence as `common.map_samples`, mapped on Ray;
-        with `keep_raw=False` the raw sample stays on the worker (None comes back, Unreadable kept)."""
-        task = partial(_shard_rows, fn=fn, keep_raw=keep_raw, marker=self.options.fault_marker)
+        with `keep_raw=False` the raw sample stays on the worker (None comes back, Unreadable kept).
+        A `limit` caps every shard (its entry's first `limit` samples are the same as in-process; the
+        caller counts them)."""
+        task = partial(_shard_rows, fn=fn, keep_raw=keep_raw, limit=limit, marker=self.options.fault_marker)
         ds = self._shards(entries).flat_map(task)
         for row in ds.iter_rows():
             yield (row["e"], row["s"], row["p"]), pickle.loads(row["raw"]), pickle.loads(row["result"])
@@ -139,11 +141,11 @@ def _maybe_fail(marker: str | None) -> None:
         os._exit(1)
 
 
-def _shard_rows(item: dict, fn, keep_raw: bool, marker: str | None) -> list[dict]:
+def _shard_rows(item: dict, fn, keep_raw: bool, limit: int | None, marker: str | None) -> list[dict]:
     _maybe_fail(marker)
     return [{"e": rank[0], "s": rank[1], "p": rank[2],
              "raw": pickle.dumps(raw if keep_raw or rank[2] < 0 else None), "result": pickle.dumps(result)}
-            for rank, raw, result in shard_results(item["e"], item["s"], item["url"], fn)]
+            for rank, raw, result in shard_results(item["e"], item["s"], item["url"], fn, limit)]
 
 
 def _record_row(row: dict, fn, marker: str | None) -> dict:

@@ -233,8 +233,8 @@ def collect(manifest: str | Path, counter: TokenCounter, split: str | None = Non
     bar = tqdm(total=total or None, unit="sample", desc="stats", disable=not progress)
     out = [DatasetStats(e.name, e.split, manifest_samples=e.num_samples) for e in entries]
     measure = partial(_measure, counter=counter)
-    samples = (map_samples(entries, measure) if backend is None
-               else backend.map_samples(entries, measure, keep_raw=False))
+    samples = (map_samples(entries, measure, limit) if backend is None
+               else backend.map_samples(entries, measure, keep_raw=False, limit=limit))
     for (di, _, p), raw, result in samples:
         st = out[di]
         if limit is not None and st.samples + st.bad >= limit:

@@ -134,6 +134,11 @@ def test_stats_on_ray_equal_in_process(corpus, backend, tmp_path):
     assert [d.samples for d in here.datasets] == [27, 13]
     assert json.loads(there.json_file.read_text()) == json.loads(here.json_file.read_text())
     assert there.table == here.table
+    # --limit across shard boundaries (7 and 5 samples a shard): the first 9 of each dataset
+    here = stats(corpus, tmp_path / "here9", preset="tiny", progress=False, limit=9)
+    there = stats(corpus, tmp_path / "ray9", preset="tiny", progress=False, backend=backend, limit=9)
+    assert [d.samples for d in here.datasets] == [9, 9]
+    assert json.loads(there.json_file.read_text()) == json.loads(here.json_file.read_text())
 
 
 def test_a_killed_worker_is_retried_and_every_sample_written_once(corpus, backend, tmp_path):
