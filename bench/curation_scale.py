@@ -171,10 +171,11 @@ def main() -> None:
         for step in ("dedup-4x", "build"):
             per_worker = two[step]["samples"] / two[step]["seconds"] / 2
             for nodes in (int(x) for x in args.nodes.split(",")):
-                rate = min(per_worker * nodes * args.cores_per_node, ceiling)
-                bound = "writer-bound" if rate == ceiling else "worker-bound"
-                print(f"  {step.split('-')[0]:<6} {nodes:>4} node(s): {rate:>9.0f} samples/s -> "
-                      f"{TARGET / rate / 3600:>7.1f} h ({bound}; computed, not measured)")
+                workers = per_worker * nodes * args.cores_per_node
+                rate = min(workers, ceiling)
+                print(f"  {step.split('-')[0]:<6} {nodes:>4} node(s): workers alone {workers:>9.0f} samples/s -> "
+                      f"{TARGET / workers / 3600:>7.1f} h; with the one writer {rate:>7.0f} samples/s -> "
+                      f"{TARGET / rate / 3600:>7.1f} h (computed, not measured)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
