@@ -155,6 +155,19 @@ def test_a_killed_worker_is_retried_and_every_sample_written_once(corpus, backen
     assert written(there.manifest) == written(here.manifest)
 
 
+def test_a_worker_killed_while_feeding_the_writer_is_retried(corpus, backend, tmp_path):
+    """reweight has one pass: the killed task is one whose samples stream to the writer."""
+    marker = tmp_path / "killed-once"
+    failing = RayBackend(RayOptions(fault_marker=str(marker)))
+    there = reweight(corpus, tmp_path / "ray", by="source", progress=False, backend=failing)
+    assert marker.exists()
+    here = reweight(corpus, tmp_path / "here", by="source", progress=False)
+    keys = [s["__key__"] for s in written(there.manifest)]
+    assert len(keys) == len(set(keys)) == sum(u.count for u in here.units)
+    assert written(there.manifest) == written(here.manifest)
+    assert manifest_spec(there.manifest) == manifest_spec(here.manifest)
+
+
 def test_sizing_a_cluster_from_the_cli_is_refused():
     assert cli_error("data", "stats", "m.yaml", "--out", "o", "--ray", "auto", "--ray-cpus", "2") == (
         "omni data: --ray-cpus and --ray-object-store-mb size the instance --ray local starts; "
