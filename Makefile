@@ -52,7 +52,7 @@ test: setup eval-env browser
 # Resolve pyproject's pins (+ test, track and bench extras) in a throw-away venv and record every version.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install --quiet -e '.[test,track,bench]'
+	.venv-lock/bin/python -m pip install --quiet -e '.[test]'
 	(echo '# Exact versions the CPU install is tested with. Regenerate with `make lock`.'; \
 	 .venv-lock/bin/python -m pip freeze --exclude-editable) > requirements.lock
 	rm -rf .venv-lock

@@ -10,7 +10,8 @@ JSON array plus media files. Measured, single process:
   build --no-decode-check                                               (existence/extension only)
   dedup          exact + MinHash LSH over the built shards (defaults)
   dedup text     the same over text-only shards of --text-n samples (no media hashing)
-and the LSH index memory per kept sample (tracemalloc over DedupIndex.add, timed separately).
+and the in-process reduce's memory per sample (tracemalloc over `removed_in_memory`: the digest
+and LSH band dicts of every signature; timed separately; the Ray path shuffles them instead).
 Prints one line per measurement; the numbers go to docs/benchmarks.md with this command.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from PIL import Image
 
 from omni.curate.build import BuildConfig, build
 from omni.curate.common import ShardSink, write_manifest
-from omni.curate.dedup import DedupConfig, DedupIndex, Signer, dedup
+from omni.curate.dedup import DedupConfig, Signer, dedup, removed_in_memory
 
 
 def words(rng, vocab, n):
@@ -89,11 +90,11 @@ def make_llava(root: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def make_text_shards(root: Path, n: int, seed: int = 1) -> Path:
+def make_text_shards(root: Path, n: int, seed: int = 1, per_shard: int = 5000) -> Path:
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     vocab = ["".join(rng.choice(letters, rng.integers(3, 9))) for _ in range(5000)]
-    sink = ShardSink(root / "text_in", "text-train", 5000)
+    sink = ShardSink(root / "text_in", "text-train", per_shard)
     docs = []
     for i in range(n):
         if docs and rng.random() < 0.1:
@@ -110,26 +111,25 @@ def make_text_shards(root: Path, n: int, seed: int = 1) -> Path:
     return write_manifest(root / "text_manifest.yaml", "text", [entry], replace=True)
 
 
-def index_memory(manifest: Path, n: int) -> tuple[float, int]:
-    """Bytes per kept sample of DedupIndex (exact digests + LSH + stored signatures)."""
-    from omni.curate.common import iter_entry, read_meta
+def reduce_memory(manifest: Path, n: int) -> tuple[float, int]:
+    """Peak bytes per sample of the in-process reduce (digest and band-bucket dicts, then components)."""
+    from omni.curate.common import map_samples
+    from omni.data.loader import read_meta
     from omni.data.manifest import load_manifest
 
     cfg = DedupConfig()
     signer = Signer(cfg)
     sigs = []
-    for raw in iter_entry(load_manifest(manifest).datasets[0]):
-        sigs.append(signer(read_meta(raw), raw))
+    for rank, raw, _ in map_samples(load_manifest(manifest).datasets[:1]):
+        sigs.append((rank, signer(read_meta(raw), raw)))
         if len(sigs) >= n:
             break
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    index = DedupIndex(cfg)
-    for i, s in enumerate(sigs):
-        index.add(i, s)
-    used = tracemalloc.get_traced_memory()[0] - base
+    removed_in_memory(sigs, cfg)
+    peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
-    return used / index.kept, index.kept
+    return peak / len(sigs), len(sigs)
 
 
 def main() -> None:
@@ -167,9 +167,9 @@ def main() -> None:
         print(f"\n{'step':<36} {'samples':>8} {'seconds':>8} {'samples/s':>10}  notes")
         for name, n, s, note in rows:
             print(f"{name:<36} {n:>8} {s:>8.2f} {n / s:>10.0f}  {note}")
-        per, kept = index_memory(tm, min(args.text_n, 20000))
-        print(f"\nDedupIndex memory (defaults: 128 perms, threshold 0.7 -> 14 bands x 9 rows): "
-              f"{per:.0f} bytes per kept sample ({kept} kept; tracemalloc)")
+        per, n = reduce_memory(tm, min(args.text_n, 20000))
+        print(f"\nin-process dedup reduce (defaults: 128 perms, threshold 0.7 -> 14 bands x 9 rows): "
+              f"{per:.0f} bytes per sample at its peak ({n} samples; tracemalloc)")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

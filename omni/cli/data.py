@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from omni.cli.args import positive_int
@@ -13,6 +14,7 @@ DATA_EPILOG = """examples:
   omni data reweight cur_dedup/manifest.yaml --out cur_rw/ --by cluster --clusters 16 --alpha 0.5
   omni data stats cur_rw/manifest.yaml --out cur_rw/stats --preset 7b
   omni data lmms-task runs/quickstart/synth/manifest.yaml --out runs/lmms-tasks --limit 50
+  omni data dedup cur/manifest.yaml --out cur_dedup/ --ray auto      (any verb, on a Ray cluster)
 docs/curation.md describes formats, outputs and every option; docs/eval.md the lmms-eval tasks.
 """
 
@@ -34,6 +36,28 @@ def _optional_float(value: str) -> float | None:
         raise argparse.ArgumentTypeError(f"{value!r}: a number or 'off'") from None
 
 
+def _backend(args):
+    """A context giving None (in-process) or a RayBackend for `--ray auto|local|ADDRESS` (closed after)."""
+    if not getattr(args, "ray", None):
+        return contextlib.nullcontext()
+    from omni.curate.ray_backend import RayBackend, RayOptions
+
+    mb = args.ray_object_store_mb
+    if (args.ray_cpus or mb) and args.ray != "local":
+        sys.exit("omni data: --ray-cpus and --ray-object-store-mb size the instance --ray local starts; "
+                 f"a cluster ({args.ray}) keeps its own")
+    return RayBackend(RayOptions(address=args.ray, num_cpus=args.ray_cpus,
+                                 object_store_bytes=mb << 20 if mb else None))
+
+
+def _add_ray(p) -> None:
+    p.add_argument("--ray", metavar="auto|local|ADDRESS",
+                   help="run on Ray Data: auto (the cluster this machine is part of), local (start one "
+                        "here), or a cluster address (HOST:PORT, ray://HOST:PORT); same output")
+    p.add_argument("--ray-cpus", type=positive_int, help="--ray local: CPUs of the local instance")
+    p.add_argument("--ray-object-store-mb", type=positive_int, help="--ray local: object store size in MB")
+
+
 def _run(verb: str, fn, args) -> None:
     from omni.config import ConfigError
     from omni.curate.common import CurationError
@@ -51,7 +75,8 @@ def _build(args) -> None:
                       media_root=args.media_root, task=args.task, source=args.source, weight=args.weight,
                       prompt=args.prompt, system=args.system, samples_per_shard=args.samples_per_shard,
                       shard_bytes=args.shard_bytes, check_media=not args.no_decode_check)
-    print(format_result(build(cfg, progress=_progress(args))))
+    with _backend(args) as backend:
+        print(format_result(build(cfg, progress=_progress(args), backend=backend)))
 
 
 def _dedup(args) -> None:
@@ -65,8 +90,10 @@ def _dedup(args) -> None:
     cfg = DedupConfig(exact=args.exact, near=not args.no_near, threshold=args.threshold, num_perm=args.num_perm,
                       shingle=args.shingle, ngram=args.ngram, seed=args.seed,
                       near_ignore_media=args.near_ignore_media, verify=not args.no_verify, lsh_params=lsh)
-    result = dedup(args.manifest, args.out, cfg, split=args.split, datasets=_names(args.datasets),
-                   samples_per_shard=args.samples_per_shard, dry_run=args.dry_run, progress=_progress(args))
+    with _backend(args) as backend:
+        result = dedup(args.manifest, args.out, cfg, split=args.split, datasets=_names(args.datasets),
+                       samples_per_shard=args.samples_per_shard, dry_run=args.dry_run, progress=_progress(args),
+                       backend=backend)
     print(format_result(result))
 
 
@@ -82,19 +109,22 @@ def _reweight(args) -> None:
                             min_reply_words=args.min_reply_words, max_repetition=args.max_repetition,
                             scripts=_names(args.scripts), min_script_ratio=args.min_script_ratio,
                             max_bad_chars=args.max_bad_chars)
-    result = reweight(args.manifest, args.out, by=args.by, alpha=args.alpha, boosts=parse_boosts(args.boost),
-                      quality=quality, split=args.split, datasets=_names(args.datasets), clusters=args.clusters,
-                      fit_samples=args.fit_samples, max_groups=args.max_groups,
-                      samples_per_shard=args.samples_per_shard, dry_run=args.dry_run, progress=_progress(args),
-                      seed=args.seed)
+    with _backend(args) as backend:
+        result = reweight(args.manifest, args.out, by=args.by, alpha=args.alpha, boosts=parse_boosts(args.boost),
+                          quality=quality, split=args.split, datasets=_names(args.datasets),
+                          clusters=args.clusters, fit_samples=args.fit_samples, max_groups=args.max_groups,
+                          samples_per_shard=args.samples_per_shard, dry_run=args.dry_run,
+                          progress=_progress(args), seed=args.seed, backend=backend)
     print(format_result(result))
 
 
 def _stats(args) -> None:
     from omni.curate.stats import stats
 
-    result = stats(args.manifest, args.out, preset=args.preset, model_dir=args.model, split=args.split,
-                   datasets=_names(args.datasets), limit=args.limit, progress=_progress(args))
+    with _backend(args) as backend:
+        result = stats(args.manifest, args.out, preset=args.preset, model_dir=args.model, split=args.split,
+                       datasets=_names(args.datasets), limit=args.limit, progress=_progress(args),
+                       backend=backend)
     print(result.table)
     print(f"\nwrote {result.table_file}, {result.json_file}, {result.png_file}")
 
@@ -136,6 +166,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shard-bytes", type=float, default=5e8, help="start a new shard past this size")
     p.add_argument("--no-decode-check", action="store_true",
                    help="only check that media exist with a known extension (skip decoding)")
+    _add_ray(p)
     p.set_defaults(func=lambda a: _run("build", _build, a))
 
     p = verbs.add_parser("dedup", help="exact + MinHash-LSH near-duplicate removal (streaming)")
@@ -159,6 +190,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lsh-rows", type=int)
     p.add_argument("--samples-per-shard", type=int, default=5000)
     p.add_argument("--dry-run", action="store_true", help="reports only, no shards or manifest")
+    _add_ray(p)
     p.set_defaults(func=lambda a: _run("dedup", _dedup, a))
 
     p = verbs.add_parser("reweight", help="quality filters + mixture weights per source/task/cluster")
@@ -187,6 +219,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                    help="filter: fraction of U+FFFD/control characters (default 0.01; 'off')")
     p.add_argument("--samples-per-shard", type=int, default=5000)
     p.add_argument("--dry-run", action="store_true", help="reports only, no shards or manifest")
+    _add_ray(p)
     p.set_defaults(func=lambda a: _run("reweight", _reweight, a))
 
     p = verbs.add_parser("stats", help="counts, modality mix, token-length histograms (table + PNG)")
@@ -197,6 +230,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", help="only this split")
     p.add_argument("--datasets", help="comma-separated dataset names")
     p.add_argument("--limit", type=positive_int, help="at most this many samples per dataset")
+    _add_ray(p)
     p.set_defaults(func=lambda a: _run("stats", _stats, a))
 
     p = verbs.add_parser("lmms-task", help="held-out samples as local lmms-eval tasks (the items omni eval scores)")

@@ -9,8 +9,9 @@ Nothing is dropped silently and one bad record never stops a build (an unparseab
 does: it cannot be resynchronised, and the error names the file and line).
 
 Map/sink structure (docs/curation.md, "Beyond one machine"): `iter_records` (source) ->
-`convert_record` (a pure function of one record: raw sample dict or `Reject`) -> `ShardSink` (sink). A Ray path maps
-`convert_record` over records and writes with `write_webdataset`; nothing else changes.
+`convert_record` (a pure function of one record: raw sample dict or `Reject`) -> `ShardSink` (sink). The Ray
+path (`--ray`, omni/curate/ray_backend.py) maps `convert_record` over blocks of records on the
+workers and hands the results back in order to the same sink; nothing else changes.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
@@ -220,8 +222,24 @@ def modalities_of(raw: dict) -> set[str]:
 
 
 # ---------------------------------------------------------------- the verb
-def build(cfg: BuildConfig, progress: bool = True) -> BuildResult:
-    """Convert, validate and shard every record; write rejects, a report and the manifest entry."""
+def converted(cfg: BuildConfig, backend=None) -> Iterator[tuple[str, str, dict | Reject]]:
+    """(key, where, sample or Reject) of every record in input order: converted here, streaming, or
+    on Ray (`backend.map_records`: records listed a window at a time, converted on the workers)."""
+    convert = partial(convert_record, cfg=cfg)
+    keyed = ((rec, where, root, f"{cfg.name}-{i:08d}") for i, (where, rec, root) in enumerate(iter_records(cfg)))
+    if backend is not None:
+        yield from ((key, where, out) for (_, where, _, key), out in backend.map_records(keyed, convert))
+        return
+    for rec, where, root, key in keyed:
+        try:
+            yield key, where, convert(rec, where, root, key)
+        except Reject as r:
+            yield key, where, r
+
+
+def build(cfg: BuildConfig, progress: bool = True, backend=None) -> BuildResult:
+    """Convert, validate and shard every record; write rejects, a report and the manifest entry.
+    `backend`: None converts here; a `RayBackend` converts on Ray (same shards and reports)."""
     cfg.validate()
     out = Path(cfg.out_dir)
     stem = f"{cfg.name}-{cfg.split}"
@@ -232,12 +250,9 @@ def build(cfg: BuildConfig, progress: bool = True) -> BuildResult:
     start = time.perf_counter()
     bar = tqdm(unit="rec", desc=f"build {cfg.name}", disable=not progress)
     try:
-        for index, (where, rec, root) in enumerate(iter_records(cfg)):
-            key = f"{cfg.name}-{index:08d}"
-            try:
-                raw = convert_record(rec, where, root, key, cfg)
-            except Reject as r:
-                rejects.add(key, r.code, r.reason, where=where)
+        for index, (key, where, raw) in enumerate(converted(cfg, backend)):
+            if isinstance(raw, Reject):
+                rejects.add(key, raw.code, raw.reason, where=where)
             else:
                 sink.write(raw)
                 modalities |= modalities_of(raw)

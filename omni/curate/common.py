@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import unicodedata
 from collections import Counter
@@ -19,9 +18,8 @@ import webdataset as wds
 import yaml
 
 from omni.data.manifest import DatasetEntry
+from omni.errors import SampleError
 from omni.modalities import EXTENSIONS, PLACEHOLDERS
-
-log = logging.getLogger(__name__)
 
 KIND_OF_EXT = {ext: kind for kind, exts in EXTENSIONS.items() for ext in exts}
 ROLES = ("system", "user", "assistant")
@@ -96,27 +94,58 @@ def media_members(raw: dict) -> list[tuple[str, int, str, bytes]]:
     return sorted(out, key=lambda m: (order[m[0]], m[1], m[2]))
 
 
-class ReadErrors:
-    """webdataset handler that counts unreadable shards/members and keeps going (logged, reported)."""
-
-    def __init__(self, rejects: "RejectLog | None" = None):
-        self.count = 0
-        self.rejects = rejects
-
-    def __call__(self, exn: Exception) -> bool:
-        self.count += 1
-        log.warning("unreadable shard member, skipped: %s", exn)
-        if self.rejects is not None:
-            self.rejects.add("?", "unreadable", str(exn))
-        return True
+class Unreadable(Exception):
+    """A shard member webdataset could not read (yielded in place of a sample, then skipped)."""
 
 
-def iter_entry(entry: DatasetEntry, errors: ReadErrors | None = None) -> Iterator[dict]:
-    """Every raw sample of one manifest entry once, in shard order (webdataset's own reader)."""
-    return iter(wds.DataPipeline(
-        wds.SimpleShardList(entry.urls),
-        wds.tarfile_to_samples(handler=errors or ReadErrors()),
-    ))
+def shard_urls(entry: DatasetEntry) -> list[str]:
+    """The entry's brace pattern expanded, in order (a shard's index is its place here)."""
+    return list(wds.SimpleShardList(entry.urls).urls)
+
+
+def read_shard(url: str) -> Iterator[dict | Unreadable]:
+    """Every raw sample of one shard in order; an unreadable member yields `Unreadable` and reading goes on."""
+    errors: list[Exception] = []
+    pipe = wds.DataPipeline(wds.SimpleShardList([url]),
+                            wds.tarfile_to_samples(handler=lambda e: errors.append(e) or True))
+    for raw in pipe:
+        yield from (Unreadable(str(e)) for e in errors)
+        errors.clear()
+        yield raw
+    yield from (Unreadable(str(e)) for e in errors)
+
+
+def shard_results(di: int, si: int, url: str, fn=None, limit: int | None = None) -> Iterator[tuple]:
+    """(rank, raw | Unreadable, fn(raw) or the Reject/SampleError it raised) for one shard, its first
+    `limit` samples with a limit; the map step of every verb over shards. rank = (dataset index,
+    shard index, position), -1 for errors."""
+    p = 0
+    for item in read_shard(url):
+        if limit is not None and p >= limit:
+            return
+        if isinstance(item, Unreadable):
+            yield (di, si, -1), item, None
+            continue
+        try:
+            result = fn(item) if fn is not None else None
+        except (Reject, SampleError) as e:
+            result = e
+        yield (di, si, p), item, result
+        p += 1
+
+
+def map_samples(entries: list[DatasetEntry], fn=None, limit: int | None = None) -> Iterator[tuple]:
+    """In-process `shard_results` over every shard of every entry, in manifest order, the first
+    `limit` samples of each entry with a limit (a `RayBackend` gives the same sequence from its
+    workers, up to the limit)."""
+    for di, entry in enumerate(entries):
+        left = limit
+        for si, url in enumerate(shard_urls(entry)):
+            if left is not None and left <= 0:
+                break
+            for item in shard_results(di, si, url, fn, left):
+                left = None if left is None else left - (item[0][2] >= 0)
+                yield item
 
 
 # ---------------------------------------------------------------- writing shards

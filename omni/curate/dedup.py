@@ -8,25 +8,25 @@ A sample is a *document*: its whole conversation (every message, roles included)
             samples fall back to their text)
     off     no exact pass.
 - **Near** (`near`): datasketch MinHash over the document's shingles (word n-grams, character
-  n-grams for scripts without spaces, or `auto`: characters when the text has CJK), indexed in
-  a `MinHashLSH` at `threshold` (Jaccard). Every shingle is prefixed with the digest of the
-  sample's media, so two samples are near-duplicates only when their media are byte-identical
-  and their texts are near-identical: a caption dataset whose prompts are all the same template
-  is not collapsed. `near_ignore_media` drops the prefix (text-only near-dup across different
-  media). LSH candidates are verified against the stored signature (estimated Jaccard >=
+  n-grams for scripts without spaces, or `auto`: characters when the text has CJK), cut into LSH
+  bands (`lsh_params`, default datasketch's optimum for `threshold`). Every shingle is prefixed
+  with the digest of the sample's media, so two samples are near-duplicates only when their media
+  are byte-identical and their texts are near-identical: a caption dataset whose prompts are all
+  the same template is not collapsed. `near_ignore_media` drops the prefix (text-only near-dup
+  across different media). Candidates sharing a band are verified (estimated Jaccard >=
   threshold) unless `verify` is off.
 
-Order: manifest order, shard order; the first occurrence is kept and every later duplicate is
-removed and reported with the key it duplicates (across datasets and splits too: a val sample
-that repeats a train sample is removed from val when train comes first in the manifest).
+Clusters (components.py): duplicates are the connected components of exact and near edges; the
+earliest sample of each component in manifest order (dataset, shard, position) is kept and every
+other member is removed and reported with that kept key (across datasets and splits too: a val
+sample that repeats a train sample is removed from val when train comes first in the manifest).
+A chain A~B~C removes B and C even when C is not similar to A (docs/decisions.md).
 
-Map/reduce (docs/curation.md, "Beyond one machine"): `Signer` is the map (sample -> `Signature`,
-pure), `DedupIndex` is the one reduce (exact digests + the LSH index + signatures of kept
-samples, in memory: about `DedupIndex.bytes_per_sample` per kept sample, measured in
-docs/benchmarks.md), and writing the kept samples is a filter. In-process the three run in one
-streaming pass; a Ray path would map `Signer` over blocks, feed the signatures to one
-`DedupIndex` actor in manifest order, and filter. `dedup_texts` runs the same pair over plain
-strings (PAS prompts).
+Map/reduce (docs/curation.md, "Beyond one machine"): `signature_of` is the map (raw sample ->
+`Signature`, pure), the group-bys by digest and band key plus `components` are the reduce (only
+duplicates' edges are held together), and writing the kept samples is a filter in a second pass.
+In-process the group-bys are dicts (`removed_in_memory`); `omni.curate.ray_backend` runs them as
+Ray Data shuffles. `dedup_texts` runs the same functions over plain strings (PAS prompts).
 """
 from __future__ import annotations
 
@@ -34,27 +34,38 @@ import json
 import logging
 import re
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch import MinHash
 from tqdm import tqdm
 
 from omni.curate.common import (
     CurationError,
-    ReadErrors,
     RejectLog,
     ShardSink,
+    Unreadable,
     digest,
     entry_dict,
-    iter_entry,
+    map_samples,
     media_members,
     normalise,
     strip_placeholders,
     write_json,
     write_manifest,
+)
+from omni.curate.components import (
+    Rank,
+    Removal,
+    band_keys,
+    bucket_edges,
+    components,
+    exact_edges,
+    lsh_shape,
 )
 from omni.data.loader import read_meta
 from omni.data.manifest import DatasetEntry, load_manifest
@@ -66,7 +77,6 @@ EXACT_MODES = ("sample", "text", "media", "off")
 SHINGLES = ("word", "char", "auto")
 _TOKEN = re.compile(r"\w+")
 _CJK = re.compile(r"[\u3400-\u9fff]")
-_REMOVED = (-1, "")
 
 
 @dataclass
@@ -150,79 +160,38 @@ class Signer:
         return Signature(exact, minhash)
 
 
-# ---------------------------------------------------------------- reduce: the index
-@dataclass
-class Decision:
-    kind: str                       # "exact" | "near"
-    duplicate_of: int               # id of the kept sample it duplicates
-    similarity: float               # 1.0 for exact; estimated Jaccard for near
+def signature_of(signer: Signer, raw: dict) -> Signature:
+    """The map step over one raw shard sample (raises SampleError for a bad json member)."""
+    return signer(read_meta(raw), raw)
 
 
-class DedupIndex:
-    """Exact digests and the MinHash LSH index of kept samples; first occurrence wins."""
-
-    def __init__(self, cfg: DedupConfig):
-        self.cfg = cfg
-        self.exact: dict[bytes, int] = {}
-        self.lsh = (MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, params=cfg.lsh_params)
-                    if cfg.near else None)
-        self._rows: list[np.ndarray] = []       # kept signatures in chunks of _CHUNK rows
-        self._row_of: dict[int, int] = {}       # sample id -> row in the chunks
-        self.kept = 0
-
-    _CHUNK = 4096
-
-    def _signature(self, row: int) -> np.ndarray:
-        return self._rows[row // self._CHUNK][row % self._CHUNK]
-
-    def _store(self, sid: int, hv: np.ndarray) -> None:
-        row = len(self._row_of)
-        if row % self._CHUNK == 0:
-            self._rows.append(np.empty((self._CHUNK, self.cfg.num_perm), np.uint32))
-        self._rows[-1][row % self._CHUNK] = hv
-        self._row_of[sid] = row
-
-    def add(self, sid: int, sig: Signature) -> Decision | None:
-        """Decide sample `sid` (ids increase in stream order): None = keep (and index it)."""
+# ---------------------------------------------------------------- reduce: components
+def removed_in_memory(signatures: Iterable[tuple[Rank, Signature]], cfg: DedupConfig) -> dict[Rank, Removal]:
+    """The in-process reduce: digests and LSH band buckets as dicts, then `components` (the Ray
+    path runs the same group-bys as shuffles)."""
+    bands, rows = lsh_shape(cfg.threshold, cfg.num_perm, cfg.lsh_params)
+    by_digest: dict[bytes, list[Rank]] = defaultdict(list)
+    buckets: dict[str, list[tuple[Rank, np.ndarray]]] = defaultdict(list)
+    for rank, sig in signatures:
         if sig.exact is not None:
-            first = self.exact.get(sig.exact)
-            if first is not None:
-                return Decision("exact", first, 1.0)
-        if self.lsh is not None and sig.minhash is not None:
-            probe = LeanMinHash(seed=self.cfg.seed, hashvalues=sig.minhash, scheme="affine32")
-            candidates = self.lsh.query(probe)
-            if candidates:
-                rows = np.stack([self._signature(self._row_of[c]) for c in candidates])
-                sims = (rows == sig.minhash).mean(axis=1)
-                best = int(np.argmax(sims))
-                if not self.cfg.verify or sims[best] >= self.cfg.threshold:
-                    return Decision("near", int(candidates[best]), float(sims[best]))
-            self.lsh.insert(sid, probe, check_duplication=False)
-            self._store(sid, sig.minhash)
-        if sig.exact is not None:
-            self.exact[sig.exact] = sid
-        self.kept += 1
-        return None
-
-    @property
-    def bytes_per_sample(self) -> int:
-        """Signature storage per kept sample (the LSH buckets come on top; see docs/benchmarks.md)."""
-        return 4 * self.cfg.num_perm
+            by_digest[sig.exact].append(rank)
+        if cfg.near and sig.minhash is not None:
+            for key in band_keys(sig.minhash, bands, rows):
+                buckets[key].append((rank, sig.minhash))
+    edges = [e for ranks in by_digest.values() if len(ranks) > 1 for e in exact_edges(ranks)]
+    edges += [e for members in buckets.values() if len(members) > 1
+              for e in bucket_edges(members, cfg.threshold, cfg.verify)]
+    return components(edges)
 
 
 def dedup_texts(texts: list[str], cfg: DedupConfig) -> tuple[list[str], list[tuple[str, str]]]:
-    """Plain strings through the same `Signer` and `DedupIndex` as `dedup`, each text a one-message
+    """Plain strings through the same `Signer` and components as `dedup`, each text a one-message
     document without media: (kept texts in order, [(removed text, the kept text it duplicates)])."""
-    signer, index = Signer(cfg), DedupIndex(cfg)
-    kept: dict[int, str] = {}
-    dropped = []
-    for sid, text in enumerate(texts):
-        decision = index.add(sid, signer({"messages": [{"role": "user", "content": text}]}, {}))
-        if decision is None:
-            kept[sid] = text
-        else:
-            dropped.append((text, kept[decision.duplicate_of]))
-    return list(kept.values()), dropped
+    signer = Signer(cfg)
+    removed = removed_in_memory((((0, 0, i), signer({"messages": [{"role": "user", "content": t}]}, {}))
+                                 for i, t in enumerate(texts)), cfg)
+    kept = [t for i, t in enumerate(texts) if (0, 0, i) not in removed]
+    return kept, [(texts[rank[2]], texts[r.kept[2]]) for rank, r in sorted(removed.items())]
 
 
 # ---------------------------------------------------------------- the verb
@@ -259,83 +228,93 @@ class DedupResult:
 
 def dedup(manifest: str | Path, out_dir: str | Path, cfg: DedupConfig, split: str | None = None,
           datasets: list[str] | None = None, samples_per_shard: int = 5000, shard_bytes: float = 5e8,
-          dry_run: bool = False, progress: bool = True, top_clusters: int = 20) -> DedupResult:
-    """Stream every selected entry once; write kept samples as new shards plus a manifest, and
-    reports: `reports/dedup.json` (counts per dataset, cluster sizes) and `reports/duplicates.jsonl`
-    (one line per removed sample: its key, kind, and the kept key it duplicates = its cluster)."""
+          dry_run: bool = False, progress: bool = True, top_clusters: int = 20, backend=None) -> DedupResult:
+    """Decide every duplicate (signatures -> components), then stream every selected entry once more
+    and write the kept samples as new shards plus a manifest, and reports: `reports/dedup.json`
+    (counts per dataset, cluster sizes) and `reports/duplicates.jsonl` (one line per removed
+    sample: its key, kind, and the kept key of its cluster). `backend`: None runs in this process;
+    a `RayBackend` (omni/curate/ray_backend.py) runs the maps and group-bys on Ray, same output."""
     cfg.validate()
     m = load_manifest(manifest)
     entries = _select(m, split, datasets)
     out = Path(out_dir)
-    signer, index = Signer(cfg), DedupIndex(cfg)
-    refs: list[tuple[int, str]] = []            # sample id -> (dataset index, key) of kept samples
-    cluster_size: Counter = Counter()           # kept id -> number of removed duplicates
+    start = time.perf_counter()
+    if backend is None:
+        signed = map_samples(entries, partial(signature_of, Signer(cfg)))
+        removed = removed_in_memory(((rank, sig) for rank, _, sig in signed if isinstance(sig, Signature)), cfg)
+        samples = map_samples(entries)
+    else:
+        removed = backend.dedup_removed(entries, cfg)
+        samples = backend.map_samples(entries)
+    roots = {r.kept for r in removed.values()}
+    root_key: dict[Rank, str] = {}
+    cluster_size: Counter = Counter()           # kept rank -> number of removed duplicates
     rejects = RejectLog(out / "reports" / "dedup.rejects.jsonl")
     dup_path = out / "reports" / "duplicates.jsonl"
     dup_path.parent.mkdir(parents=True, exist_ok=True)
-    counts, new_entries = [], []
-    start = time.perf_counter()
+    counts = [DatasetCounts(e.name, e.split) for e in entries]
+    sinks = [None if dry_run else ShardSink(out / "shards", f"{e.name}-{e.split}", samples_per_shard, shard_bytes)
+             for e in entries]
     bar = tqdm(total=sum(e.num_samples for e in entries) or None, unit="sample", desc="dedup", disable=not progress)
     with dup_path.open("w", encoding="utf-8") as dups:
-        for di, entry in enumerate(entries):
-            c = DatasetCounts(entry.name, entry.split)
-            errors = ReadErrors(rejects)
-            sink = None if dry_run else ShardSink(out / "shards", f"{entry.name}-{entry.split}",
-                                                  samples_per_shard, shard_bytes)
-            for raw in iter_entry(entry, errors):
-                bar.update()
-                c.input += 1
-                key = raw.get("__key__", "?")
-                try:
-                    meta = read_meta(raw)
-                except SampleError as e:
-                    c.unreadable += 1
-                    rejects.add(key, "bad_sample", str(e), where=raw.get("__url__"), dataset=entry.name)
-                    continue
-                sid = len(refs)
-                decision = index.add(sid, signer(meta, raw))
-                if decision is None:
-                    refs.append((di, key))
-                    c.kept += 1
-                    if sink is not None:
-                        sink.write(raw)
-                    continue
-                refs.append(_REMOVED)  # removed samples keep their id slot only (never referenced)
-                rep_di, rep_key = refs[decision.duplicate_of]
-                cluster_size[decision.duplicate_of] += 1
-                c.duplicate_of[entries[rep_di].name] += 1
-                if decision.kind == "exact":
-                    c.exact_removed += 1
-                else:
-                    c.near_removed += 1
-                dups.write(json.dumps({
-                    "dataset": entry.name, "split": entry.split, "key": key, "shard": raw.get("__url__"),
-                    "kind": decision.kind, "similarity": round(decision.similarity, 4),
-                    "duplicate_of": {"dataset": entries[rep_di].name, "split": entries[rep_di].split,
-                                     "key": rep_key},
-                }, ensure_ascii=False) + "\n")
-            c.unreadable += errors.count
-            counts.append(c)
-            if sink is not None:
-                sink.close()
-                if sink.count:
-                    new_entries.append(entry_dict(entry, urls=sink.urls(out), num_samples=sink.count))
-                else:
-                    log.warning("dedup: dataset %s/%s has no sample left; left out of the manifest",
-                                entry.name, entry.split)
-            bar.set_postfix(kept=index.kept, removed=len(refs) - index.kept, refresh=False)
+        for rank, raw, _ in samples:
+            di = rank[0]
+            entry, c = entries[di], counts[di]
+            if isinstance(raw, Unreadable):
+                c.unreadable += 1
+                rejects.add("?", "unreadable", str(raw), dataset=entry.name)
+                continue
+            bar.update()
+            c.input += 1
+            key = raw.get("__key__", "?")
+            try:
+                read_meta(raw)
+            except SampleError as e:
+                c.unreadable += 1
+                rejects.add(key, "bad_sample", str(e), where=raw.get("__url__"), dataset=entry.name)
+                continue
+            r = removed.get(rank)
+            if r is None:
+                if rank in roots:
+                    root_key[rank] = key
+                c.kept += 1
+                if sinks[di] is not None:
+                    sinks[di].write(raw)
+                continue
+            rep = entries[r.kept[0]]
+            cluster_size[r.kept] += 1
+            c.duplicate_of[rep.name] += 1
+            if r.kind == "exact":
+                c.exact_removed += 1
+            else:
+                c.near_removed += 1
+            dups.write(json.dumps({
+                "dataset": entry.name, "split": entry.split, "key": key, "shard": raw.get("__url__"),
+                "kind": r.kind, "similarity": round(r.similarity, 4),
+                "duplicate_of": {"dataset": rep.name, "split": rep.split, "key": root_key[r.kept]},
+            }, ensure_ascii=False) + "\n")
     bar.close()
     rejects.close()
+    new_entries = []
+    for entry, sink in zip(entries, sinks):
+        if sink is None:
+            continue
+        sink.close()
+        if sink.count:
+            new_entries.append(entry_dict(entry, urls=sink.urls(out), num_samples=sink.count))
+        else:
+            log.warning("dedup: dataset %s/%s has no sample left; left out of the manifest", entry.name, entry.split)
     seconds = time.perf_counter() - start
-    largest = [{"dataset": entries[refs[sid][0]].name, "key": refs[sid][1], "duplicates": n}
-               for sid, n in cluster_size.most_common(top_clusters)]
+    largest = [{"dataset": entries[rank[0]].name, "key": root_key[rank], "duplicates": n}
+               for rank, n in sorted(cluster_size.items(), key=lambda kv: (-kv[1], kv[0]))[:top_clusters]]
     sizes = Counter(n + 1 for n in cluster_size.values())
     manifest_out = None
     if not dry_run:
         manifest_out = write_manifest(out / "manifest.yaml", f"{m.name}-dedup", new_entries, replace=True)
     report = {
         "manifest_in": str(manifest), "manifest_out": str(manifest_out) if manifest_out else None,
-        "config": asdict(cfg), "lsh_bands_rows": [index.lsh.b, index.lsh.r] if index.lsh else None,
+        "config": asdict(cfg),
+        "lsh_bands_rows": list(lsh_shape(cfg.threshold, cfg.num_perm, cfg.lsh_params)) if cfg.near else None,
         "datasets": [{**{k: v for k, v in asdict(c).items() if k != "duplicate_of"},
                       "removed": c.exact_removed + c.near_removed,
                       "duplicate_of_dataset": dict(c.duplicate_of)} for c in counts],

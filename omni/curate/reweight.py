@@ -39,6 +39,7 @@ import re
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +47,13 @@ from tqdm import tqdm
 
 from omni.curate.common import (
     CurationError,
-    ReadErrors,
     Reject,
     RejectLog,
     ShardSink,
+    Unreadable,
     conversation_text,
     entry_dict,
-    iter_entry,
+    map_samples,
     media_members,
     safe_name,
     write_json,
@@ -293,9 +294,11 @@ def reweight(manifest: str | Path, out_dir: str | Path, by: str = "source", alph
              boosts: dict[str, float] | None = None, quality: QualityConfig | None = None,
              split: str = "train", datasets: list[str] | None = None, clusters: int = 8,
              fit_samples: int = 5000, max_groups: int = 64, samples_per_shard: int = 5000,
-             shard_bytes: float = 5e8, dry_run: bool = False, progress: bool = True, seed: int = 0) -> ReweightResult:
+             shard_bytes: float = 5e8, dry_run: bool = False, progress: bool = True, seed: int = 0,
+             backend=None) -> ReweightResult:
     """Filter, group and reweight the `split` datasets of `manifest` into `out_dir` (shards, manifest,
-    reports/reweight.json with counts and old/new mixture shares, reports/reweight.rejects.jsonl)."""
+    reports/reweight.json with counts and old/new mixture shares, reports/reweight.rejects.jsonl).
+    `backend`: None runs here; a `RayBackend` runs the filters and cluster labels on Ray."""
     if by not in BY_CHOICES[:-1] and not (by.startswith("json:") and len(by) > 5):
         raise CurationError(f"--by {by!r}: choose one of {list(BY_CHOICES)}")
     if not math.isfinite(alpha) or alpha < 0:
@@ -309,50 +312,53 @@ def reweight(manifest: str | Path, out_dir: str | Path, by: str = "source", alph
     model = None
     if by == "cluster":
         model = TextClusters(clusters, fit_samples=fit_samples, seed=seed).fit(
-            _passing_texts(entries, quality, progress))
+            _passing_texts(entries, quality, progress, backend))
     rejects = RejectLog(out / "reports" / "reweight.rejects.jsonl")
     sinks: dict[tuple[str, str], ShardSink] = {}
     seen_modalities: dict[tuple[str, str], set[str]] = {}
-    n_in: dict[str, int] = {}
     bar = tqdm(total=sum(e.num_samples for e in entries) or None, unit="sample", desc="reweight",
                disable=not progress)
     by_entry = {e.name: e for e in entries}
+    groups_of: dict[str, set[str]] = {e.name: set() for e in entries}
+    n_in = {e.name: 0 for e in entries}
+    judge = partial(judge_sample, quality=quality, clusters=model)
+    samples = map_samples(entries, judge) if backend is None else backend.map_samples(entries, judge)
     try:
-        for entry in entries:
-            n_in[entry.name] = 0
-            groups_here: set[str] = set()
-            for raw in iter_entry(entry, ReadErrors(rejects)):
-                bar.update()
-                n_in[entry.name] += 1
-                key = raw.get("__key__", "?")
-                try:
-                    meta = read_meta(raw)
-                    quality_check(meta["messages"], quality)
-                except SampleError as e:
-                    rejects.add(key, "bad_sample", str(e), where=raw.get("__url__"), dataset=entry.name)
-                    continue
-                except Reject as r:
-                    rejects.add(key, r.code, r.reason, where=raw.get("__url__"), dataset=entry.name)
-                    continue
-                group = group_of(by, meta, entry, model)
-                unit = (entry.name, group)
-                if unit not in sinks:
-                    groups_here.add(group)
-                    if len(groups_here) > max_groups:
-                        raise CurationError(
-                            f"dataset {entry.name}: more than {max_groups} groups by {by!r} "
-                            f"(e.g. {sorted(groups_here)[:5]}); pick a coarser field or raise --max-groups")
-                    stem = f"{entry.name}-{entry.split}"
-                    if by != "dataset":
-                        stem += f"-{_slug(group)}"
-                    sinks[unit] = ShardSink(out / "shards", stem, samples_per_shard, shard_bytes)
-                    seen_modalities[unit] = set()
-                sink = sinks[unit]
-                if dry_run:
-                    sink.count += 1
-                else:
-                    sink.write(raw)
-                seen_modalities[unit] |= {kind for kind, _, _, _ in media_members(raw)}
+        for (di, _, _), raw, verdict in samples:
+            entry = entries[di]
+            if isinstance(raw, Unreadable):
+                rejects.add("?", "unreadable", str(raw))
+                continue
+            bar.update()
+            n_in[entry.name] += 1
+            key = raw.get("__key__", "?")
+            if isinstance(verdict, SampleError):
+                rejects.add(key, "bad_sample", str(verdict), where=raw.get("__url__"), dataset=entry.name)
+                continue
+            if isinstance(verdict, Reject):
+                rejects.add(key, verdict.code, verdict.reason, where=raw.get("__url__"), dataset=entry.name)
+                continue
+            meta, label = verdict
+            group = label if label is not None else group_of(by, meta, entry)
+            unit = (entry.name, group)
+            if unit not in sinks:
+                groups_here = groups_of[entry.name]
+                groups_here.add(group)
+                if len(groups_here) > max_groups:
+                    raise CurationError(
+                        f"dataset {entry.name}: more than {max_groups} groups by {by!r} "
+                        f"(e.g. {sorted(groups_here)[:5]}); pick a coarser field or raise --max-groups")
+                stem = f"{entry.name}-{entry.split}"
+                if by != "dataset":
+                    stem += f"-{_slug(group)}"
+                sinks[unit] = ShardSink(out / "shards", stem, samples_per_shard, shard_bytes)
+                seen_modalities[unit] = set()
+            sink = sinks[unit]
+            if dry_run:
+                sink.count += 1
+            else:
+                sink.write(raw)
+            seen_modalities[unit] |= {kind for kind, _, _, _ in media_members(raw)}
     finally:
         bar.close()
         rejects.close()
@@ -393,19 +399,26 @@ def reweight(manifest: str | Path, out_dir: str | Path, by: str = "source", alph
     return result
 
 
-def _passing_texts(entries: list[DatasetEntry], quality: QualityConfig, progress: bool):
-    """Pass 1 of --by cluster: the conversation text of every sample that passes the filters."""
+def judge_sample(raw: dict, quality: QualityConfig, clusters: TextClusters | None = None) -> tuple[dict, str | None]:
+    """The map step: (meta, cluster label or None) of a sample that passes the filters; raises
+    Reject (a filter) or SampleError (bad json)."""
+    meta = read_meta(raw)
+    quality_check(meta["messages"], quality)
+    return meta, clusters.label(conversation_text(meta["messages"])) if clusters is not None else None
+
+
+def _passing_texts(entries: list[DatasetEntry], quality: QualityConfig, progress: bool, backend=None):
+    """Pass 1 of --by cluster: the conversation text of every sample that passes the filters, in order."""
     bar = tqdm(total=sum(e.num_samples for e in entries) or None, unit="sample", desc="cluster fit",
                disable=not progress)
-    for entry in entries:
-        for raw in iter_entry(entry):
-            bar.update()
-            try:
-                meta = read_meta(raw)
-                quality_check(meta["messages"], quality)
-            except (SampleError, Reject):
-                continue
-            yield conversation_text(meta["messages"])
+    judge = partial(judge_sample, quality=quality)
+    samples = map_samples(entries, judge) if backend is None else backend.map_samples(entries, judge, keep_raw=False)
+    for _, raw, verdict in samples:
+        if isinstance(raw, Unreadable):
+            continue
+        bar.update()
+        if isinstance(verdict, tuple):
+            yield conversation_text(verdict[0]["messages"])
     bar.close()
 
 

@@ -26,6 +26,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,9 @@ from tqdm import tqdm
 
 from omni.curate.common import (
     CurationError,
-    ReadErrors,
+    Unreadable,
     conversation_text,
-    iter_entry,
+    map_samples,
     media_members,
     write_json,
 )
@@ -209,8 +210,19 @@ class StatsResult:
     seconds: float
 
 
+def _measure(raw: dict, counter: TokenCounter) -> SampleStats | SampleError:
+    """The map step with every failure as a value: any decoder error means a bad sample, never a stop."""
+    try:
+        return sample_stats(read_meta(raw), raw, counter)
+    except Exception as e:  # noqa: BLE001 - a bad sample is counted and logged, never fatal
+        return SampleError(f"{raw.get('__key__', '?')}: {e}")
+
+
 def collect(manifest: str | Path, counter: TokenCounter, split: str | None = None,
-            datasets: list[str] | None = None, limit: int | None = None, progress: bool = True) -> list[DatasetStats]:
+            datasets: list[str] | None = None, limit: int | None = None, progress: bool = True,
+            backend=None) -> list[DatasetStats]:
+    """Per-dataset stats of every selected sample (the first `limit` per dataset); `backend`: None
+    measures here, a `RayBackend` on Ray (the counts are added up here in the same order)."""
     m = load_manifest(manifest)
     entries = [d for d in m.datasets if (split is None or d.split == split) and (not datasets or d.name in datasets)]
     missing = sorted(set(datasets or []) - {d.name for d in entries})
@@ -219,21 +231,23 @@ def collect(manifest: str | Path, counter: TokenCounter, split: str | None = Non
                             f"in split {split or 'any'}; available: {sorted({d.name for d in m.datasets})}")
     total = sum(min(e.num_samples, limit) if limit else e.num_samples for e in entries)
     bar = tqdm(total=total or None, unit="sample", desc="stats", disable=not progress)
-    out = []
-    for entry in entries:
-        st = DatasetStats(entry.name, entry.split, manifest_samples=entry.num_samples)
-        errors = ReadErrors()
-        for raw in iter_entry(entry, errors):
-            if limit is not None and st.samples + st.bad >= limit:
-                break
-            bar.update()
-            try:
-                st.add(sample_stats(read_meta(raw), raw, counter))
-            except Exception as e:  # noqa: BLE001 - a bad sample is counted and logged, never fatal
-                st.bad += 1
-                log.warning("stats: %s %s: %s", entry.name, raw.get("__key__", "?"), e)
-        st.bad += errors.count
-        out.append(st)
+    out = [DatasetStats(e.name, e.split, manifest_samples=e.num_samples) for e in entries]
+    measure = partial(_measure, counter=counter)
+    samples = (map_samples(entries, measure, limit) if backend is None
+               else backend.map_samples(entries, measure, keep_raw=False, limit=limit))
+    for (di, _, p), raw, result in samples:
+        st = out[di]
+        if limit is not None and st.samples + st.bad >= limit:
+            continue                        # past the limit: the rest of this dataset is not counted
+        if isinstance(raw, Unreadable):
+            st.bad += 1
+            continue
+        bar.update()
+        if isinstance(result, SampleStats):
+            st.add(result)
+        else:
+            st.bad += 1
+            log.warning("stats: %s sample %d: %s", st.name, p, result)
     bar.close()
     return out
 
@@ -299,13 +313,13 @@ def plot(stats: list[DatasetStats], path: Path, title: str) -> Path:
 
 def stats(manifest: str | Path, out_dir: str | Path, preset: str = "7b", model_dir: str | None = None,
           split: str | None = None, datasets: list[str] | None = None, limit: int | None = None,
-          progress: bool = True) -> StatsResult:
+          progress: bool = True, backend=None) -> StatsResult:
     """Write `stats.md` (table), `stats.json` (everything, histograms included) and `stats.png`."""
     start = time.perf_counter()
     counter = TokenCounter.from_model_dir(model_dir) if model_dir else TokenCounter.from_preset(preset)
     text_unit = f"tokenizer of {model_dir} (chat template)" if model_dir else "whitespace words"
     source = f"model {model_dir}" if model_dir else f"preset {preset}"
-    result = collect(manifest, counter, split, datasets, limit, progress)
+    result = collect(manifest, counter, split, datasets, limit, progress, backend)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(result, source, text_unit)

@@ -196,3 +196,29 @@ def test_dedup_texts_exact_near_and_cjk():
     kept, dropped = dedup_texts(texts, DedupConfig(exact="text", near=False))
     assert kept == [long, *texts[2:]] and dropped == [(texts[1], long)]
     assert dedup_texts(texts[4:], DedupConfig(exact="text", shingle="word"))[0] == texts[4:]  # CJK: one "word"
+
+
+def chain_texts():
+    """A~B and B~C above the threshold, A~C below it (100 words shifted by 10: 3-gram Jaccard ~0.82
+    and ~0.66; the estimates are asserted where used)."""
+    words = [f"w{i}" for i in range(120)]
+    return [" ".join(words[s:s + 100]) for s in (0, 10, 20)]
+
+
+CHAIN_CFG = DedupConfig(exact="text", threshold=0.75)
+
+
+def test_transitive_chain_is_one_cluster():
+    """Connected components: C joins A's cluster through B although C is not similar to A. The old
+    greedy rule (compare each sample with the kept ones only) kept C: B was removed, A~C is below
+    the threshold. docs/decisions.md says why components."""
+    a, b, c = chain_texts()
+    signer = Signer(CHAIN_CFG)
+    sig = {t: signer({"messages": [{"role": "user", "content": t}]}, {}).minhash for t in (a, b, c)}
+    est = lambda x, y: float((sig[x] == sig[y]).mean())  # noqa: E731
+    assert est(a, b) >= 0.75 and est(b, c) >= 0.75 and est(a, c) < 0.75
+    kept, dropped = dedup_texts([a, b, c, "an unrelated prompt about the weather today"], CHAIN_CFG)
+    assert kept == [a, "an unrelated prompt about the weather today"]
+    assert dropped == [(b, a), (c, a)]
+    # the order decides which one is kept: the earliest of the component
+    assert dedup_texts([c, b, a], CHAIN_CFG) == ([c], [(b, c), (a, c)])

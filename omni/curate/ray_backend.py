@@ -1,0 +1,168 @@
+"""`omni data ... --ray auto|local|ADDRESS`: the curation verbs' maps and group-bys on Ray Data.
+
+Each verb stays the one in its own module; it takes this backend in place of its in-process
+loops and gets the same sequence of per-sample results back, so what it writes (shards,
+manifest, reports, rejects) is the same code on the same values:
+
+- `map_samples`: one Ray Data read task per input shard (webdataset's own tar reader,
+  `common.shard_results`) runs the verb's per-sample function where the shard is read; rows come
+  back to the writer in manifest order (`preserve_order`).
+- `map_records`: `build`'s conversion (`convert_record`: JSON -> validated sample, media read and
+  decoded) over blocks of records, a window of records at a time.
+- `dedup_removed`: signatures (map) -> rows keyed by digest and by LSH band key, shuffled by a
+  hash of the key (Ray Data group-bys; each part groups its keys and yields edges, ray_groups.py)
+  -> `components` on the edges only. No process holds every signature; the driver holds the
+  duplicates' edges.
+
+A task whose worker process dies is rerun (Ray Data retries its tasks on system failures, without
+limit), and its rows are delivered once: only the output of the attempt that finished is kept, and
+the one writer (this process) writes what it receives, in order.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from itertools import islice
+
+from omni.curate.common import CurationError, shard_results, shard_urls
+from omni.curate.components import Rank, Removal, components, lsh_shape
+from omni.curate.dedup import DedupConfig, Signature, Signer, signature_of
+from omni.curate.ray_groups import band_rows, bucket_part, digest_rows, edges_of, exact_part
+from omni.data.manifest import DatasetEntry
+
+RECORDS_PER_BLOCK = 256        # build: records per Ray task
+RECORDS_PER_WINDOW = 1 << 16   # build: records listed on the driver at a time
+
+
+@dataclass
+class RayOptions:
+    address: str = "auto"                       # auto | local | ray://HOST:PORT | HOST:PORT
+    num_cpus: int | None = None                 # local only: CPUs of the local instance
+    object_store_bytes: int | None = None       # local only: object store size
+    fault_marker: str | None = None             # tests: the first task to find this file absent exits its worker
+
+
+class RayBackend:
+    """Connects to (or, with `local`, starts) Ray once; an already initialised Ray is reused and left
+    running. As a context manager it shuts down (or disconnects from) the Ray it started."""
+
+    def __init__(self, options: RayOptions | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise CurationError("--ray needs Ray Data: pip install -e .[scale]") from None
+        self.options = opts = options or RayOptions()
+        self.owned = not ray.is_initialized()
+        if self.owned:
+            if opts.address == "local":
+                ray.init(address="local", num_cpus=opts.num_cpus, object_store_memory=opts.object_store_bytes,
+                         include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+            else:
+                try:
+                    ray.init(address=opts.address, logging_level="WARNING", log_to_driver=False)
+                except ConnectionError as e:
+                    raise CurationError(f"--ray {opts.address}: no Ray cluster there ({e}); start one with "
+                                        "`ray start --head` or use --ray local") from None
+        import ray.data
+        logging.getLogger("ray.data").setLevel(logging.WARNING)   # not a line per dataset executed
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        self.data = ray.data
+
+    def close(self) -> None:
+        import ray
+        if self.owned and ray.is_initialized():
+            ray.shutdown()
+        self.owned = False
+
+    def __enter__(self) -> "RayBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ maps
+    def _shards(self, entries: list[DatasetEntry]):
+        items = [{"e": di, "s": si, "url": url} for di, e in enumerate(entries) for si, url in enumerate(shard_urls(e))]
+        return self.data.from_items(items, override_num_blocks=max(1, len(items)))
+
+    def map_samples(self, entries: list[DatasetEntry], fn: Callable | None = None,
+                    keep_raw: bool = True, limit: int | None = None) -> Iterator[tuple]:
+        """The same (rank, raw | Unreadable, result) sequence as `common.map_samples`, mapped on Ray;
+        with `keep_raw=False` the raw sample stays on the worker (None comes back, Unreadable kept).
+        A `limit` caps every shard (its entry's first `limit` samples are the same as in-process; the
+        caller counts them)."""
+        task = partial(_shard_rows, fn=fn, keep_raw=keep_raw, limit=limit, marker=self.options.fault_marker)
+        ds = self._shards(entries).flat_map(task)
+        for row in ds.iter_rows():
+            yield (row["e"], row["s"], row["p"]), pickle.loads(row["raw"]), pickle.loads(row["result"])
+
+    def map_records(self, records: Iterable[tuple], fn: Callable) -> Iterator[tuple]:
+        """(record, fn(*record)) for every record, in order, on Ray (a raised `Reject` comes back as the
+        value); records are taken RECORDS_PER_WINDOW at a time, so the driver never lists them all."""
+        records = iter(records)
+        task = partial(_record_row, fn=fn, marker=self.options.fault_marker)
+        while window := list(islice(records, RECORDS_PER_WINDOW)):
+            blocks = -(-len(window) // RECORDS_PER_BLOCK)
+            ds = self.data.from_items([{"i": i, "record": pickle.dumps(r)} for i, r in enumerate(window)],
+                                      override_num_blocks=blocks)
+            for record, row in zip(window, ds.map(task).iter_rows()):
+                yield record, pickle.loads(row["result"])
+
+    # ------------------------------------------------------------ dedup
+    def dedup_removed(self, entries: list[DatasetEntry], cfg: DedupConfig) -> dict[Rank, Removal]:
+        """Signatures on the workers; group-bys by digest and by band key as shuffles; components here."""
+        sign = partial(_signature_rows, signer=Signer(cfg), marker=self.options.fault_marker)
+        sigs = self._shards(entries).flat_map(sign).materialize()
+        parts = max(1, sigs.num_blocks())
+        edges = []
+        if cfg.exact != "off":
+            digests = sigs.flat_map(partial(digest_rows, parts=parts))
+            edges += edges_of(digests.groupby("part").map_groups(exact_part, batch_format="numpy"))
+        if cfg.near:
+            bands, rows = lsh_shape(cfg.threshold, cfg.num_perm, cfg.lsh_params)
+            banded = sigs.flat_map(partial(band_rows, bands=bands, rows=rows, parts=parts))
+            edges += edges_of(banded.groupby("part").map_groups(
+                partial(bucket_part, threshold=cfg.threshold, verify=cfg.verify), batch_format="numpy"))
+        return components(edges)
+
+
+# ---------------------------------------------------------------- worker-side functions
+def _maybe_fail(marker: str | None) -> None:
+    """Fault injection for the retry test: exit this worker once (the marker file says it happened)."""
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
+def _shard_rows(item: dict, fn, keep_raw: bool, limit: int | None, marker: str | None) -> list[dict]:
+    _maybe_fail(marker)
+    return [{"e": rank[0], "s": rank[1], "p": rank[2],
+             "raw": pickle.dumps(raw if keep_raw or rank[2] < 0 else None), "result": pickle.dumps(result)}
+            for rank, raw, result in shard_results(item["e"], item["s"], item["url"], fn, limit)]
+
+
+def _record_row(row: dict, fn, marker: str | None) -> dict:
+    _maybe_fail(marker)
+    from omni.curate.common import Reject
+    try:
+        result = fn(*pickle.loads(row["record"]))
+    except Reject as r:
+        result = r
+    return {"i": row["i"], "result": pickle.dumps(result)}
+
+
+def _signature_rows(item: dict, signer: Signer, marker: str | None) -> list[dict]:
+    _maybe_fail(marker)
+    out = []
+    for (e, s, p), _, sig in shard_results(item["e"], item["s"], item["url"], partial(signature_of, signer)):
+        if isinstance(sig, Signature):
+            out.append({"e": e, "s": s, "p": p, "exact": (sig.exact or b"").hex(),
+                        "minhash": b"" if sig.minhash is None else sig.minhash.tobytes()})
+    return out
