@@ -2,6 +2,7 @@
 
     omni export --ckpt runs/quickstart --out exports/omni-tiny [--force] [--eval runs/quickstart/eval.json]
     omni export --ckpt runs/quickstart --out exports/omni-tiny --push-to-hub me/omni-tiny [--private]
+    omni export --ckpt runs/lora-stage --out exports/omni-lora --adapter-only    # a LoRA stage's peft adapter
 
 `--ckpt` is any of: a schedule run folder (its `final/`), a stage output folder (`final/`, or
 the newest `checkpoints/step-*` of an unfinished stage), a model folder itself (`final/`,
@@ -288,8 +289,9 @@ def write_export(model, tokenizer, out: Path, prov: Provenance, name: str, licen
 def export_model(ckpt: str | Path, out: str | Path | None, force: bool = False, push_to_hub: str | None = None,
                  private: bool = False, commit_message: str | None = None, *, license: str = "apache-2.0",
                  eval_path: str | Path | None = None, max_shard_size: str | int = "5GB",
-                 dtype: str | None = None, api=None) -> Path:
+                 dtype: str | None = None, api=None, adapter_only: bool = False) -> Path:
     """Export `ckpt` into `out` (see the module docstring); with `push_to_hub`, upload it too.
+    `adapter_only`: a LoRA stage's peft adapter folder instead of the merged model (`write_adapter`).
     `out=None` with `push_to_hub` writes into a temporary folder that is removed after the upload.
     `api`: an `huggingface_hub.HfApi` to upload with (default: one with the usual token lookup)."""
     from omni.files import atomic_dir
@@ -305,7 +307,8 @@ def export_model(ckpt: str | Path, out: str | Path | None, force: bool = False, 
         with tempfile.TemporaryDirectory(prefix="omni-export-") as tmp:
             target = export_model(ckpt, Path(tmp) / "export", push_to_hub=push_to_hub, private=private,
                                   commit_message=commit_message, license=license, eval_path=eval_path,
-                                  max_shard_size=max_shard_size, dtype=dtype, api=api)
+                                  max_shard_size=max_shard_size, dtype=dtype, api=api,
+                                  adapter_only=adapter_only)
             return target
     out = Path(out)
     model_dir, prov = resolve_source(ckpt)
@@ -315,15 +318,38 @@ def export_model(ckpt: str | Path, out: str | Path | None, force: bool = False, 
             prov.eval_path, prov.eval = str(eval_path), read_eval(Path(eval_path))
         except (OSError, ValueError) as e:
             raise ExportError(f"--eval {eval_path}: not an eval.json written by `omni eval` ({e})") from None
-    model, tokenizer = load_model(model_dir)
-    model.eval()
-    with atomic_dir(out) as tmp:
-        write_export(model, tokenizer, tmp, prov, name=push_to_hub or out.name, license=license,
-                     max_shard_size=max_shard_size, dtype=dtype)
+    if adapter_only:
+        with atomic_dir(out) as tmp:
+            write_adapter(model_dir, tmp)
+    else:
+        model, tokenizer = load_model(model_dir)
+        model.eval()
+        with atomic_dir(out) as tmp:
+            write_export(model, tokenizer, tmp, prov, name=push_to_hub or out.name, license=license,
+                         max_shard_size=max_shard_size, dtype=dtype)
     log.info("exported %s -> %s", model_dir, out)
     if push_to_hub:
         push_folder(out, push_to_hub, private=private, commit_message=commit_message, api=api)
     return out
+
+
+def write_adapter(model_dir: Path, out: Path) -> None:
+    """The peft adapter a LoRA stage saved beside its merged model (`final/adapter/`,
+    omni/train/lora.py) into `out`: `peft.PeftModel.from_pretrained(base, out)` loads it on top of
+    the stage's starting model (`base_model_name_or_path` in its adapter_config.json, exported)."""
+    import shutil
+
+    from omni.train.lora import ADAPTER_DIR
+
+    src = model_dir / ADAPTER_DIR
+    files = [src / "adapter_config.json", src / "adapter_model.safetensors"]
+    if not all(f.is_file() for f in files):
+        raise ExportError(f"--adapter-only: {model_dir} has no LoRA adapter ({ADAPTER_DIR}/adapter_config.json + "
+                          "adapter_model.safetensors; a stage with lora.rank > 0 writes one); export the model "
+                          "without --adapter-only")
+    for f in files:
+        shutil.copy2(f, out / f.name)
+    _check_no_pickles(out)
 
 
 # ---- the Hub ------------------------------------------------------------------------------
@@ -368,7 +394,8 @@ def _export_cmd(args) -> None:
     try:
         out = export_model(args.ckpt, args.out, force=args.force, push_to_hub=args.push_to_hub,
                            private=args.private, commit_message=args.commit_message, license=args.license,
-                           eval_path=args.eval, max_shard_size=args.max_shard_size, dtype=args.dtype)
+                           eval_path=args.eval, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                           adapter_only=args.adapter_only)
     except ExportError as e:
         sys.exit(f"export error: {e}")
     if args.out:
@@ -395,5 +422,8 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval", help="eval.json (omni eval) for the card; default: one found beside the run")
     p.add_argument("--max-shard-size", type=shard_size, default="5GB", help="safetensors shard size, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--dtype", choices=DTYPES, help="cast floating weights (default: as trained)")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA stage's peft adapter folder (PeftModel.from_pretrained on the exported base) "
+                        "instead of the merged model")
     p.set_defaults(func=_export_cmd)
     return p

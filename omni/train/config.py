@@ -18,6 +18,7 @@ from omni.config import ConfigError, load_config
 from omni.data.config import DataConfig
 from omni.presets import PRESETS
 from omni.train.engines import ENGINES, ZERO_STAGES
+from omni.train.lora import LoraSection
 from omni.train.optim import OptimConfig
 from omni.train.trackers import check_trackers
 
@@ -60,7 +61,7 @@ class LogConfig:
 @dataclass
 class StageConfig:
     name: str
-    trainable: list[str]                # globs over parameter names, e.g. "projectors.image.*"
+    trainable: list[str]                # globs over parameter names, e.g. "projectors.image.*" (trained fully)
     data: DataConfig
     steps: int
     method: str = "sft"                 # the objective, a name of omni/align/objectives OBJECTIVES; its section below
@@ -80,6 +81,7 @@ class StageConfig:
     sft: SFTSection = field(default_factory=SFTSection)
     dpo: DPOSection = field(default_factory=DPOSection)
     rm: RMSection = field(default_factory=RMSection)
+    lora: LoraSection = field(default_factory=LoraSection)  # adapters on the layers lora.targets names (omni/train/lora.py)
 
     def __post_init__(self):
         if self.method not in OBJECTIVES:
@@ -95,8 +97,10 @@ class StageConfig:
                               "for a streamed manifest set dpo.precompute_ref: false")
         if self.eval_interval < 0:
             raise ConfigError("eval_interval must be >= 0")
-        if not self.trainable:
-            raise ConfigError("trainable: list at least one parameter glob (e.g. 'projectors.*')")
+        if not self.trainable and not self.lora.enabled:
+            raise ConfigError("trainable: list at least one parameter glob (e.g. 'projectors.*'), or set lora.rank")
+        if self.lora.enabled and self.method == "rm":
+            raise ConfigError("lora: method rm trains a reward wrapper; LoRA runs with method sft or dpo")
         if self.steps < 1:
             raise ConfigError("steps must be >= 1")
         if self.engine not in ENGINES:

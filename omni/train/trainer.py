@@ -43,6 +43,7 @@ from omni.train.checkpoint import (
 from omni.train.config import StageConfig
 from omni.train.engines import build_engine, write_engine_config
 from omni.train.flops import FlopCounter, peak_tflops
+from omni.train.lora import apply_lora, check_full_training, save_lora_final, trainable_globs
 from omni.train.optim import set_trainable
 from omni.train.trackers import Trackers
 
@@ -101,13 +102,15 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
                              (saved["world_size"], world.size))
     model, tokenizer = init_model(cfg, skeleton=engine.weights_from_rank0 and not world.main)
     check_same_model(world, model)  # before rank 0's weights go anywhere
+    adapted = apply_lora(model, cfg.lora) if cfg.lora.enabled else []
     # the backend for the dtype the forwards run in (autocast's under bf16): FlashAttention-2 never in fp32
     log.info("stage %s: %s attention", cfg.name, model.use_attention(PRECISION_DTYPE[cfg.precision], world.device))
     processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
     records = training_records(cfg.data)
     evals = held_out(cfg.data)
     module = objective.prepare(model, tokenizer, processor, out_dir, records, evals, world)
-    trainable = set_trainable(module, objective.trainable(list(cfg.trainable)))
+    trainable = set_trainable(module, objective.trainable(trainable_globs(cfg.lora, cfg.trainable)))
+    full_trained = check_full_training(trainable) if adapted else []
     if cfg.activation_checkpointing:
         model.enable_activation_checkpointing()
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -259,8 +262,12 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
     if world.main and evals:
         (out_dir / "eval.json").write_text(json.dumps({"before": first, "after": last}, indent=2))
     full = engine.full_state_dict()  # every rank takes part in gathering a sharded model
-    if world.main:
+    if world.main and adapted:  # merged into final/, the peft adapter into final/adapter/
+        save_lora_final(model, init_model(cfg, skeleton=True)[0], tokenizer, out_dir / FINAL, full, cfg.lora,
+                        adapted, full_trained, cfg.init_from)
+    elif world.main:
         save_model_dir(module, tokenizer, out_dir / FINAL, full)
+    if world.main:
         log.info("stage %s done in %.1f s -> %s", cfg.name, time.time() - t0, out_dir / FINAL)
     world.barrier()
     return out_dir / FINAL
