@@ -87,6 +87,7 @@ class Engine:
 
     # ---- set-up ----------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> None:
+        self.hold_frozen_in_bf16(model)
         model.to(self.world.device)
         self.model = model
         if self.world.size > 1:
@@ -98,6 +99,15 @@ class Engine:
             self.module = model
         self.optimizer = build_optimizer(model, self.cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.steps)
+
+    def hold_frozen_in_bf16(self, model: nn.Module) -> None:
+        """Under `precision: bf16`, frozen parameters are held in bf16 (omni.model.generate.hold_frozen_in):
+        autocast computes with bf16 copies of them anyway. ddp only: FSDP2 already gathers the LLM
+        in bf16 and shards the rest, and ZeRO partitions flat fp32 buffers (docs/decisions.md)."""
+        if self.cfg.precision == "bf16":
+            from omni.model.generate import hold_frozen_in
+
+            log.info("bf16: %.1fM frozen parameters held in bf16", hold_frozen_in(model, torch.bfloat16) / 1e6)
 
     # ---- one step --------------------------------------------------------------------------
     def autocast(self):
