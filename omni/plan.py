@@ -89,7 +89,7 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     model = stage_meta_model(cfg)
     names = {n: p.numel() for n, p in model.named_parameters()}
     trains = lambda name: any(fnmatch.fnmatchcase(name, g) for g in cfg.trainable)  # noqa: E731
-    trainable = sum(n for name, n in names.items() if trains(name))
+    trainable, total = sum(n for name, n in names.items() if trains(name)), sum(names.values())
     frozen_bytes = 2 if cfg.precision == "bf16" and engine in ("ddp", "fsdp2") else 4
     weight_bytes = sum(p.numel() * (4 if trains(f"{m}.{n}".lstrip(".")) or computes_in_fp32(mod) else frozen_bytes)
                        for m, mod in model.named_modules() for n, p in mod.named_parameters(recurse=False))
@@ -113,7 +113,8 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     act += transformer_activation_bytes(audio.positional_embedding.shape[0], b, model.encoders["audio"].out_dim,
                                         audio.blocks[0].attn.n_head, len(audio.blocks), ckpt, width, eager)
     rows = [
-        (f"weights (fp32{', frozen bf16' if frozen_bytes == 2 else ''})", weight_bytes / shard_w / GIB),
+        (f"weights (fp32{', frozen bf16' if frozen_bytes == 2 and trainable < total else ''})",
+         weight_bytes / shard_w / GIB),
         ("gradients (fp32)", trainable * 4 / shard_g / GIB),
         ("optimizer (AdamW moments)", trainable * 8 / shard_o / GIB),
     ]
