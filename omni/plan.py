@@ -11,10 +11,12 @@ Accounting as omni's engines hold memory (bytes; N = data-parallel GPUs):
   FSDP2 also shard the weights (each across N), and then hold gathered copies while a unit runs:
   the root unit (embeddings, LM head, projectors) through the step plus the two largest other
   units (the running one and the prefetched next), bf16 under FSDP2's bf16 policy, else fp32;
-- activations of one micro-batch, per transformer (LLM over its tokens, vision tower over its tiles,
-  audio tower over its windows): s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit (Korthikanti et al.
-  2022, "Reducing Activation Recomputation", no sequence parallelism; the 5*a*s/h score term only
-  for eager attention), or 2*s*b*h per layer plus one full layer with activation checkpointing;
+- activations of one micro-batch, per transformer (LLM over its rows of tokens, vision tower over
+  its samples' tiles, audio tower over their windows; a packed micro-batch is one row of
+  `tokens_per_pack` tokens holding `micro_batch` samples and all their media):
+  s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit (Korthikanti et al. 2022, "Reducing Activation
+  Recomputation", no sequence parallelism; the 5*a*s/h score term only for eager attention), or
+  2*s*b*h per layer plus one full layer with activation checkpointing;
   doubled in fp32;
 - logits: b*s*V*4 bytes (the fp32 logits the loss reads), or, above `CHUNKED_ABOVE_LOGITS`, one
   chunk's fp32 logits and their gradient (omni/model/lm_loss.py).
@@ -97,8 +99,11 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     shard_w, shard_g, shard_o = (gpus if s else 1 for s in LAYOUTS[engine])
 
     llm = model.llm.config
+    # a packed micro-batch is one row of tokens_per_pack tokens holding all micro_batch samples:
+    # the LLM runs 1 row, the towers every sample's media all the same
     tokens = cfg.batch.tokens_per_pack or seq_len
-    b, ckpt = cfg.batch.micro_batch if not cfg.batch.tokens_per_pack else 1, cfg.activation_checkpointing
+    samples, ckpt = cfg.batch.micro_batch, cfg.activation_checkpointing
+    b = 1 if cfg.batch.tokens_per_pack else samples
     image = model.encoders["image"]
     vis_blocks = [m for m in image.modules() if type(m).__name__ in ("ResidualAttentionBlock", "Block")]
     vis_heads = next(getattr(m, "num_heads") for m in image.modules() if hasattr(m, "num_heads"))
@@ -107,10 +112,10 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     act = transformer_activation_bytes(tokens, b, llm.hidden_size, llm.num_attention_heads,
                                        llm.num_hidden_layers, ckpt, width, eager)
     cfg_tiles = max(1, model.config.anyres.max_tiles + int(model.config.anyres.thumbnail))
-    tiles = b * cfg_tiles
+    tiles = samples * cfg_tiles
     act += transformer_activation_bytes(image.num_patches, tiles, image.out_dim, vis_heads,
                                         len(vis_blocks), ckpt, width, eager)
-    act += transformer_activation_bytes(audio.positional_embedding.shape[0], b, model.encoders["audio"].out_dim,
+    act += transformer_activation_bytes(audio.positional_embedding.shape[0], samples, model.encoders["audio"].out_dim,
                                         audio.blocks[0].attn.n_head, len(audio.blocks), ckpt, width, eager)
     rows = [
         (f"weights (fp32{', frozen bf16' if frozen_bytes == 2 and trainable < total else ''})",
@@ -123,7 +128,7 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
         rows.append(("gathered units (root + 2 largest)", _gathered_params(model) * gathered / GIB))
     logits = b * tokens * llm.vocab_size
     rows += [
-        (f"activations (b={b}, {tokens} tok, {cfg_tiles} tiles)", act / GIB),
+        (f"activations (b={b}, {tokens} tok, {samples} x {cfg_tiles} tiles)", act / GIB),
         ("logits (fp32, chunked)", 2 * CHUNK_LOGITS * 4 / GIB) if logits > CHUNKED_ABOVE_LOGITS
         else ("logits (fp32)", logits * 4 / GIB),
     ]

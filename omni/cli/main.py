@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("consolidate", help="a checkpoint of any engine (ddp, fsdp2, deepspeed) -> a model folder "
                                            "for export, chat, eval and init_from")
     p.add_argument("ckpt", help="a checkpoint folder, e.g. runs/sft/checkpoints/step-00000300")
-    p.add_argument("--out", required=True, help="the model folder to write (new or empty)")
+    p.add_argument("--out", required=True, type=out_folder, help="the model folder to write (new or empty)")
     p.set_defaults(func=_consolidate)
 
     p = sub.add_parser("eval", help="held-out accuracy per modality vs chance and blanked media")
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from omni.cli.align import add_align_commands
     from omni.cli.data import add_data_commands
-    from omni.demo.app import add_demo_command
+    from omni.cli.demo import add_demo_command
     from omni.export.writer import add_export_command
 
     add_data_commands(sub)

@@ -1,6 +1,6 @@
 """Real-time browser demo (Gradio, single process), launched by `omni demo`.
 
-`app` holds the UI (`build_app` returns the gr.Blocks, `launch` serves it, `add_demo_command`
+`app` holds the UI (`build_app` returns the gr.Blocks, `launch` serves it; omni/cli/demo.py
 registers the verb); `session` the UI-free parts (rolling webcam window, energy VAD, upload
 checks, conversation); `sessions` the browser sessions and what bounds and frees their memory;
 `engine` the model side (frames encoded ahead, streamed answers with TTFT

@@ -14,7 +14,6 @@ are shown under the chat and logged. See docs/demo.md.
 """
 from __future__ import annotations
 
-import argparse
 import atexit
 import logging
 import os
@@ -44,6 +43,10 @@ def resolve_model_dir(model: str | None) -> Path:
     if not path.is_dir():
         hint = " (`make quickstart` writes it)" if path == QUICKSTART_MODEL else ""
         sys.exit(f"--model {model}: no such folder{hint}")
+    from omni.model.load import consolidate_first
+
+    if consolidate_first(path):
+        sys.exit(f"--model {consolidate_first(path)}")
     if not ((path / "omni_config.json").is_file() or (path / "config.json").is_file()):
         sys.exit(f"--model {model}: not a model folder (expected omni_config.json, as in a stage's final/ "
                  "or a checkpoint, or an `omni export` folder)")
@@ -317,36 +320,3 @@ def launch(model_dir: str | Path | None = None, host: str = "127.0.0.1", port: i
     demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(demo.omni_tmp)],
                 show_error=True, max_file_size="200mb", footer_links=[], theme=theme, ssr_mode=False)
     return demo
-
-
-# ---- command line -----------------------------------------------------------------------------
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from omni.inference import add_placement_arguments
-
-    p.add_argument("--model", help="model folder: a stage's final/, a checkpoint, or an export "
-                                   "(default: runs/quickstart/final, written by `make quickstart`)")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, help="port (default 7860, or the next free one)")
-    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--idle-min", type=float, default=30.0,
-                   help="free a browser session's chat and media after this many minutes without an event (default 30)")
-    p.add_argument("--pas", metavar="MODEL|URL",
-                   help="prompt augmentation in front of the model: a PAS model folder (`omni align pas train`) or "
-                        "an endpoint serving one; a checkbox in the page turns it off")
-    p.add_argument("--pas-endpoint-model", default="default", help="model name to ask a --pas endpoint for")
-    add_placement_arguments(p)
-
-
-def _demo(args) -> None:
-    launch(args.model, args.host, args.port, args.share, args.max_new_tokens, pas=args.pas,
-           pas_endpoint_model=args.pas_endpoint_model, idle_min=args.idle_min, device=args.device, dtype=args.dtype)
-
-
-def add_demo_command(subparsers) -> argparse.ArgumentParser:
-    """Register `omni demo` on the `omni` parser's subparsers (as omni.cli.main.build_parser does)."""
-    p = subparsers.add_parser("demo", help="real-time browser demo: webcam, microphone, files and chat")
-    _add_arguments(p)
-    p.set_defaults(func=_demo)
-    return p
-

@@ -103,11 +103,13 @@ def _manifests(stages: list[StageRecord]) -> dict[str, dict]:
 
 def resolve_source(ckpt: str | Path) -> tuple[Path, Provenance]:
     """(model folder to load, provenance for the card) for whatever `--ckpt` names."""
-    from omni.model.load import is_exported_dir
+    from omni.model.load import consolidate_first, is_exported_dir
 
     src = Path(ckpt)
     if not src.is_dir():
         raise ExportError(f"--ckpt {src}: no such folder")
+    if not _is_model_dir(src) and consolidate_first(src):
+        raise ExportError(f"--ckpt {consolidate_first(src)}")
     prov = Provenance(source=str(src), kind="model folder")
     stage_dir, checkpoint, run_dir = None, None, None
     if is_exported_dir(src):
@@ -208,7 +210,7 @@ def _record_checksums(out: Path, checksums: dict[str, str]) -> None:
     """`weights_sha256` in config.json: omni's loader checks it; OmniConfig drops it on load, so a
     model re-saved with transformers does not carry the hashes of these files."""
     from omni.model.load import HF_CONFIG
-    from omni.model.omni_model import CHECKSUMS
+    from omni.model.integrity import CHECKSUMS
 
     config = json.loads((out / HF_CONFIG).read_text())
     config[CHECKSUMS] = checksums

@@ -105,11 +105,11 @@ class LocalGenerator:
     def load(cls, path: str | Path, batch_size: int = 8, device: str | None = None,
              dtype: str | None = None) -> LocalGenerator:
         """An omni model folder (any `load_model` reads) or a transformers model folder/name."""
-        from omni.model.load import is_exported_dir, load_model
+        from omni.model.load import is_exported_dir, load_model, sharded_checkpoint
         from omni.model.omni_model import CONFIG
 
         place, torch_dtype = resolve_placement(device, dtype)
-        if (Path(path) / CONFIG).is_file() or is_exported_dir(path):
+        if (Path(path) / CONFIG).is_file() or is_exported_dir(path) or sharded_checkpoint(path):  # the last: refused
             model, tok = load_model(path)
             omni = True
         else:

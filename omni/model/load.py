@@ -18,14 +18,13 @@ the tensor. `verify=False` or OMNI_VERIFY_WEIGHTS=0 skips the hash and the NaN s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from omni.config import ConfigError, apply_overrides
 from omni.files import atomic_dir, file_sha256
 from omni.hf.configuration_omni import MODEL_TYPE
+from omni.model.integrity import CHECKSUMS, SKIP_HINT, check_recorded, verify_by_default
 from omni.model.omni_model import (
-    CHECKSUMS,
     CONFIG,
     TOKENIZER_DIR,
     WEIGHTS,
@@ -36,13 +35,26 @@ from omni.presets import model_config_from_dict, model_config_to_dict
 
 HF_CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
-VERIFY_ENV = "OMNI_VERIFY_WEIGHTS"
-SKIP_HINT = f"(to load it anyway, unchecked: {VERIFY_ENV}=0)"
+# where an fsdp2 / DeepSpeed checkpoint keeps its sharded weights (omni/train/engines.py): no model folder
+SHARDED_WEIGHTS = ("dcp", "deepspeed")
 
 
-def verify_by_default() -> bool:
-    """Whether loads check hashes and scan for NaN/inf: yes unless OMNI_VERIFY_WEIGHTS=0."""
-    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+def sharded_checkpoint(path: str | Path) -> Path | None:
+    """The fsdp2 / DeepSpeed checkpoint `path` is (checkpoints/step-N with dcp/ or deepspeed/ inside),
+    or a stage folder's newest one when the stage has no final/ yet; None for anything else."""
+    path = Path(path)
+    steps = [path] if path.name.startswith("step-") else sorted((path / "checkpoints").glob("step-*"))
+    sharded = [s for s in steps if any((s / name).is_dir() for name in SHARDED_WEIGHTS)]
+    return sharded[-1] if sharded and not (path / "final" / WEIGHTS).is_file() else None
+
+
+def consolidate_first(path: str | Path) -> str:
+    """What to say about a sharded checkpoint where a model folder is needed ('' when `path` is none)."""
+    ckpt = sharded_checkpoint(path)
+    if ckpt is None:
+        return ""
+    return (f"{ckpt} is an fsdp2/DeepSpeed checkpoint (sharded weights, no model folder): "
+            f"run `omni consolidate {ckpt} --out DIR` first, then use DIR")
 
 
 def weight_checksums(model_dir: str | Path) -> dict[str, str]:
@@ -99,9 +111,7 @@ def read_weights(model_dir: str | Path, checksums: dict | None = None, dtype: st
                               f"the config); they were added after saving {SKIP_HINT}")
     state = {}
     for f in files:
-        if verify and checksums is not None and file_sha256(f) != checksums[f.name]:
-            raise ConfigError(f"{f}: sha256 differs from the one recorded when it was saved: the file is truncated, "
-                              f"damaged or was changed since; copy or export it again {SKIP_HINT}")
+        check_recorded(f, checksums, verify)
         try:
             part = load_file(str(f))
         except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a torn or forged file
@@ -145,6 +155,8 @@ def load_model(path: str | Path, overrides: list[str] = (), weights: bool = True
         meta = _read_json(path / CONFIG)
         data, text, token_ids, where = meta["model"], meta["llm_config"], meta["token_ids"], path / CONFIG
         dtype = None
+    elif consolidate_first(path):
+        raise ConfigError(consolidate_first(path))
     else:
         raise FileNotFoundError(f"{path}: not an omni model folder ({CONFIG} + {WEIGHTS}) nor an omni export "
                                 f"({HF_CONFIG} with model_type {MODEL_TYPE!r})")

@@ -29,6 +29,7 @@ from omni.modalities import MODALITIES
 from omni.model.architecture import llm_config, with_architecture
 from omni.model.batch import MediaBatch
 from omni.model.composition import OmniComposition
+from omni.model.integrity import CHECKSUMS, check_recorded
 from omni.model.lm_loss import CHUNKED_ABOVE_LOGITS, chunked_lm_loss
 from omni.presets import ModelConfig, model_config_to_dict
 from omni.tokenizer import load_tokenizer, placeholder_ids
@@ -36,7 +37,6 @@ from omni.tokenizer import load_tokenizer, placeholder_ids
 WEIGHTS = "model.safetensors"
 CONFIG = "omni_config.json"
 TOKENIZER_DIR = "tokenizer"
-CHECKSUMS = "weights_sha256"  # config key {weights file: sha256}, checked by omni.model.load on load
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -133,10 +133,17 @@ class OmniModel(OmniComposition, nn.Module):
         tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
 
     def load_weights(self, model_dir: str | Path) -> None:
-        """Weights of a `save_pretrained` folder into this model, in place (what a resume reads)."""
+        """Weights of a `save_pretrained` folder into this model, in place (what a resume reads),
+        once they match the sha256 its config recorded."""
         from safetensors.torch import load_model
 
         path = Path(model_dir) / WEIGHTS
+        config = Path(model_dir) / CONFIG
+        try:
+            recorded = json.loads(config.read_text()).get(CHECKSUMS) if config.is_file() else None
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{config}: not readable JSON ({e}); the folder is damaged") from None
+        check_recorded(path, recorded)
         try:
             load_model(self, str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a torn file or other keys

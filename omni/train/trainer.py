@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from omni.align.objectives import OBJECTIVES
+from omni.align.objectives.base import chunks, merge_shares
 from omni.config import ConfigError, to_dict
 from omni.data.loader import SkipCounter
 from omni.data.training import held_out, training_records, training_stream
@@ -135,17 +136,15 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
              f", {len(evals)} held-out records" if evals else "")
 
     def evaluate(at: int) -> dict:
-        """Each rank scores every world-th held-out record and the shares' results are merged;
-        engines that shard per module gather weights in every forward, so there every rank
-        scores every record (the same forwards everywhere). Rank 0 writes."""
+        """Each rank scores every world-th held-out record and the shares' results are merged
+        (engines that shard per module in lockstep: `_score_share`). Rank 0 writes."""
         scorer = engine.inference_module
         scorer.eval()
-        split = world.size > 1 and not engine.shards_modules
-        share = evals[world.rank::world.size] if split else evals
+        share = evals[world.rank::world.size]
         log.info("held-out scoring at step %d: rank %d scores %d of %d records", at, world.rank, len(share), len(evals))
         with engine.autocast():
-            result = objective.evaluate(scorer, share) if share else {}
-        result = {"step": at, **(merge_shares(world.gather(result)) if split else result)}
+            mine = _score_share(objective, scorer, share, evals, engine, world)
+        result = {"step": at, **merge_shares(world.gather(mine))}
         engine.train()
         if world.main:
             with open(out_dir / EVALS, "a") as f:
@@ -263,13 +262,24 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def merge_shares(parts: list[dict]) -> dict:
-    """One held-out result from the ranks' results on their shares: an objective's int fields are
-    counts (tokens, pairs), summed; its float fields are means over that count, weighted by it."""
-    parts = [p for p in parts if p]
-    count = next(k for k, v in parts[0].items() if isinstance(v, int))
-    total = sum(p[count] for p in parts)
-    return {k: total if k == count else sum(p[k] * p[count] for p in parts) / max(total, 1) for k in parts[0]}
+@torch.no_grad()
+def _score_share(objective, scorer, share: list, evals: list, engine, world: World) -> dict:
+    """This rank's held-out result. Engines that shard per module gather weights in every forward,
+    so there all ranks run the same number of batches (the most any rank's share makes) with the
+    same modules (those any rank's batch has, the others on a blank input, as in a training step);
+    a rank whose share has run out scores a filler batch (the first record) and drops its result."""
+    if world.size == 1 or not engine.shards_modules:
+        return objective.evaluate(scorer, share)
+    own = list(chunks(share, objective.cfg.batch.micro_batch))
+    parts = []
+    for i in range(max(world.gather(len(own)))):
+        batch = objective.eval_batch(own[i] if i < len(own) else evals[:1])
+        present = world.sum_all([getattr(batch.media, m) is not None for m in MODALITIES])
+        run = engine.modalities_to_run({m for m, n in zip(MODALITIES, present, strict=True) if n > 0})
+        result = objective.score(scorer, batch, tuple(sorted(m for m in run if getattr(batch.media, m) is None)))
+        if i < len(own):
+            parts.append(result)
+    return merge_shares(parts)
 
 
 def _check_resume_config(saved: dict, now: dict, where: Path, allowed: bool, processes: tuple[int, int]) -> None:

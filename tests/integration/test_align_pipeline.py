@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 
@@ -127,8 +128,6 @@ def test_align_run_resumes_exactly(world):
     omni_align("sft", f"{CONFIGS}/tiny_sft.yaml", "--out", str(world / "ra"), *args)
     omni_align("sft", f"{CONFIGS}/tiny_sft.yaml", "--out", str(world / "rb"), *args)
     assert [p.name for p in (world / "rb/checkpoints").iterdir()] == ["step-00000003"]
-    import shutil
-
     shutil.rmtree(world / "rb/final")
     omni_align("sft", f"{CONFIGS}/tiny_sft.yaml", "--out", str(world / "rb"), *args)
     a, b = load_file(world / "ra/final/model.safetensors"), load_file(world / "rb/final/model.safetensors")
@@ -168,3 +167,22 @@ def test_preference_methods_run_on_fsdp2_like_one_process(world, method, tmp_pat
         from omni.align.objectives.rm import RewardModel
 
         RewardModel.from_pretrained(tmp_path / "two/final")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "value_head.safetensors"])
+def test_a_tampered_checkpoint_weights_file_stops_the_resume_naming_it(world, name, tmp_path):
+    """Every weights file a resume reads back (the model's, the reward head's) is checked against the
+    sha256 recorded when it was written: one byte changed stops the run with one line naming it."""
+    from tests.helpers import cli_error
+
+    argv = ["-q", "align", "rm", f"{CONFIGS}/tiny_rm.yaml", "--out", str(tmp_path / "rm"), *_data(world, "pref"),
+            "data.eval=null", "steps=2", "checkpoint.interval=1", "batch.micro_batch=2"]
+    omni_align(*argv[2:])
+    shutil.rmtree(tmp_path / "rm/final")
+    weights = tmp_path / "rm/checkpoints/step-00000001" / name
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1  # a tensor's last byte: still a readable safetensors file, silently other weights
+    weights.write_bytes(bytes(raw))
+    message = cli_error(*argv)
+    assert message.startswith(f"omni align rm: {weights}: sha256 differs from the one recorded") and "\n" not in message
+    assert not (tmp_path / "rm/final").exists()

@@ -1,6 +1,6 @@
 """Bad command-line values stop `omni` at once with one line naming the option and what it takes
 (argparse's exit 2), instead of running on a meaningless value: a negative or zero --limit, a zero
---batch-size, a negative --gpu-mem, a --max-shard-size that is not a size, an --out that is an
+--batch-size, a negative --gpu-mem, a demo port outside 1..65535 or idle time of 0, a --max-shard-size that is not a size, an --out that is an
 existing file, an --eval that is not an eval.json, an unknown preset beside init_from."""
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ def a_file(tmp_path_factory):
     (["export", "--ckpt", "m", "--out", "x", "--max-shard-size", "0"], "argument --max-shard-size: 0 must be above 0 bytes"),
     (["align", "eval", "sysbench", "--out", "o", "--limit", "-1"], "argument --limit: -1 must be at least 1"),
     (["data", "stats", "m.yaml", "--out", "o", "--limit", "0"], "argument --limit: 0 must be at least 1"),
+    (["demo", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 must be at least 1"),
+    (["demo", "--port", "-1"], "argument --port: -1 must be at least 1"),
+    (["demo", "--port", "70000"], "argument --port: 70000 is not a port (1 to 65535)"),
+    (["demo", "--idle-min", "0"], "argument --idle-min: 0 must be a number above 0"),
+    (["demo", "--idle-min", "inf"], "argument --idle-min: inf must be a number above 0"),
 ])
 def test_a_meaningless_number_is_refused_in_one_line(argv, message):
     done = _omni(*argv)
@@ -50,7 +55,8 @@ def test_a_meaningless_number_is_refused_in_one_line(argv, message):
 
 
 @pytest.mark.parametrize("command", [["train", STAGE], ["schedule", str(ROOT / "stages/tiny/schedule.yaml")],
-                                     ["align", "sft", str(ROOT / "omni/align/configs/tiny_sft.yaml")]])
+                                     ["align", "sft", str(ROOT / "omni/align/configs/tiny_sft.yaml")],
+                                     ["consolidate", "runs/x/checkpoints/step-00000001"]])
 def test_an_out_folder_that_is_an_existing_file_is_refused(command, a_file):
     done = _omni(*command, "--out", str(a_file))
     assert done.returncode == 2 and "Traceback" not in done.stderr

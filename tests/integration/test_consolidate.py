@@ -4,11 +4,12 @@ That the consolidated weights are the live model's, for a 2-process run of every
 tests/integration/test_distributed.py (test_a_mid_run_checkpoint_consolidates_to_the_live_model);
 here a one-process fsdp2 run (its checkpoint is DCP shards all the same) feeds the commands that
 read model folders, a reward model keeps its head, frozen modules survive ZeRO-3, and bad input
-gets one line.
+gets one line (also a sharded checkpoint given where a model folder is needed: consolidate it first).
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,29 @@ def test_a_deepspeed_checkpoint_with_frozen_modules_consolidates(tiny_corpus, tm
     model, tokenizer = load_model(tmp_path / "model")
     torch.testing.assert_close(live_logits(model, tokenizer), torch.load(run / "live-logits/step-00000001.pt"),
                                rtol=0, atol=1e-5)
+    _asks_for_consolidate(run / "checkpoints/step-00000001", run / "checkpoints/step-00000001", tmp_path)
+
+
+def _asks_for_consolidate(given: Path, ckpt: Path, tmp_path: Path) -> None:
+    """export, chat, eval and demo given `given` (a sharded checkpoint, or a stage folder whose newest
+    checkpoint `ckpt` is one): one line naming the checkpoint and the `omni consolidate` to run."""
+    from tests.helpers import cli_error
+
+    hint = (f"{ckpt} is an fsdp2/DeepSpeed checkpoint (sharded weights, no model folder): "
+            f"run `omni consolidate {ckpt} --out DIR` first, then use DIR")
+    for argv, prefix in ((["export", "--ckpt", str(given), "--out", str(tmp_path / "x")], "export error: --ckpt "),
+                         (["chat", str(given), "--prompt", "hi"], "config error: "),
+                         (["eval", str(given), "--data", "m.yaml"], "config error: "),
+                         (["demo", "--model", str(given)], "--model ")):
+        assert cli_error("-q", *argv) == prefix + hint, argv
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_sharded_checkpoint_or_a_stage_with_only_those_asks_for_consolidate(fsdp2_checkpoint, tmp_path):
+    stage = tmp_path / "stage"  # a stage stopped before final/: its checkpoints are all there is
+    shutil.copytree(fsdp2_checkpoint.parent.parent, stage, ignore=shutil.ignore_patterns("final"))
+    _asks_for_consolidate(fsdp2_checkpoint, fsdp2_checkpoint, tmp_path)
+    _asks_for_consolidate(stage, stage / "checkpoints" / fsdp2_checkpoint.name, tmp_path)
 
 
 def test_bad_input_gets_one_line(fsdp2_checkpoint, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from omni.train.trainer import merge_shares
+from omni.align.objectives.base import merge_shares
 
 ROOT = Path(__file__).resolve().parents[2]
 EVAL_RECORDS = 10

@@ -22,7 +22,8 @@ from omni.config import ConfigError
 from omni.export.writer import ExportError, export_model
 from omni.files import atomic_dir, file_sha256
 from omni.model.load import load_model, save_model_dir
-from omni.model.omni_model import CHECKSUMS, CONFIG, WEIGHTS
+from omni.model.integrity import CHECKSUMS
+from omni.model.omni_model import CONFIG, WEIGHTS
 from tests.helpers import cli_error
 
 @pytest.fixture(scope="module")

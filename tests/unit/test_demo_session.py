@@ -279,12 +279,13 @@ def test_engine_drops_the_oldest_turns_to_fit_the_context_and_times_the_turn(tin
 def test_omni_demo_command_and_the_model_it_serves(tmp_path, monkeypatch):
     import argparse
 
+    from omni.cli import demo
     from omni.demo import app
 
     parser = argparse.ArgumentParser()
-    app.add_demo_command(parser.add_subparsers(dest="command"))
+    demo.add_demo_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["demo", "--model", "m", "--port", "9000"])
-    assert (args.model, args.host, args.port, args.share, args.func) == ("m", "127.0.0.1", 9000, False, app._demo)
+    assert (args.model, args.host, args.port, args.share, args.func) == ("m", "127.0.0.1", 9000, False, demo._demo)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(app, "QUICKSTART_MODEL", Path("nowhere/final"))
     with pytest.raises(SystemExit, match="run `make quickstart`"):

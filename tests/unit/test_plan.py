@@ -101,3 +101,20 @@ def test_a_launch_that_cannot_fit_stops_at_once_with_the_plan(tmp_path, monkeypa
         refuse_if_it_cannot_fit(cfg)
     monkeypatch.delenv("OMNI_GPU_MEM_GIB")
     refuse_if_it_cannot_fit(cfg)  # a CPU has no budget to check against; any GPU holds the tiny model
+
+
+def test_a_packed_row_holds_the_media_of_every_sample_of_the_micro_batch():
+    """A packed micro-batch is one LLM row of tokens_per_pack tokens with micro_batch samples in it:
+    the towers run all their media. By hand: unpacked, 1 sample of s tokens costs c*s + M (the LLM
+    is linear in s without eager scores, M is one sample's media), so M = 2*A(s) - A(2s), and the
+    packed micro-batch of 4 costs the LLM's one row plus 4 samples' media."""
+    def activations(*overrides, seq_len=256):
+        cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml", list(overrides))
+        return _rows(plan_stage(cfg, 1, 80, "ddp", seq_len))["activations"]
+
+    one, two = activations("batch.micro_batch=1"), activations("batch.micro_batch=1", seq_len=512)
+    media = 2 * one - two
+    assert media > 0
+    packed = activations("batch.micro_batch=4", "batch.tokens_per_pack=256")
+    assert packed == pytest.approx(one + 3 * media)
+    assert packed > activations("batch.micro_batch=1", "batch.tokens_per_pack=256")

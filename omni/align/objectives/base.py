@@ -63,9 +63,32 @@ class Objective(ABC):
         """Summed loss of the batch / denom, and stats (floats) for the log. `blank`: modalities to
         run on a blank input (engines that shard per module; OmniModel.embed)."""
 
+    @abstractmethod
+    def eval_batch(self, records: list):
+        """The batch (on the device, with `.media`) held-out scoring runs for at most a micro-batch of records."""
+
+    @abstractmethod
+    def score(self, module, batch, blank: tuple[str, ...] = ()) -> dict:
+        """Held-out result of one `eval_batch`: float means and the int count they are over (tokens,
+        pairs), so that `merge_shares` joins batches and ranks. `blank`: as in `loss`."""
+
     @torch.no_grad()
     def evaluate(self, module, records: list) -> dict:
+        """Held-out result of the records, a micro-batch at a time ({} for none)."""
+        batches = (self.eval_batch(c) for c in chunks(records, self.cfg.batch.micro_batch))
+        return merge_shares([self.score(module, b) for b in batches])
+
+
+def merge_shares(parts: list[dict]) -> dict:
+    """One held-out result from results on parts of the records (batches, ranks' shares): an
+    objective's int field is the count (tokens, pairs), summed; its float fields are means over
+    that count, weighted by it. Empty parts (a rank with no records) are left out."""
+    parts = [p for p in parts if p]
+    if not parts:
         return {}
+    count = next(k for k, v in parts[0].items() if isinstance(v, int))
+    total = sum(p[count] for p in parts)
+    return {k: total if k == count else sum(p[k] * p[count] for p in parts) / max(total, 1) for k in parts[0]}
 
 
 def chunks(items: list, n: int):

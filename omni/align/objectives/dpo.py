@@ -115,19 +115,14 @@ class DPO(Pairs):
                                       "reward_accuracy": float((cr > rj).float().mean()),
                                       "logp_margin": float((pc - pr).mean())}
 
+    def eval_batch(self, records):
+        made = [self.make(r) for r in records]
+        return pair_batch(made, self.tokenizer.pad_token_id, self._ref(made))[0].to(self.device)
+
     @torch.no_grad()
-    def evaluate(self, module, records):
-        acc = {"loss": [], "margin": [], "correct": [], "logp": [], "logp_tok": []}
-        for chunk in chunks(records, self.cfg.batch.micro_batch):
-            made = [self.make(r) for r in chunk]
-            pb = pair_batch(made, self.tokenizer.pad_token_id, self._ref(made))[0]
-            losses, cr, rj, pc, pr, lc, lr = self._losses(module, pb.to(self.device))
-            acc["loss"] += losses.tolist()
-            acc["margin"] += (cr - rj).tolist()
-            acc["correct"] += (cr > rj).float().tolist()
-            acc["logp"] += (pc - pr).tolist()
-            acc["logp_tok"] += (pc / lc.clamp(min=1) - pr / lr.clamp(min=1)).tolist()
-        mean = lambda xs: sum(xs) / max(len(xs), 1)
-        return {"loss": mean(acc["loss"]), "reward_margin": mean(acc["margin"]),
-                "reward_accuracy": mean(acc["correct"]), "logp_margin": mean(acc["logp"]),
-                "logp_margin_per_token": mean(acc["logp_tok"]), "pairs": len(acc["loss"])}
+    def score(self, module, batch, blank=()):
+        losses, cr, rj, pc, pr, lc, lr = self._losses(module, batch, blank)
+        mean = lambda t: float(t.float().mean())
+        return {"loss": mean(losses), "reward_margin": mean(cr - rj), "reward_accuracy": mean(cr > rj),
+                "logp_margin": mean(pc - pr), "pairs": len(losses),
+                "logp_margin_per_token": mean(pc / lc.clamp(min=1) - pr / lr.clamp(min=1))}

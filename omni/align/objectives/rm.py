@@ -12,13 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni.align.objectives.base import chunks
 from omni.align.objectives.pairs import PairBatch, Pairs, pair_batch
+from omni.config import ConfigError
+from omni.files import file_sha256
+from omni.model.integrity import CHECKSUMS, check_recorded
 from omni.model.load import load_model
 from omni.model.omni_model import OmniModel
 from omni.model.processor import collate
 
 HEAD = "value_head.safetensors"
+REWARD = "reward.json"
 
 
 class RewardModel(nn.Module):
@@ -47,25 +50,40 @@ class RewardModel(nn.Module):
         return self(batch.input_ids, batch.attention_mask, batch.media).tolist()
 
     def save_pretrained(self, out_dir, tokenizer, state_dict: dict | None = None) -> None:
-        """An omni model folder plus the head; `state_dict`: full weights gathered from a sharded engine."""
+        """An omni model folder plus the head (its sha256 in reward.json); `state_dict`: full
+        weights gathered from a sharded engine."""
         from safetensors.torch import save_file, save_model
 
+        head = Path(out_dir) / HEAD
         if state_dict is None:
             self.model.save_pretrained(out_dir, tokenizer)
-            save_model(self.value_head, str(Path(out_dir) / HEAD))
+            save_model(self.value_head, str(head))
         else:
             inner = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
             self.model.save_pretrained(out_dir, tokenizer, state_dict=inner)
-            head = {k.removeprefix("value_head."): v.contiguous() for k, v in state_dict.items()
-                    if k.startswith("value_head.")}
-            save_file(head, str(Path(out_dir) / HEAD))
-        (Path(out_dir) / "reward.json").write_text(json.dumps({"kind": "bradley-terry", "head": HEAD}))
+            save_file({k.removeprefix("value_head."): v.contiguous() for k, v in state_dict.items()
+                       if k.startswith("value_head.")}, str(head))
+        (Path(out_dir) / REWARD).write_text(json.dumps({"kind": "bradley-terry", "head": HEAD,
+                                                        CHECKSUMS: {HEAD: file_sha256(head)}}))
 
     def load_weights(self, path) -> None:
+        self.model.load_weights(path)
+        self._load_head(path)
+
+    def _load_head(self, path) -> None:
+        """The value head, once it matches the sha256 reward.json recorded."""
         from safetensors.torch import load_model
 
-        self.model.load_weights(path)
-        load_model(self.value_head, str(Path(path) / HEAD))
+        head, meta = Path(path) / HEAD, Path(path) / REWARD
+        try:
+            recorded = json.loads(meta.read_text()).get(CHECKSUMS) if meta.is_file() else None
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{meta}: not readable JSON ({e}); the folder is damaged") from None
+        check_recorded(head, recorded)
+        try:
+            load_model(self.value_head, str(head))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a torn file or other keys
+            raise ConfigError(f"{head}: cannot be read into the reward head ({type(e).__name__}: {e})") from None
 
     @classmethod
     def from_pretrained(cls, path) -> tuple[RewardModel, object]:
@@ -73,7 +91,7 @@ class RewardModel(nn.Module):
             raise FileNotFoundError(f"{path}: not a reward model folder (no {HEAD}; train one with `omni align rm`)")
         model, tok = load_model(path)
         rm = cls(model)
-        rm.load_weights(path)
+        rm._load_head(path)
         return rm, tok
 
 
@@ -99,13 +117,12 @@ class RM(Pairs):
         margin = (rc - rr).detach()
         return per.sum() / denom, {"accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean())}
 
+    def eval_batch(self, records):
+        return pair_batch([self.make(r) for r in records], self.tokenizer.pad_token_id)[0].to(self.device)
+
     @torch.no_grad()
-    def evaluate(self, module, records):
-        margins = []
-        for chunk in chunks(records, self.cfg.batch.micro_batch):
-            pb = pair_batch([self.make(r) for r in chunk], self.tokenizer.pad_token_id)[0]
-            rc, rr = self._rewards(module, pb.to(self.device))
-            margins += (rc - rr).tolist()
-        t = torch.tensor(margins)
+    def score(self, module, batch, blank=()):
+        rc, rr = self._rewards(module, batch, blank)
+        t = (rc - rr).float()
         return {"accuracy": float((t > 0).float().mean()), "margin": float(t.mean()),
-                "loss": float(-F.logsigmoid(t).mean()), "pairs": len(margins)}
+                "loss": float(-F.logsigmoid(t).mean()), "pairs": len(t)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from omni.align.objectives.base import Objective, chunks, fill
+from omni.align.objectives.base import Objective, fill
 from omni.data.packing import collate_packed
 from omni.data.records import sft_example
 from omni.model.fusion import IGNORE
@@ -37,15 +37,15 @@ class SFT(Objective):
                      position_ids=batch.position_ids, num_items_in_batch=denom, blank=blank)
         return out.loss, {}
 
+    def eval_batch(self, records):
+        return collate([self.make(r) for r in records], self.tokenizer.pad_token_id).to(self.device)
+
     @torch.no_grad()
-    def evaluate(self, module, records):
-        total = correct = count = 0.0
-        for chunk in chunks(records, self.cfg.batch.micro_batch):
-            batch = collate([self.make(r) for r in chunk], self.tokenizer.pad_token_id).to(self.device)
-            logits = module(batch.input_ids, batch.attention_mask, media=batch.media).logits[:, :-1].float()
-            target = batch.labels[:, 1:]
-            mask = target != IGNORE
-            total += float(F.cross_entropy(logits[mask], target[mask], reduction="sum"))
-            correct += float((logits.argmax(-1)[mask] == target[mask]).sum())
-            count += float(mask.sum())
-        return {"loss": total / max(count, 1), "token_accuracy": correct / max(count, 1), "tokens": int(count)}
+    def score(self, module, batch, blank=()):
+        logits = module(batch.input_ids, batch.attention_mask, media=batch.media, blank=blank).logits[:, :-1].float()
+        target = batch.labels[:, 1:]
+        mask = target != IGNORE
+        count = int(mask.sum())
+        total = float(F.cross_entropy(logits[mask], target[mask], reduction="sum"))
+        correct = float((logits.argmax(-1)[mask] == target[mask]).sum())
+        return {"loss": total / max(count, 1), "token_accuracy": correct / max(count, 1), "tokens": count}
