@@ -20,6 +20,7 @@ import whisper
 import whisper.audio
 import whisper.model
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 SAMPLE_RATE = whisper.audio.SAMPLE_RATE  # 16000
 HOP = whisper.audio.HOP_LENGTH  # 160 samples = 10 ms per mel frame
@@ -134,11 +135,27 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"AudioEncoder.split_windows: expected a non-empty 1-D waveform, got shape {audio.shape}")
         return [audio[i : i + self.window_samples] for i in range(0, audio.size, self.window_samples)]
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each residual block's activations in backward (as open_clip's
+        `set_grad_checkpointing` does for the image tower). Whisper has no switch of its own: the
+        blocks become `_CheckpointedBlock`, the same module with the same parameter names."""
+        for block in self.encoder.blocks:
+            block.__class__ = _CheckpointedBlock if enable else whisper.model.ResidualAttentionBlock
+
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         expected = (self.cfg.n_mels, 2 * self.cfg.n_ctx)
         if mel.ndim != 3 or tuple(mel.shape[1:]) != expected:
             raise ValueError(f"AudioEncoder: expected mel [N, {expected[0]}, {expected[1]}], got {tuple(mel.shape)}")
         return self.encoder(mel)
+
+
+class _CheckpointedBlock(whisper.model.ResidualAttentionBlock):
+    """whisper's residual block run under activation checkpointing while gradients are recorded."""
+
+    def forward(self, x, *args, **kwargs):
+        if torch.is_grad_enabled() and self.training:
+            return checkpoint(super().forward, x, *args, use_reentrant=False, **kwargs)
+        return super().forward(x, *args, **kwargs)
 
 
 def dbfs(samples: np.ndarray) -> float:

@@ -1,8 +1,9 @@
 """Per-GPU memory plan for a stage, before launching it: will it fit on N GPUs of M GiB?
 
 Accounting as omni's engines hold memory (bytes; N = data-parallel GPUs):
-- weights: 4 bytes/param for every parameter, frozen ones included: all engines keep fp32
-  parameters (the master weights) and compute in bf16 under autocast (omni/train/engines.py);
+- weights: 4 bytes per trainable parameter (fp32: the master weights; autocast computes in bf16);
+  frozen ones 2 bytes under `precision: bf16` on ddp and fsdp2, which hold them in bf16 (but the
+  fp32 norms of whisper and open_clip), else 4 (DeepSpeed, fp32 stages) (omni/train/engines.py);
 - gradients: 4 bytes per trainable parameter (fp32, like the parameters);
 - optimizer: AdamW's two fp32 moments, 8 bytes per trainable parameter (no separate master copy:
   the fp32 parameters are it) — 16 bytes per trainable parameter in all, as in ZeRO's accounting;
@@ -17,7 +18,8 @@ Accounting as omni's engines hold memory (bytes; N = data-parallel GPUs):
   Recomputation", no sequence parallelism; the 5*a*s/h score term only for eager attention), or
   2*s*b*h per layer plus one full layer with activation checkpointing;
   doubled in fp32;
-- logits: b*s*V*4 bytes (the fp32 logits the loss reads).
+- logits: b*s*V*4 bytes (the fp32 logits the loss reads), or, above `CHUNKED_ABOVE_LOGITS`, one
+  chunk's fp32 logits and their gradient (omni/model/lm_loss.py).
 It is an estimate (no allocator fragmentation, no temporary buffers): keep ~10% headroom.
 
 The model planned is the stage's own (its preset with `model_overrides`, or its `init_from` folder),
@@ -35,6 +37,8 @@ from pathlib import Path
 import torch
 
 from omni.config import ConfigError
+from omni.model.generate import computes_in_fp32
+from omni.model.lm_loss import CHUNK_LOGITS, CHUNKED_ABOVE_LOGITS
 from omni.model.table import meta_model
 from omni.train.config import StageConfig
 from omni.train.engines import LAYOUTS, fsdp_units, stage_layout
@@ -86,8 +90,11 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
         raise ValueError("need gpus >= 1 and gpu memory > 0")
     model = stage_meta_model(cfg)
     names = {n: p.numel() for n, p in model.named_parameters()}
-    trainable = sum(n for name, n in names.items() if any(fnmatch.fnmatchcase(name, g) for g in cfg.trainable))
-    total = sum(names.values())
+    trains = lambda name: any(fnmatch.fnmatchcase(name, g) for g in cfg.trainable)  # noqa: E731
+    trainable, total = sum(n for name, n in names.items() if trains(name)), sum(names.values())
+    frozen_bytes = 2 if cfg.precision == "bf16" and engine in ("ddp", "fsdp2") else 4
+    weight_bytes = sum(p.numel() * (4 if trains(f"{m}.{n}".lstrip(".")) or computes_in_fp32(mod) else frozen_bytes)
+                       for m, mod in model.named_modules() for n, p in mod.named_parameters(recurse=False))
     width = 2 if cfg.precision == "bf16" else 4          # activations: autocast computes in bf16
     shard_w, shard_g, shard_o = (gpus if s else 1 for s in LAYOUTS[engine])
 
@@ -111,16 +118,19 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     act += transformer_activation_bytes(audio.positional_embedding.shape[0], samples, model.encoders["audio"].out_dim,
                                         audio.blocks[0].attn.n_head, len(audio.blocks), ckpt, width, eager)
     rows = [
-        ("weights (fp32)", total * 4 / shard_w / GIB),
+        (f"weights (fp32{', frozen bf16' if frozen_bytes == 2 and trainable < total else ''})",
+         weight_bytes / shard_w / GIB),
         ("gradients (fp32)", trainable * 4 / shard_g / GIB),
         ("optimizer (AdamW moments)", trainable * 8 / shard_o / GIB),
     ]
     if shard_w > 1:
         gathered = 2 if engine == "fsdp2" and cfg.precision == "bf16" else 4
         rows.append(("gathered units (root + 2 largest)", _gathered_params(model) * gathered / GIB))
+    logits = b * tokens * llm.vocab_size
     rows += [
         (f"activations (b={b}, {tokens} tok, {samples} x {cfg_tiles} tiles)", act / GIB),
-        ("logits (fp32)", b * tokens * llm.vocab_size * 4 / GIB),
+        ("logits (fp32, chunked)", 2 * CHUNK_LOGITS * 4 / GIB) if logits > CHUNKED_ABOVE_LOGITS
+        else ("logits (fp32)", logits * 4 / GIB),
     ]
     return Plan(rows, gpu_gib)
 

@@ -57,13 +57,34 @@ def resolve_placement(device: str | None = None, dtype: str | None = None) -> tu
 def place_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move and cast `model` in place. Norms that compute in fp32 (whisper's and open_clip's cast their
     input up) keep fp32 weights: PyTorch's CPU layer_norm refuses fp32 input with 16-bit weights."""
+    model.to(device=device, dtype=dtype)
+    for module in model.modules():
+        if computes_in_fp32(module):
+            module.float()
+
+
+def hold_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the frozen (requires_grad False) floating parameters of `model` to `dtype` in place, but
+    those of norms that compute in fp32 (as `place_model`); the trainable ones keep theirs (fp32
+    master weights). Returns the number of elements cast. A stage that trains in bf16 computes
+    its frozen parts in bf16 under autocast anyway; holding them in bf16 halves their memory."""
+    cast = 0
+    for module in model.modules():
+        if computes_in_fp32(module):
+            continue
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                cast += p.numel()
+    return cast
+
+
+def computes_in_fp32(module: torch.nn.Module) -> bool:
+    """Norms that cast their input up to fp32 (whisper's, open_clip's LayerNormFp32): their weights stay fp32."""
     from open_clip.transformer import LayerNormFp32
     from whisper.model import LayerNorm as WhisperLayerNorm
 
-    model.to(device=device, dtype=dtype)
-    for module in model.modules():
-        if isinstance(module, (WhisperLayerNorm, LayerNormFp32)):
-            module.float()
+    return isinstance(module, (WhisperLayerNorm, LayerNormFp32))
 
 
 class LocalGenerator:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from omni.config import ConfigError
 from omni.files import file_sha256
@@ -29,6 +30,7 @@ from omni.model.architecture import llm_config, with_architecture
 from omni.model.batch import MediaBatch
 from omni.model.composition import OmniComposition
 from omni.model.integrity import CHECKSUMS, check_recorded
+from omni.model.lm_loss import CHUNKED_ABOVE_LOGITS, chunked_lm_loss
 from omni.presets import ModelConfig, model_config_to_dict
 from omni.tokenizer import load_tokenizer, placeholder_ids
 
@@ -94,6 +96,8 @@ class OmniModel(OmniComposition, nn.Module):
     """The training model: the shared composition (omni/model/composition.py) plus persistence,
     the token arithmetic and a training forward."""
 
+    chunked_loss_above = CHUNKED_ABOVE_LOGITS  # logits elements above which `forward` chunks the loss
+
     def __init__(self, cfg: ModelConfig, llm: nn.Module, token_ids: dict[str, int], pretrained: bool = False):
         super().__init__()
         self.config = with_architecture(cfg, llm.config)
@@ -146,9 +150,11 @@ class OmniModel(OmniComposition, nn.Module):
             raise ConfigError(f"{path}: cannot be read into the model ({type(e).__name__}: {e})") from None
 
     def enable_activation_checkpointing(self) -> None:
-        """Recompute activations in backward: the LLM via transformers, the vision tower via open_clip."""
+        """Recompute activations in backward: the LLM via transformers, the vision tower via
+        open_clip, the whisper tower block by block (encoders/audio.py)."""
         self.llm.activation_checkpointing_enable({"use_reentrant": False})
         self.encoders["image"].visual.set_grad_checkpointing(True)
+        self.encoders["audio"].set_grad_checkpointing(True)
 
     def use_attention(self, dtype: torch.dtype, device: torch.device | str) -> str:
         """Switch the LLM to the attention backend for forwards in `dtype` on `device`
@@ -174,12 +180,23 @@ class OmniModel(OmniComposition, nn.Module):
         (the trainer passes the label tokens of the whole step, so accumulation and data
         parallelism weigh every token equally). `blank`: see `embed`."""
         embeds = self.embed(input_ids, media, blank)
+        if labels is not None and labels.numel() * self.llm.config.vocab_size > self.chunked_loss_above:
+            return self.chunked_forward(embeds, attention_mask, labels, position_ids, num_items_in_batch)
         # no KV cache in a training/scoring forward: with one, transformers would not turn packed
         # position ids into a per-sample mask
         kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
                        position_ids=position_ids, use_cache=False, **kwargs)
         return self.add_max_z_loss(out, labels, self.config.llm.max_z_loss, num_items_in_batch)
+
+    def chunked_forward(self, embeds, attention_mask, labels, position_ids, num_items_in_batch):
+        """The training forward of a long micro-batch: the decoder's hidden states, then the head
+        and loss chunk by chunk (omni/model/lm_loss.py); no logits are returned."""
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=False).last_hidden_state
+        loss = chunked_lm_loss(hidden, self.llm.get_output_embeddings(), labels, num_items_in_batch,
+                               self.config.llm.max_z_loss)
+        return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, media: MediaBatch | None = None, **kwargs):

@@ -73,7 +73,7 @@ class StageConfig:
     engine: str = "ddp"                 # a name of omni/train/engines.py ENGINES; all run under torchrun
     zero_stage: int | None = None       # deepspeed only: 2 (shard grads + optimizer) or 3 (also weights)
     precision: Literal["fp32", "bf16"] = "fp32"
-    activation_checkpointing: bool = False  # recompute LLM and vision-tower activations in backward
+    activation_checkpointing: bool = False  # recompute LLM, vision- and audio-tower activations in backward
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval_interval: int = 0              # steps between held-out evaluations (0: before and after training only)

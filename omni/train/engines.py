@@ -8,8 +8,9 @@
   projectors). FSDP2 shards each parameter on its own (DTensor), so a unit may mix frozen and
   trainable parameters; only those with gradients are reduced and optimised. bf16: the LLM
   layers and the root gather bf16 copies (`MixedPrecisionPolicy(param_dtype=bf16,
-  reduce_dtype=fp32)`), the towers keep fp32 parameters; autocast as for ddp; the fp32 shards are
-  the master weights. Under torchrun only rank 0 builds (or reads) the weights; the other ranks
+  reduce_dtype=fp32)`), the towers keep their parameters' dtype; autocast as for ddp; the fp32
+  shards are the master weights. Under bf16, ddp and fsdp2 hold frozen parameters in bf16 (not
+  the fp32 norms of whisper and open_clip): autocast computes with bf16 copies of them anyway. Under torchrun only rank 0 builds (or reads) the weights; the other ranks
   build the architecture on the meta device and receive their shards from rank 0 (torch's
   `set_model_state_dict(broadcast_from_rank0)`), so a node holds one host copy of the model, not
   one per GPU. Checkpoints: sharded, through `torch.distributed.checkpoint`; the final model is
@@ -87,6 +88,7 @@ class Engine:
 
     # ---- set-up ----------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> None:
+        self.hold_frozen_in_bf16(model)
         model.to(self.world.device)
         self.model = model
         if self.world.size > 1:
@@ -98,6 +100,15 @@ class Engine:
             self.module = model
         self.optimizer = build_optimizer(model, self.cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.steps)
+
+    def hold_frozen_in_bf16(self, model: nn.Module) -> None:
+        """Under `precision: bf16`, frozen parameters are held in bf16 (omni.model.generate.hold_frozen_in):
+        autocast computes with bf16 copies of them anyway. ddp and fsdp2; DeepSpeed keeps them fp32
+        (ZeRO's flat partitions and its autocast assume fp32 parameters; docs/decisions.md)."""
+        if self.cfg.precision == "bf16":
+            from omni.model.generate import hold_frozen_in
+
+            log.info("bf16: %.1fM frozen parameters held in bf16", hold_frozen_in(model, torch.bfloat16) / 1e6)
 
     # ---- one step --------------------------------------------------------------------------
     def autocast(self):
@@ -173,6 +184,7 @@ class FSDP2Engine(Engine):
         fp32 = MixedPrecisionPolicy()
         llm = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.cfg.precision == "bf16" else fp32
+        self.hold_frozen_in_bf16(model)
         full = model.state_dict() if self.weights_from_rank0 and self.world.main else None  # before sharding
         layers, towers = fsdp_units(omni_model(model))
         for unit in layers:  # fully_shard moves each shard to the mesh's device
@@ -259,8 +271,9 @@ def omni_model(module: nn.Module) -> nn.Module:
 def fsdp_units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """FSDP2 units below the root: the LLM's decoder layers (the classes transformers lists in
     `_no_split_modules`), and the towers' blocks followed by the towers themselves (their stems
-    and final norms). Towers keep fp32 parameters under bf16 training: whisper's LayerNorm
-    computes in fp32 with the layer's own weight, so a bf16 weight would not do."""
+    and final norms). Towers are not gathered in bf16 under bf16 training: whisper's LayerNorm
+    computes in fp32 with the layer's own weight, so a bf16 weight would not do (frozen tower
+    weights other than those norms are held in bf16: `Engine.hold_frozen_in_bf16`)."""
     classes = set(getattr(model.llm, "_no_split_modules", None) or [])
     layers = [m for m in model.llm.modules() if type(m).__name__ in classes]
     if not layers:

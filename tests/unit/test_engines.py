@@ -213,3 +213,42 @@ def test_a_skeleton_is_the_architecture_without_reading_weights(tiny_model, tmp_
         built = dict(skeleton.named_parameters()) | dict(skeleton.named_buffers())
         assert {k: v.shape for k, v in built.items()} == {k: v.shape for k, v in real.items()}
         assert all(v.is_meta for v in built.values())
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_a_bf16_stage_holds_frozen_parts_in_bf16_and_trains(engine, tiny_corpus):
+    """Towers frozen under `precision: bf16`: their weights are bf16 (but whisper's / open_clip's
+    fp32 norms), the trainable LLM and projectors stay fp32 and learn, media still run."""
+    cfg = load_stage(SFT, [f"data.manifest={tiny_corpus}", "init_from=null", "trainable=[llm.*,projectors.*]",
+                           f"engine={engine}", "precision=bf16"])
+    torch.manual_seed(0)
+    model, _ = OmniModel.from_config(build_preset("tiny"))
+    set_trainable(model, cfg.trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    world = World.from_env(need_group=engine != "ddp")
+    try:
+        _bf16_step(cfg, world, model, before)
+    finally:
+        world.close()
+
+
+def _bf16_step(cfg, world, model, before):
+    from omni.model.generate import computes_in_fp32
+
+    eng = build_engine(cfg, world)
+    eng.setup(model)
+    fp32_norms = {f"{m}.{n}" for m, mod in model.named_modules() if computes_in_fp32(mod)
+                  for n, _ in mod.named_parameters(recurse=False)}
+    for name, p in model.named_parameters():
+        want = torch.float32 if p.requires_grad or name in fp32_norms else torch.bfloat16
+        assert p.dtype == want, name
+    assert fp32_norms and any(n.startswith("encoders.") and p.dtype == torch.bfloat16 for n, p in model.named_parameters())
+    ids = torch.randint(10, 100, (2, 12))
+    batch = Batch(ids, torch.ones_like(ids), ids.clone(), MediaBatch())
+    with eng.micro_batch(last=True), eng.autocast():  # every tower and projector runs, on blank inputs
+        loss, _ = sft.SFT(cfg).loss(eng.module, batch, float(ids.numel()), ("image", "video", "audio"))
+        eng.backward(loss)
+    assert eng.step() > 0
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    after = eng.full_state_dict() or {n: p.detach() for n, p in model.named_parameters()}
+    assert all(not torch.equal(after[n].cpu(), v) for n, v in before.items() if n.startswith("llm."))

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from omni.config import ConfigError
+from omni.model.generate import computes_in_fp32
+from omni.model.lm_loss import CHUNK_LOGITS
 from omni.model.table import meta_model
 from omni.plan import GIB, plan_stage
 from omni.train.config import load_stage
@@ -32,9 +34,14 @@ def test_sharding_and_frozen_parts(qwen2_7b):
     model = meta_model("7b", qwen2_7b)
     total = sum(x.numel() for x in model.parameters())
     proj = sum(x.numel() for x in model.projectors["image"].parameters())
+    fp32_norms = sum(x.numel() for m in model.modules() if computes_in_fp32(m) for x in m.parameters(recurse=False))
     ddp = _rows(plan_stage(cfg, 8, 80, "ddp", 4096))
     fsdp = _rows(plan_stage(cfg, 8, 80, "fsdp2", 4096))
-    assert ddp["weights"] == pytest.approx(4 * total / GIB)           # fp32 as the engines hold them, frozen too
+    zero3 = _rows(plan_stage(cfg, 8, 80, "zero3", 4096))
+    # bf16 stage: ddp/fsdp2 hold the frozen parts in bf16 but the towers' fp32 norms; DeepSpeed all in fp32
+    assert fp32_norms > 0
+    assert ddp["weights"] == pytest.approx((4 * (proj + fp32_norms) + 2 * (total - proj - fp32_norms)) / GIB)
+    assert zero3["weights"] == pytest.approx(4 * total / 8 / GIB)
     assert ddp["gradients"] == pytest.approx(4 * proj / GIB)
     assert ddp["optimizer"] == pytest.approx(8 * proj / GIB)          # AdamW moments
     assert fsdp["weights"] == pytest.approx(ddp["weights"] / 8)
@@ -51,6 +58,8 @@ def test_sharding_and_frozen_parts(qwen2_7b):
 def test_7b_sft_fits_on_8_h100_with_fsdp2_but_not_with_ddp(qwen2_7b):
     cfg = load_stage(ROOT / "stages/7b/2_sft.yaml")
     cfg.model_overrides += qwen2_7b
+    # a 36,864-token row x 152,064 logits is over the chunking threshold: one chunk's logits and gradient
+    assert _rows(plan_stage(cfg, 8, 80, "fsdp2", 4096))["logits"] == pytest.approx(2 * 4 * CHUNK_LOGITS / GIB)
     assert plan_stage(cfg, 8, 80, "fsdp2", 4096).fits
     assert not plan_stage(cfg, 8, 80, "ddp", 4096).fits
     no_ckpt = load_stage(ROOT / "stages/7b/2_sft.yaml", ["activation_checkpointing=false"])
