@@ -136,7 +136,7 @@ def test_frozen_modules_stay_out_of_the_deepspeed_optimizer(stage, tiny_corpus):
     """A single-process deepspeed.initialize and step. DeepSpeed keeps process-wide groups that a
     second initialise in one process trips over, so each case runs in a fresh interpreter."""
     code = f"from tests.unit.test_engines import one_step_keeps_frozen_weights as f; f('deepspeed{stage}', {str(tiny_corpus)!r})"
-    done = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
 
