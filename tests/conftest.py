@@ -1,10 +1,28 @@
 """Shared fixtures: tiny models and a tiny synthetic corpus, built once per session."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
+SUITE_ENVIRONMENT = dict(os.environ)
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Code a test runs in this process may set environment variables (a one-process DeepSpeed run sets
+    LOCAL_RANK, which accelerate then reads as a launcher's and waits for RANK); the next test and the
+    processes it starts get the environment the suite started with (also after a module or session
+    fixture that set something)."""
+    yield
+    for key in set(os.environ) - set(SUITE_ENVIRONMENT):
+        if not key.startswith("PYTEST_"):  # pytest's own, which it removes itself
+            del os.environ[key]
+    for key, value in SUITE_ENVIRONMENT.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

@@ -169,7 +169,7 @@ def signature_of(signer: Signer, raw: dict) -> Signature:
 def removed_in_memory(signatures: Iterable[tuple[Rank, Signature]], cfg: DedupConfig) -> dict[Rank, Removal]:
     """The in-process reduce: digests and LSH band buckets as dicts, then `components` (the Ray
     path runs the same group-bys as shuffles)."""
-    bands, rows = lsh_shape(cfg.threshold, cfg.num_perm, cfg.lsh_params)
+    bands, rows = lsh_shape(cfg.threshold, cfg.num_perm, cfg.lsh_params) if cfg.near else (0, 0)
     by_digest: dict[bytes, list[Rank]] = defaultdict(list)
     buckets: dict[str, list[tuple[Rank, np.ndarray]]] = defaultdict(list)
     for rank, sig in signatures:
