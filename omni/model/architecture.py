@@ -21,7 +21,7 @@ from torch import nn
 from omni.config import ConfigError
 
 # config entries that say where a config came from or how it was saved, not what the model is
-_NOT_ARCHITECTURE = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
+_BOOKKEEPING_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
                      "_commit_hash", "_attn_implementation_autoset", "use_cache")
 
 
@@ -71,7 +71,7 @@ def _conflicts(config, expected: dict) -> list[str]:
     base = config.to_dict()
     touched = {k for k in want if k in kwargs or want[k] != default.get(k)}
     return [f"{k}: {want[k]!r} vs {base.get(k)!r}" for k in sorted(touched)
-            if k not in _NOT_ARCHITECTURE and want[k] != base.get(k)]
+            if k not in _BOOKKEEPING_KEYS and want[k] != base.get(k)]
 
 
 def with_architecture(cfg, config):
@@ -80,7 +80,7 @@ def with_architecture(cfg, config):
     it is without asking the hub again; it agrees with `llm.pretrained` by construction."""
     import dataclasses
 
-    arch = {k: v for k, v in config.to_diff_dict().items() if k not in _NOT_ARCHITECTURE and not k.startswith("_")}
+    arch = {k: v for k, v in config.to_diff_dict().items() if k not in _BOOKKEEPING_KEYS and not k.startswith("_")}
     arch["model_type"] = config.model_type
     return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, hf_config=arch))
 
@@ -88,7 +88,7 @@ def with_architecture(cfg, config):
 def summary(model: nn.Module) -> dict:
     """What two ranks must agree on before exchanging weights: the LLM's config (without where it
     came from) and a digest of every parameter's and buffer's name, shape and dtype."""
-    llm_cfg = {k: v for k, v in model.llm.config.to_dict().items() if k not in _NOT_ARCHITECTURE
+    llm_cfg = {k: v for k, v in model.llm.config.to_dict().items() if k not in _BOOKKEEPING_KEYS
                and not k.startswith("_")}
     tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in
                [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]]
