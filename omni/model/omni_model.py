@@ -202,10 +202,21 @@ class OmniModel(OmniComposition, nn.Module):
         return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, media: MediaBatch | None = None, **kwargs):
-        """Greedy/sampled continuation; returns only the new token ids (left-padded prompts)."""
+    def generate(self, input_ids, attention_mask, media: MediaBatch | None = None, prompt_cache=None, **kwargs):
+        """Greedy/sampled continuation; returns only the new token ids (left-padded prompts).
+        `prompt_cache` (omni.model.prompt_cache.PromptCache, one prompt): the LLM runs only the
+        positions it does not hold, and it keeps this prompt's for the next call."""
         embeds = self.embed(input_ids, media)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        if prompt_cache is None:
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        completed = False
+        try:
+            out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                    cache=prompt_cache.for_generation(self.llm, input_ids, embeds), **kwargs)
+            completed = True
+            return out
+        finally:
+            prompt_cache.generated(input_ids, embeds, completed)
 
 
 def projector_specs(cfg: ModelConfig) -> dict[str, dict]:
