@@ -135,9 +135,10 @@ class OmniModel(OmniComposition, nn.Module):
         (out_dir / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
         tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
 
-    def load_weights(self, model_dir: str | Path) -> None:
+    def load_weights(self, model_dir: str | Path, absent: set[str] = frozenset()) -> None:
         """Weights of a `save_pretrained` folder into this model, in place (what a resume reads),
-        once they match the sha256 its config recorded."""
+        once they match the sha256 its config recorded. `absent`: names the folder does not hold
+        (a QLoRA checkpoint's 4-bit base, omni/train/qlora.py); every other one must be there."""
         from safetensors.torch import load_model
 
         path = Path(model_dir) / WEIGHTS
@@ -148,9 +149,13 @@ class OmniModel(OmniComposition, nn.Module):
             raise ConfigError(f"{config}: not readable JSON ({e}); the folder is damaged") from None
         check_recorded(path, recorded)
         try:
-            load_model(self, str(path))
+            missing, unexpected = load_model(self, str(path), strict=not absent)
         except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a torn file or other keys
             raise ConfigError(f"{path}: cannot be read into the model ({type(e).__name__}: {e})") from None
+        missing = [k for k in missing if k not in absent]
+        if missing or unexpected:
+            raise ConfigError(f"{path}: cannot be read into the model (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]})")
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute activations in backward: the LLM via transformers, the vision tower via
