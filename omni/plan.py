@@ -8,7 +8,8 @@ Accounting as omni's engines hold memory (bytes; N = data-parallel GPUs):
 - optimizer: AdamW's two fp32 moments, 8 bytes per trainable parameter (no separate master copy:
   the fp32 parameters are it) — 16 bytes per trainable parameter in all, as in ZeRO's accounting;
 - sharding: ddp replicates everything; ZeRO-2 shards gradients and optimizer state; ZeRO-3 and
-  FSDP2 also shard the weights (each across N), and then hold gathered copies while a unit runs:
+  FSDP2 also shard the weights (each across N), and then hold gathered copies while a unit runs
+  (in buffers of their own: on one process too):
   the root unit (embeddings, LM head, projectors) through the step plus the two largest other
   units (the running one and the prefetched next), bf16 under FSDP2's bf16 policy, else fp32;
 - activations of one micro-batch, per transformer (LLM over its rows of tokens, vision tower over
@@ -144,7 +145,7 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
         ("gradients (fp32)", trainable * 4 / shard_g / GIB),
         ("optimizer (AdamW moments)", trainable * 8 / shard_o / GIB),
     ]
-    if shard_w > 1:
+    if LAYOUTS[engine][0]:  # gathered into buffers of their own, one process too
         gathered = 2 if engine == "fsdp2" and cfg.precision == "bf16" else 4
         rows.append(("gathered units (root + 2 largest)", _gathered_params(model) * gathered / GIB))
     logits = b * tokens * llm.vocab_size
