@@ -46,14 +46,14 @@ def _status(key: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def stage_config(stage: str, overrides: list[str], tokens: int):
+def stage_config(stage: str, overrides: list[str]):
+    """The row's stage: one process, micro-batch 2, unpacked, no checkpointing, the LLM widened."""
     from omni.train.config import load_stage
 
-    model = ",".join(WIDE)
     cfg = load_stage(ROOT / "stages/tiny" / stage,
                      ["init_from=null", "data.manifest=unused.yaml", "batch.micro_batch=2", "batch.grad_accum=1",
                       "batch.tokens_per_pack=0", "activation_checkpointing=false", *overrides])
-    cfg.model_overrides = [*cfg.model_overrides, *model.split(",")]
+    cfg.model_overrides = [*cfg.model_overrides, *WIDE]
     return cfg
 
 
@@ -73,7 +73,7 @@ def measure(stage: str, overrides: list[str], tokens: int, steps: int, threads: 
     from omni.train.trainer import init_model
 
     torch.set_num_threads(threads)
-    cfg = stage_config(stage, overrides, tokens)
+    cfg = stage_config(stage, overrides)
     world = World.from_env(need_group=cfg.engine != "ddp")
     torch.manual_seed(cfg.seed)
     words = [w for w in vocabulary() if w.isalpha()]
@@ -115,7 +115,7 @@ def planned(stage: str, overrides: list[str], tokens: int, seq_len: int) -> tupl
     from omni.plan import plan_stage
     from omni.train.engines import stage_layout
 
-    cfg = stage_config(stage, overrides, tokens)
+    cfg = stage_config(stage, overrides)
     plan = plan_stage(cfg, 1, 80, stage_layout(cfg), seq_len)
     return plan.total, plan.table()
 
