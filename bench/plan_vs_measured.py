@@ -111,7 +111,7 @@ def measure(stage: str, overrides: list[str], tokens: int, steps: int, threads: 
     return {"peak_gib": (_status("VmHWM") - before) / GIB, "seq_len": length, "losses": losses}
 
 
-def planned(stage: str, overrides: list[str], tokens: int, seq_len: int) -> tuple[float, str]:
+def planned(stage: str, overrides: list[str], seq_len: int) -> tuple[float, str]:
     from omni.plan import plan_stage
     from omni.train.engines import stage_layout
 
@@ -136,7 +136,7 @@ def main() -> None:
         code = f"import json, bench.plan_vs_measured as m; print(json.dumps(m.{call}))"
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
         got = json.loads(out.stdout.strip().splitlines()[-1])
-        total, table = planned(stage, overrides, args.tokens, got["seq_len"])
+        total, table = planned(stage, overrides, got["seq_len"])
         print(f"{name:<22}{got['seq_len']:>6}{total:>13.2f}{got['peak_gib']:>14.2f}{total / got['peak_gib']:>17.2f}x",
               flush=True)
         if args.tables:
