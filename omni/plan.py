@@ -8,18 +8,27 @@ Accounting as omni's engines hold memory (bytes; N = data-parallel GPUs):
 - optimizer: AdamW's two fp32 moments, 8 bytes per trainable parameter (no separate master copy:
   the fp32 parameters are it) — 16 bytes per trainable parameter in all, as in ZeRO's accounting;
 - sharding: ddp replicates everything; ZeRO-2 shards gradients and optimizer state; ZeRO-3 and
-  FSDP2 also shard the weights (each across N), and then hold gathered copies while a unit runs:
+  FSDP2 also shard the weights (each across N), and then hold gathered copies while a unit runs
+  (in buffers of their own: on one process too):
   the root unit (embeddings, LM head, projectors) through the step plus the two largest other
   units (the running one and the prefetched next), bf16 under FSDP2's bf16 policy, else fp32;
 - activations of one micro-batch, per transformer (LLM over its rows of tokens, vision tower over
-  its samples' tiles, audio tower over their windows; a packed micro-batch is one row of
-  `tokens_per_pack` tokens holding `micro_batch` samples and all their media):
+  every sample's largest image (AnyRes tiles) or video (`video.max_frames` frames), audio tower
+  over its `audio.max_windows` windows, no more than the row's tokens hold (`media_per_micro_batch`);
+  with an `omni data stats` file, only the media kinds the stage's datasets hold, and their longest
+  sample as the row length; a packed micro-batch is one row of `tokens_per_pack` tokens holding
+  `micro_batch` samples and all their media):
   s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit (Korthikanti et al. 2022, "Reducing Activation
   Recomputation", no sequence parallelism; the 5*a*s/h score term only for eager attention), or
   2*s*b*h per layer plus one full layer with activation checkpointing;
   doubled in fp32;
 - logits: b*s*V*4 bytes (the fp32 logits the loss reads), or, above `CHUNKED_ABOVE_LOGITS`, one
-  chunk's fp32 logits and their gradient (omni/model/lm_loss.py).
+  chunk's fp32 logits and their gradient (omni/model/lm_loss.py);
+- preference objectives (dpo, rm): a micro-batch of b pairs is 2b rows (chosen, then rejected);
+  DPO's reference model (`dpo.reference` or `init_from`, not for reference-free losses) is loaded
+  whole in fp32 on every process (omni/align/objectives/dpo.py): with `dpo.precompute_ref` it
+  scores the pairs before training and is freed (a phase of its own: the plan's total is the larger
+  of the two phases), else it stays next to the policy through training.
 It is an estimate (no allocator fragmentation, no temporary buffers): keep ~10% headroom.
 
 The model planned is the stage's own (its preset with `model_overrides`, or its `init_from` folder),
@@ -31,11 +40,12 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from omni.align.losses import REFERENCE_FREE
 from omni.config import ConfigError
 from omni.model.generate import computes_in_fp32
 from omni.model.lm_loss import CHUNK_LOGITS, CHUNKED_ABOVE_LOGITS
@@ -44,25 +54,30 @@ from omni.train.config import StageConfig
 from omni.train.engines import LAYOUTS, fsdp_units, stage_layout
 
 GIB = 1024 ** 3
+PAIRED = ("dpo", "rm")  # objectives whose micro-batch of b pairs is 2b rows (omni/align/objectives/pairs.py)
 
 
 @dataclass
 class Plan:
-    rows: list[tuple[str, float]]   # (component, GiB per GPU)
+    rows: list[tuple[str, float]]   # (component, GiB per GPU) while training
     gpu_gib: float
+    before: list[tuple[str, float]] = field(default_factory=list)  # a phase before training (DPO's reference)
 
     @property
     def total(self) -> float:
-        return sum(v for _, v in self.rows)
+        return max(sum(v for _, v in self.rows), sum(v for _, v in self.before))
 
     @property
     def fits(self) -> bool:
         return self.total <= 0.9 * self.gpu_gib
 
     def table(self) -> str:
-        lines = [f"{'component':<40}{'GiB/GPU':>10}"]
-        lines += [f"{name:<40}{gib:>10.2f}" for name, gib in self.rows]
-        lines.append(f"{'total':<40}{self.total:>10.2f}")
+        lines = [f"{'component':<48}{'GiB/GPU':>10}"]
+        if self.before:
+            lines += [f"{'before: ' + name:<48}{gib:>10.2f}" for name, gib in self.before]
+            lines.append(f"{'(freed before training)':<48}{sum(v for _, v in self.before):>10.2f}")
+        lines += [f"{name:<48}{gib:>10.2f}" for name, gib in self.rows]
+        lines.append(f"{'total':<48}{self.total:>10.2f}")
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"{verdict} in {self.gpu_gib:g} GiB (90% usable)")
         return "\n".join(lines)
@@ -80,9 +95,15 @@ def transformer_activation_bytes(tokens: int, batch: int, hidden: int, heads: in
     return layers * full_layer
 
 
-def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None = None, seq_len: int = 4096) -> Plan:
+def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None = None, seq_len: int = 4096,
+               stats: str | Path | None = None) -> Plan:
     """`engine`: a memory layout of omni/train/engines.py (`LAYOUTS`: what each shards over the N
-    GPUs); None: the stage's own (`engine`, `zero_stage`)."""
+    GPUs); None: the stage's own (`engine`, `zero_stage`). `stats`: an `omni data stats` stats.json
+    of the stage's data: its datasets' longest sample is the unpacked `seq_len`, and only the media
+    kinds they hold are planned (`stats_for_stage`)."""
+    modalities = MEDIA_KINDS
+    if stats is not None:
+        seq_len, modalities = stats_for_stage(cfg, stats)
     engine = engine or stage_layout(cfg)
     if engine not in LAYOUTS:
         raise ConfigError(f"engine {engine!r}: choose one of {list(LAYOUTS)}")
@@ -102,7 +123,9 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     # a packed micro-batch is one row of tokens_per_pack tokens holding all micro_batch samples:
     # the LLM runs 1 row, the towers every sample's media all the same
     tokens = cfg.batch.tokens_per_pack or seq_len
-    samples, ckpt = cfg.batch.micro_batch, cfg.activation_checkpointing
+    # a preference micro-batch of b pairs is 2b sequences (chosen, rejected), each with the prompt's media
+    pairs = 2 if cfg.method in PAIRED else 1
+    samples, ckpt = pairs * cfg.batch.micro_batch, cfg.activation_checkpointing
     b = 1 if cfg.batch.tokens_per_pack else samples
     image = model.encoders["image"]
     vis_blocks = [m for m in image.modules() if type(m).__name__ in ("ResidualAttentionBlock", "Block")]
@@ -111,11 +134,10 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     eager = model.config.llm.attn_implementation == "eager"
     act = transformer_activation_bytes(tokens, b, llm.hidden_size, llm.num_attention_heads,
                                        llm.num_hidden_layers, ckpt, width, eager)
-    cfg_tiles = max(1, model.config.anyres.max_tiles + int(model.config.anyres.thumbnail))
-    tiles = samples * cfg_tiles
-    act += transformer_activation_bytes(image.num_patches, tiles, image.out_dim, vis_heads,
+    images, windows = media_per_micro_batch(model, samples, b, tokens, modalities)
+    act += transformer_activation_bytes(image.num_patches, images, image.out_dim, vis_heads,
                                         len(vis_blocks), ckpt, width, eager)
-    act += transformer_activation_bytes(audio.positional_embedding.shape[0], samples, model.encoders["audio"].out_dim,
+    act += transformer_activation_bytes(audio.positional_embedding.shape[0], windows, model.encoders["audio"].out_dim,
                                         audio.blocks[0].attn.n_head, len(audio.blocks), ckpt, width, eager)
     rows = [
         (f"weights (fp32{', frozen bf16' if frozen_bytes == 2 and trainable < total else ''})",
@@ -123,16 +145,64 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
         ("gradients (fp32)", trainable * 4 / shard_g / GIB),
         ("optimizer (AdamW moments)", trainable * 8 / shard_o / GIB),
     ]
-    if shard_w > 1:
+    if LAYOUTS[engine][0]:  # gathered into buffers of their own, one process too
         gathered = 2 if engine == "fsdp2" and cfg.precision == "bf16" else 4
         rows.append(("gathered units (root + 2 largest)", _gathered_params(model) * gathered / GIB))
     logits = b * tokens * llm.vocab_size
-    rows += [
-        (f"activations (b={b}, {tokens} tok, {samples} x {cfg_tiles} tiles)", act / GIB),
-        ("logits (fp32, chunked)", 2 * CHUNK_LOGITS * 4 / GIB) if logits > CHUNKED_ABOVE_LOGITS
-        else ("logits (fp32)", logits * 4 / GIB),
-    ]
-    return Plan(rows, gpu_gib)
+    logits_row = (("logits (fp32, chunked)", 2 * CHUNK_LOGITS * 4 / GIB) if logits > CHUNKED_ABOVE_LOGITS
+                  else ("logits (fp32)", logits * 4 / GIB))
+    rows += [(f"activations (b={b}, {tokens} tok, {images} img, {windows} aud)", act / GIB), logits_row]
+    before = []
+    if cfg.method == "dpo" and cfg.dpo.loss_type not in REFERENCE_FREE:
+        reference = ("reference model (fp32, whole)", 4 * total / GIB)  # the policy's architecture
+        if cfg.dpo.precompute_ref:
+            before = [reference, logits_row]   # no-grad scoring: its logits, no activations kept
+        else:
+            rows.append(reference)
+    return Plan(rows, gpu_gib, before)
+
+
+MEDIA_KINDS = ("image", "video", "audio")
+
+
+def media_per_micro_batch(model, samples: int, rows: int, tokens: int, modalities=MEDIA_KINDS) -> tuple[int, int]:
+    """(vision tower images, audio tower windows) of a micro-batch at most, as the processor makes
+    them (omni/model/processor.py): a sample's image is its AnyRes tiles (thumbnail included), its
+    video `video.max_frames` frames, both through the vision tower; its audio `audio.max_windows`
+    windows. Every tile, frame and window puts its tokens in the sample's row, so a micro-batch of
+    `rows` rows of `tokens` tokens holds no more than those tokens allow."""
+    cfg = model.config
+    tiles = max(1, cfg.anyres.max_tiles + int(cfg.anyres.thumbnail))
+    per_sample = max(tiles if "image" in modalities else 0, cfg.video.max_frames if "video" in modalities else 0)
+    unit = min(model.image_tokens(), model.video_tokens(1))
+    images = min(samples * per_sample, rows * (tokens // max(1, unit)))
+    audio = model.encoders["audio"]
+    windows = 0
+    if "audio" in modalities:
+        window_tokens = model.audio_window_tokens(audio.valid_frames(audio.window_samples))
+        windows = min(samples * cfg.audio.max_windows, rows * (tokens // max(1, window_tokens)))
+    return images, windows
+
+
+def stats_for_stage(cfg: StageConfig, stats: str | Path) -> tuple[int, tuple[str, ...]]:
+    """(longest sample in tokens, media kinds) of the stage's datasets in an `omni data stats`
+    stats.json (its `datasets` entries: `tokens.total.max`, `modality_mix`)."""
+    import json
+
+    try:
+        entries = json.loads(Path(stats).read_text())["datasets"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{stats}: not a stats.json of `omni data stats` ({e}); write one with "
+                          "`omni data stats MANIFEST --out DIR`") from None
+    wanted = set(cfg.data.datasets or {})
+    mine = [d for d in entries if not wanted or d.get("name") in wanted]
+    missing = wanted - {d.get("name") for d in mine}
+    if not mine or missing:
+        raise ConfigError(f"{stats}: no stats for the stage's datasets {sorted(missing or wanted)}; run "
+                          "`omni data stats` on the stage's manifest")
+    longest = max(int(d["tokens"]["total"]["max"]) for d in mine)
+    kinds = {k for d in mine for mix in d.get("modality_mix", {}) for k in mix.split("+")}
+    return max(1, longest), tuple(k for k in MEDIA_KINDS if k in kinds)
 
 
 def stage_meta_model(cfg: StageConfig):
@@ -145,7 +215,8 @@ def stage_meta_model(cfg: StageConfig):
         with torch.device("meta"):
             return load_model(cfg.init_from, cfg.model_overrides, weights=False)[0]
     if cfg.preset is None:
-        raise ConfigError(f"init_from {cfg.init_from!r} is not a model folder and there is no preset to plan from")
+        raise ConfigError(f"init_from {cfg.init_from!r} is not a model folder and there is no preset to plan from; "
+                          "add preset=NAME (e.g. preset=7b) to plan its architecture")
     return meta_model(cfg.preset, cfg.model_overrides)
 
 

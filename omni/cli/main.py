@@ -175,7 +175,7 @@ def _plan(args) -> None:
 
     cfg = load_stage(args.config, args.overrides)
     engine = args.engine or stage_layout(cfg)
-    table = plan_stage(cfg, args.gpus, args.gpu_mem, engine, args.seq_len).table()  # checks the name
+    table = plan_stage(cfg, args.gpus, args.gpu_mem, engine, args.seq_len, args.stats).table()  # checks the name
     print(f"{cfg.name}: {args.gpus} x {args.gpu_mem:g} GiB, engine {engine}")
     print(table)
 
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory layout to plan: an engine's, deepspeed's per ZeRO stage (what each shards: "
                         "omni/train/engines.py; an unknown name lists them); default: the stage's own")
     p.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per sample when the stage does not pack")
+    p.add_argument("--stats", help="stats.json of `omni data stats` on the stage's data: its datasets' longest sample "
+                                   "replaces --seq-len, and only their media kinds are planned")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("chat", help="talk to a model in the terminal; the answer streams token by token")

@@ -118,3 +118,89 @@ def test_a_packed_row_holds_the_media_of_every_sample_of_the_micro_batch():
     packed = activations("batch.micro_batch=4", "batch.tokens_per_pack=256")
     assert packed == pytest.approx(one + 3 * media)
     assert packed > activations("batch.micro_batch=1", "batch.tokens_per_pack=256")
+
+
+def test_dpo_plans_pairs_and_its_reference_model():
+    """A DPO micro-batch of b pairs runs 2b sequences; its reference (the policy's architecture,
+    loaded whole in fp32) is a phase before training with `dpo.precompute_ref`, held next to the
+    policy without it, and absent for a reference-free loss. An align config plans like a stage."""
+    def plan(*overrides):
+        cfg = load_stage(ROOT / "omni/align/configs/tiny_dpo.yaml", ["preset=tiny", "init_from=null", *overrides])
+        return plan_stage(cfg, 2, 80, "fsdp2", 128)
+
+    p = sum(x.numel() for x in meta_model("tiny").parameters())
+    pre, held, free = plan(), plan("dpo.precompute_ref=false"), plan("dpo.loss_type=simpo")
+    sft = plan("method=sft", "dpo.precompute_ref=false")
+    assert _rows(pre)["activations"] == pytest.approx(2 * _rows(sft)["activations"])
+    assert _rows(pre)["logits"] == pytest.approx(2 * _rows(sft)["logits"])
+    assert dict(pre.before)["reference model (fp32, whole)"] == pytest.approx(4 * p / GIB)  # not sharded
+    assert "reference" not in _rows(pre) and pre.total == pytest.approx(max(sum(v for _, v in pre.rows),
+                                                                            sum(v for _, v in pre.before)))
+    assert _rows(held)["reference"] == pytest.approx(4 * p / GIB)
+    assert held.total == pytest.approx(free.total + 4 * p / GIB)
+    assert not free.before and "reference" not in _rows(free)
+    assert "before: reference model" in pre.table()
+
+
+def test_an_align_config_without_a_model_folder_names_the_preset_to_plan_from():
+    from omni.cli.main import main
+
+    with pytest.raises(SystemExit, match="preset=NAME"):
+        main(["plan", str(ROOT / "omni/align/configs/tiny_dpo.yaml"), "--gpus", "1"])
+
+
+def test_media_per_micro_batch_is_what_the_processor_makes_within_the_row():
+    """Per sample: its AnyRes tiles (with the thumbnail) or its video's max_frames frames through the
+    vision tower, max_windows audio windows through the audio tower; no more than the row's tokens hold."""
+    from omni.plan import media_per_micro_batch
+
+    model = meta_model("tiny", ["anyres.max_tiles=4", "video.max_frames=3"])  # 4 tiles + thumbnail = 5 images
+    audio = model.encoders["audio"]
+    unit = min(model.image_tokens(), model.video_tokens(1))
+    window = model.audio_window_tokens(audio.valid_frames(audio.window_samples))
+    big = 100 * (unit + window)
+    assert media_per_micro_batch(model, 3, 3, big) == (3 * 5, 3 * model.config.audio.max_windows)
+    assert media_per_micro_batch(model, 3, 3, big, ("video",)) == (3 * 3, 0)
+    assert media_per_micro_batch(model, 3, 3, big, ("audio",)) == (0, 3 * model.config.audio.max_windows)
+    assert media_per_micro_batch(model, 3, 3, big, ()) == (0, 0)
+    # a packed row of 2 images' tokens holds 2 images and 1 window at most, whatever the samples
+    assert media_per_micro_batch(model, 3, 1, 2 * unit + 1, ("image",)) == (2, 0)
+    assert media_per_micro_batch(model, 3, 1, window + 1, ("audio",)) == (0, 1)
+
+
+def test_7b_video_stage_plans_its_frames(qwen2_7b):
+    """Stage 1d's packed row (4 samples) holds 4 videos of 48 frames: 192 frames through SigLIP."""
+    cfg = load_stage(ROOT / "stages/7b/1d_video.yaml")
+    cfg.model_overrides += qwen2_7b
+    model = meta_model("7b", qwen2_7b)
+    assert model.config.video.max_frames == 48 and cfg.batch.micro_batch == 4
+    assert cfg.batch.tokens_per_pack >= 4 * model.video_tokens(48)  # the row holds all 4 videos
+    label = next(name for name, _ in plan_stage(cfg, 8, 80, "fsdp2").rows if name.startswith("activations"))
+    assert "192 img" in label
+
+
+def test_a_stats_file_sets_the_row_length_and_the_media_kinds(tiny_corpus, tmp_path):
+    """`omni data stats` on the stage's data: the longest sample of its datasets is the unpacked row,
+    and only the media kinds its datasets hold reach the towers."""
+    from omni.curate.stats import stats
+    from omni.plan import media_per_micro_batch, stats_for_stage
+
+    cfg = load_stage(ROOT / "stages/tiny/1e_audio.yaml", ["batch.micro_batch=4", "init_from=null"])
+    result = stats(tiny_corpus, tmp_path / "stats", preset="tiny", split="train", progress=False)
+    mine = [d for d in result.datasets if d.name in cfg.data.datasets]
+    assert {d.name for d in mine} == set(cfg.data.datasets)
+    longest = max(d.maxima["total"] for d in mine)
+    kinds = {k for d in mine for mix in d.mix for k in mix.split("+")}
+    assert "audio" in kinds and "video" not in kinds
+    assert stats_for_stage(cfg, result.json_file) == (longest, tuple(k for k in ("image", "video", "audio")
+                                                                     if k in kinds))
+    images, windows = media_per_micro_batch(meta_model("tiny"), 4, 4, longest, tuple(kinds))
+    label = next(n for n, _ in plan_stage(cfg, 1, 80, "ddp", stats=result.json_file).rows if n.startswith("activ"))
+    assert label == f"activations (b=4, {longest} tok, {images} img, {windows} aud)"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ConfigError, match="bad.json: not a stats.json of `omni data stats`"):
+        plan_stage(cfg, 1, 80, "ddp", stats=bad)
+    other = load_stage(ROOT / "stages/tiny/1e_audio.yaml", ["data.datasets={nowhere: 1.0}"])
+    with pytest.raises(ConfigError, match="no stats for the stage's datasets \\['nowhere'\\]"):
+        plan_stage(other, 1, 80, "ddp", stats=result.json_file)
