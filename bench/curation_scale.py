@@ -5,7 +5,8 @@
 
 Side by side in one run, on the same generated input (bench/curation_throughput.py's generators):
   - samples/s of dedup (exact + near, defaults) and build (LLaVA, media decoded) in-process, on a
-    local Ray instance with 1 worker CPU and with 2 (`RayBackend`, the `--ray` path);
+    local Ray instance with 1 worker CPU and with 2 (`RayBackend`, the `--ray` path: shards read by
+    Ray Data's WebDataset datasource, written by the driver);
   - peak memory (USS: the pages only that process holds) of the busiest Ray worker and of the
     driver, polled every 0.2 s, as the dedup input grows 4x (same shard size, so 4x the shards);
     a process's baseline (Python, numpy, torch imported by the loader) is most of it at these sizes;

@@ -104,15 +104,21 @@ def shard_urls(entry: DatasetEntry) -> list[str]:
 
 
 def read_shard(url: str) -> Iterator[dict | Unreadable]:
-    """Every raw sample of one shard in order; an unreadable member yields `Unreadable` and reading goes on."""
+    """Every raw sample of one shard in order; a shard whose tar cannot be read to its end yields the
+    samples before the damage, then one `Unreadable` (`unreadable_shard`: the same on Ray)."""
     errors: list[Exception] = []
     pipe = wds.DataPipeline(wds.SimpleShardList([url]),
                             wds.tarfile_to_samples(handler=lambda e: errors.append(e) or True))
-    for raw in pipe:
-        yield from (Unreadable(str(e)) for e in errors)
-        errors.clear()
-        yield raw
-    yield from (Unreadable(str(e)) for e in errors)
+    yield from pipe
+    if errors:
+        yield unreadable_shard(url, errors[0])
+
+
+def unreadable_shard(url: str, error: Exception) -> Unreadable:
+    """One line for a damaged shard: where, and the tar reader's own words (without the stream
+    and url webdataset appends to them, or the retry note Ray Data adds on a line of its own)."""
+    what = str(error.args[0]).splitlines()[0] if error.args else type(error).__name__
+    return Unreadable(f"shard {url}: {what} (the samples before the damage are kept; rewrite or drop the shard)")
 
 
 def shard_results(di: int, si: int, url: str, fn=None, limit: int | None = None) -> Iterator[tuple]:

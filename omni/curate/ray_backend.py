@@ -4,12 +4,13 @@ Each verb stays the one in its own module; it takes this backend in place of its
 loops and gets the same sequence of per-sample results back, so what it writes (shards,
 manifest, reports, rejects) is the same code on the same values:
 
-- `map_samples`: one Ray Data read task per input shard (webdataset's own tar reader,
-  `common.shard_results`) runs the verb's per-sample function where the shard is read; rows come
-  back to the writer in manifest order (`preserve_order`).
+- `map_samples`: Ray Data's WebDataset reader (`ShardSource`, its datasource with the rank of every
+  sample added: one read task per input shard, members as raw bytes) then a map of the verb's
+  per-sample function, fused into the read task; rows come back to the writer in manifest order
+  (`preserve_order`).
 - `map_records`: `build`'s conversion (`convert_record`: JSON -> validated sample, media read and
   decoded) over blocks of records, a window of records at a time.
-- `dedup_removed`: signatures (map) -> rows keyed by digest and by LSH band key, shuffled by a
+- `dedup_removed`: signatures (the same read, mapped) -> rows keyed by digest and by LSH band key, shuffled by a
   hash of the key (Ray Data group-bys; each part groups its keys and yields edges, ray_groups.py)
   -> `components` on the edges only. No process holds every signature; the driver holds the
   duplicates' edges.
@@ -23,17 +24,32 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 
-from omni.curate.common import CurationError, shard_results, shard_urls
+from omni.curate.common import CurationError, Reject, Unreadable, shard_urls, unreadable_shard
 from omni.curate.components import Rank, Removal, components, lsh_shape
 from omni.curate.dedup import DedupConfig, Signature, Signer, signature_of
 from omni.curate.ray_groups import band_rows, bucket_part, digest_rows, edges_of, exact_part
 from omni.data.manifest import DatasetEntry
+from omni.errors import SampleError
 
+try:
+    import ray
+    import ray.data
+    from ray.data._internal.datasource.webdataset_datasource import (
+        WebDatasetDatasource,
+        _group_by_keys,
+        _tar_file_iterator,
+    )
+    from ray.data._internal.util import iterate_with_retry
+except ImportError:
+    raise CurationError("--ray needs Ray Data: pip install -e .[scale]") from None
+
+DAMAGE = (tarfile.TarError, ValueError, OSError, EOFError)   # what a damaged shard raises while read
 RECORDS_PER_BLOCK = 256        # build: records per Ray task
 RECORDS_PER_WINDOW = 1 << 16   # build: records listed on the driver at a time
 
@@ -51,10 +67,6 @@ class RayBackend:
     running. As a context manager it shuts down (or disconnects from) the Ray it started."""
 
     def __init__(self, options: RayOptions | None = None):
-        try:
-            import ray
-        except ImportError:
-            raise CurationError("--ray needs Ray Data: pip install -e .[scale]") from None
         self.options = opts = options or RayOptions()
         self.owned = not ray.is_initialized()
         if self.owned:
@@ -67,7 +79,6 @@ class RayBackend:
                 except ConnectionError as e:
                     raise CurationError(f"--ray {opts.address}: no Ray cluster there ({e}); start one with "
                                         "`ray start --head` or use --ray local") from None
-        import ray.data
         logging.getLogger("ray.data").setLevel(logging.WARNING)   # not a line per dataset executed
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
@@ -76,7 +87,6 @@ class RayBackend:
         self.data = ray.data
 
     def close(self) -> None:
-        import ray
         if self.owned and ray.is_initialized():
             ray.shutdown()
         self.owned = False
@@ -88,9 +98,13 @@ class RayBackend:
         self.close()
 
     # ------------------------------------------------------------ maps
-    def _shards(self, entries: list[DatasetEntry]):
-        items = [{"e": di, "s": si, "url": url} for di, e in enumerate(entries) for si, url in enumerate(shard_urls(e))]
-        return self.data.from_items(items, override_num_blocks=max(1, len(items)))
+    def _samples(self, entries: list[DatasetEntry], limit: int | None = None):
+        """Every sample of the entries' shards as rows (e, s, p, raw pickled), read by Ray Data."""
+        urls = [url for e in entries for url in shard_urls(e)]
+        if any(u.startswith("pipe:") for u in urls):
+            raise CurationError("--ray reads shards with Ray Data's reader (local or shared paths, s3://, gs://, "
+                                "hdfs://): a pipe: url cannot be read there; copy the shards or run without --ray")
+        return self.data.read_datasource(ShardSource(entries, limit), override_num_blocks=max(1, len(set(urls))))
 
     def map_samples(self, entries: list[DatasetEntry], fn: Callable | None = None,
                     keep_raw: bool = True, limit: int | None = None) -> Iterator[tuple]:
@@ -98,9 +112,8 @@ class RayBackend:
         with `keep_raw=False` the raw sample stays on the worker (None comes back, Unreadable kept).
         A `limit` caps every shard (its entry's first `limit` samples are the same as in-process; the
         caller counts them)."""
-        task = partial(_shard_rows, fn=fn, keep_raw=keep_raw, limit=limit, marker=self.options.fault_marker)
-        ds = self._shards(entries).flat_map(task)
-        for row in ds.iter_rows():
+        task = partial(_result_row, fn=fn, keep_raw=keep_raw, marker=self.options.fault_marker)
+        for row in self._samples(entries, limit).map(task).iter_rows():
             yield (row["e"], row["s"], row["p"]), pickle.loads(row["raw"]), pickle.loads(row["result"])
 
     def map_records(self, records: Iterable[tuple], fn: Callable) -> Iterator[tuple]:
@@ -119,7 +132,7 @@ class RayBackend:
     def dedup_removed(self, entries: list[DatasetEntry], cfg: DedupConfig) -> dict[Rank, Removal]:
         """Signatures on the workers; group-bys by digest and by band key as shuffles; components here."""
         sign = partial(_signature_rows, signer=Signer(cfg), marker=self.options.fault_marker)
-        sigs = self._shards(entries).flat_map(sign).materialize()
+        sigs = self._samples(entries).flat_map(sign).materialize()
         parts = max(1, sigs.num_blocks())
         edges = []
         if cfg.exact != "off":
@@ -141,16 +154,22 @@ def _maybe_fail(marker: str | None) -> None:
         os._exit(1)
 
 
-def _shard_rows(item: dict, fn, keep_raw: bool, limit: int | None, marker: str | None) -> list[dict]:
+def _result_row(row: dict, fn, keep_raw: bool, marker: str | None) -> dict:
+    """fn(raw sample) (or the Reject/SampleError it raised) of one read row, as `shard_results` gives it."""
     _maybe_fail(marker)
-    return [{"e": rank[0], "s": rank[1], "p": rank[2],
-             "raw": pickle.dumps(raw if keep_raw or rank[2] < 0 else None), "result": pickle.dumps(result)}
-            for rank, raw, result in shard_results(item["e"], item["s"], item["url"], fn, limit)]
+    raw, result = pickle.loads(row["raw"]), None
+    if not isinstance(raw, Unreadable) and fn is not None:
+        try:
+            result = fn(raw)
+        except (Reject, SampleError) as e:
+            result = e
+    if not keep_raw and not isinstance(raw, Unreadable):
+        raw = None
+    return {**row, "raw": pickle.dumps(raw), "result": pickle.dumps(result)}
 
 
 def _record_row(row: dict, fn, marker: str | None) -> dict:
     _maybe_fail(marker)
-    from omni.curate.common import Reject
     try:
         result = fn(*pickle.loads(row["record"]))
     except Reject as r:
@@ -158,11 +177,63 @@ def _record_row(row: dict, fn, marker: str | None) -> dict:
     return {"i": row["i"], "result": pickle.dumps(result)}
 
 
-def _signature_rows(item: dict, signer: Signer, marker: str | None) -> list[dict]:
+def _signature_rows(row: dict, signer: Signer, marker: str | None) -> list[dict]:
     _maybe_fail(marker)
-    out = []
-    for (e, s, p), _, sig in shard_results(item["e"], item["s"], item["url"], partial(signature_of, signer)):
-        if isinstance(sig, Signature):
-            out.append({"e": e, "s": s, "p": p, "exact": (sig.exact or b"").hex(),
-                        "minhash": b"" if sig.minhash is None else sig.minhash.tobytes()})
-    return out
+    raw = pickle.loads(row["raw"])
+    if isinstance(raw, Unreadable):
+        return []
+    try:
+        sig = signature_of(signer, raw)
+    except (Reject, SampleError):
+        return []
+    if not isinstance(sig, Signature):
+        return []
+    return [{"e": row["e"], "s": row["s"], "p": row["p"], "exact": (sig.exact or b"").hex(),
+             "minhash": b"" if sig.minhash is None else sig.minhash.tobytes()}]
+
+
+class ShardSource(WebDatasetDatasource):
+    """Ray Data's WebDataset datasource (its file listing and opening, tar reader and key grouping: a
+    key ends at the first dot of a member's name, as in webdataset), members kept as bytes (no
+    decoder), with what the verbs need added: the rank (dataset, shard, position) of every sample,
+    the first `limit` samples of a shard with a limit, and a damaged shard's samples before the
+    damage, then one `Unreadable` row (`common.unreadable_shard`, the in-process reader's line)
+    instead of a failed dataset."""
+
+    def __init__(self, entries: list[DatasetEntry], limit: int | None = None):
+        self.ranks: dict[str, list[tuple[int, int]]] = {}
+        for di, e in enumerate(entries):
+            for si, url in enumerate(shard_urls(e)):
+                self.ranks.setdefault(url, []).append((di, si))
+        self.urls = {u.split("://", 1)[-1]: u for u in self.ranks}   # the path Ray Data opens -> url
+        self.limit = limit
+        super().__init__(list(self.ranks), decoder=None)
+
+    def _read_stream(self, stream, path: str):
+        """The datasource's own steps (tar members, retried on transient I/O errors; grouped by key),
+        one sample at a time, so the samples before a damaged member are kept."""
+        import pandas as pd
+        url = self.urls[path]
+        errors: list[Exception] = []
+
+        def members():  # a damaged member ends the shard; the sample being grouped is still given
+            try:
+                yield from iterate_with_retry(lambda: _tar_file_iterator(stream), "iterate tar file",
+                                              match=self._data_context.retried_io_errors)
+            except DAMAGE as e:
+                errors.append(e)
+
+        rows, p = [], 0
+        try:
+            for raw in _group_by_keys(members(), meta={"__url__": url}):
+                if self.limit is not None and p >= self.limit:
+                    break
+                rows += [{"e": di, "s": si, "p": p, "raw": pickle.dumps(raw)} for di, si in self.ranks[url]]
+                p += 1
+        except DAMAGE as e:  # a key split across the tar, or a member twice
+            errors.append(e)
+        if errors:
+            bad = pickle.dumps(unreadable_shard(url, errors[0]))
+            rows += [{"e": di, "s": si, "p": -1, "raw": bad} for di, si in self.ranks[url]]
+        if rows:
+            yield pd.DataFrame.from_records(rows)

@@ -141,6 +141,25 @@ def test_stats_on_ray_equal_in_process(corpus, backend, tmp_path):
     assert json.loads(there.json_file.read_text()) == json.loads(here.json_file.read_text())
 
 
+def test_a_damaged_shard_keeps_its_readable_samples_and_counts_once(backend, tmp_path):
+    """The middle of three shards is cut inside its third member: the samples before the cut are kept and the shard is
+    one `unreadable` line, from Ray Data's reader as from webdataset's."""
+    samples = [sample(f"d{i:02d}", f"prompt {i} on subject {i * 11}", f"reply {i} with {i * 5} words", source="s")
+               for i in range(12)]
+    entry = write_entry(tmp_path, "dmg", samples, per_shard=5)
+    shard = tmp_path / "in" / "dmg-train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:2748])   # two 1 KB samples, then a cut member header
+    manifest = write_manifest(tmp_path / "manifest.yaml", "damaged", [entry])
+    here = reweight(manifest, tmp_path / "here", by="source", progress=False)
+    there = reweight(manifest, tmp_path / "ray", by="source", progress=False, backend=backend)
+    lines = [json.loads(line) for line in open(here.rejects_file)]
+    assert [(r["code"], "dmg-train-000001.tar" in r["reason"]) for r in lines] == [("unreadable", True)]
+    assert rejects(there.rejects_file) == rejects(here.rejects_file)
+    keys = [s["__key__"] for s in written(here.manifest)]
+    assert keys[:5] == [f"d{i:02d}" for i in range(5)] and keys[-2:] == ["d10", "d11"] and 7 < len(keys) < 12
+    assert written(there.manifest) == written(here.manifest)
+
+
 def test_a_killed_worker_is_retried_and_every_sample_written_once(corpus, backend, tmp_path):
     """The first map task exits its own worker process (os._exit) once; Ray reruns the task and the
     output holds every kept sample exactly once, as in-process."""
