@@ -1,7 +1,7 @@
 """Model-FLOPs utilisation on this CPU: the `small` preset's training step vs the machine's own matmul peak.
 
 Usage: python bench/mfu.py [--steps 6] [--tokens 1024] [--micro-batch 1] [--threads N] [--no-compile]
-                           [--profile-steps 2] [--train-bf16]
+                           [--profile-steps 0] [--train-bf16]
 1. Peak: torch.matmul of two large square matrices (best of several) per dtype, fp32 (2048^2) and
    bf16 (1024^2: on a CPU without bf16 units it is slow), with the threads training uses: the most
    this machine's matmul library gives. A dtype under 0.2x fp32's peak is not trained (`--train-bf16`).
@@ -10,7 +10,7 @@ Usage: python bench/mfu.py [--steps 6] [--tokens 1024] [--micro-batch 1] [--thre
    text chats of `--tokens` tokens each, in fp32 and in bf16 (autocast), then the faster of the two
    with `compile: true`. MFU = the trainer's model TFLOP/s (omni/train/flops.py, PaLM's count) over
    the second half of the steps (the first half warms up, compiles) / that dtype's measured peak.
-3. Profile: the faster eager run again under torch.profiler for `--profile-steps` steps after one
+3. Profile (`--profile-steps N`, not yet right: see `profile_breakdown`): the faster eager run again under torch.profiler for `--profile-steps` steps after one
    warm-up step; the steps' wall time split into attention (SDPA forward and backward), linear /
    matmul, the optimizer (AdamW, gradient clipping), other ops (norms, activations, embedding, loss),
    data (the trainer's own `data_wait`) and the rest: Python and framework overhead between ops.
@@ -102,13 +102,18 @@ GROUPS = (  # op name substrings -> group, first match wins
 
 def profile_breakdown(cfg: StageConfig, out: Path, steps: int) -> dict[str, float]:
     """Seconds per group over `steps` profiled steps (after one warm-up step): the main thread's
-    ops by self CPU time, data as the trainer's wait for batches, the rest of the wall time Python."""
+    ops by self CPU time, data as the trainer's wait for batches, the rest of the wall time Python.
+    Known gap: the optimizer's ops come out as 0 s and the profiled window is not the metrics'
+    wall time, so the groups can overshoot it; the split is not yet one to record."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
     from torch.profiler import ProfilerActivity, profile, schedule
 
     cfg.steps = steps + 1
     cfg.log.interval = 1
-    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=1, active=steps)) as prof:
-        hook = torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: prof.step())
+    events = []
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
+                 on_trace_ready=lambda p: events.extend(p.events())) as prof:
+        hook = register_optimizer_step_pre_hook(lambda *_: prof.step())
         try:
             train(cfg, out)
         finally:
@@ -117,17 +122,27 @@ def profile_breakdown(cfg: StageConfig, out: Path, steps: int) -> dict[str, floa
     times = [r["elapsed_s"] for r in rows]
     wall = times[-1] - times[0]
     data = sum(r["data_wait"] * (t - t0) for r, t, t0 in zip(rows[1:], times[1:], times))
-    main = _main_thread(prof.events())
+    main = _main_thread(events)
     groups = {g: 0.0 for g, _ in GROUPS} | {"other ops": 0.0}
-    for e in prof.events():
+    for e in events:
         if e.thread != main or e.name.startswith(("ProfilerStep", "Optimizer.", "autograd::")):
             continue  # step markers, the optimizer's wrapper (its ops are counted), autograd's node wrappers
         name = e.name.lower()
         group = next((g for g, keys in GROUPS if any(k in name for k in keys)), "other ops")
+        if _inside_optimizer_step(e):  # AdamW's single-tensor ops (add_, mul_, ...) on CPU
+            group = "optimizer"
         groups[group] += e.self_cpu_time_total / 1e6
     groups["data (waiting for batches)"] = data
     groups["Python / framework (the rest)"] = max(wall - sum(groups.values()), 0.0)
     return {"wall": wall, **groups}
+
+
+def _inside_optimizer_step(event) -> bool:
+    while event is not None:
+        if event.name.startswith("Optimizer.step"):
+            return True
+        event = event.cpu_parent
+    return False
 
 
 def _main_thread(events) -> int:
@@ -145,7 +160,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled run")
-    ap.add_argument("--profile-steps", type=int, default=2)
+    ap.add_argument("--profile-steps", type=int, default=0, help="> 0: the profile split (see its known gap)")
     ap.add_argument("--train-bf16", action="store_true", help="train bf16 even where its matmuls are slow")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
