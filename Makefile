@@ -14,8 +14,9 @@ EVAL_STAMP = $(EVAL_VENV)/.omni-installed
 LMMS_EVAL  = 0.7.3
 
 BROWSER = /usr/bin/chromium
+ESPEAK  = /usr/bin/espeak-ng
 
-.PHONY: setup eval-env browser quickstart test lock lock-eval clean
+.PHONY: setup eval-env browser speech-synth quickstart test lock lock-eval clean
 
 setup: $(STAMP)
 
@@ -40,13 +41,19 @@ browser:
 	@test -x $(BROWSER) || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "warning: could not install Debian's chromium; the browser tests will be skipped"
 
+# Debian's espeak-ng speaks the tiny world's words for the speech-out codec and talker (omni/speech/synth.py);
+# without it those tests skip and say why.
+speech-synth:
+	@test -x $(ESPEAK) || (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) \
+		|| echo "warning: could not install Debian's espeak-ng; the speech-out tests will be skipped"
+
 # Synthetic corpus -> tiny two-stage schedule -> held-out eval table, all under $(OUT).
 quickstart: setup
 	$(BIN)/omni synth --out $(OUT)/synth
 	$(BIN)/omni schedule stages/tiny/schedule.yaml --out $(OUT) data.manifest=$(OUT)/synth/manifest.yaml
 	$(BIN)/omni eval $(OUT)/final --data $(OUT)/synth/manifest.yaml --out $(OUT) --datasets $(EVAL_SETS) --min-gain $(MIN_GAIN)
 
-test: setup eval-env browser
+test: setup eval-env browser speech-synth
 	$(BIN)/python -m pytest -q tests
 
 # Resolve pyproject's pins (+ test, track and bench extras) in a throw-away venv and record every version.

@@ -7,7 +7,7 @@ local Hugging Face cache when it is there, else its published copy bench/qwen2_7
 the real-width towers (SigLIP so400m, Whisper-large-v3 encoder), all random-init, trained as
 stages/7b/2_sft.yaml trains (everything trainable, bf16 autocast, activation checkpointing) on packed
 micro-batches of the synthetic corpus' samples. Attention: FlashAttention-2 when flash-attn is
-installed, else SDPA (omni's `attn_implementation: auto`). It prints one table:
+installed, else SDPA per packed sample (omni's `attn_implementation: auto`). It prints one table:
 - packed vs alone: the logits of samples packed into one row (omni/data/packing.py) against the
   same samples run one by one, largest difference relative to the largest logit;
 - one FSDP2 step and one DeepSpeed ZeRO-3 step (one process; after `--steps - 1` warm-up steps):

@@ -8,15 +8,19 @@ each alternative side by side in one process, taking turns for `--rounds` rounds
    after the first step, so the baseline is written out here). Both decode `--tokens` greedy tokens
    (end tokens suppressed) and the bench checks they are the same tokens.
 2. The demo's real path (omni/demo/engine.py `DemoEngine.answer`): end of speech -> first token for
-   a turn with the camera window (`video.max_frames` frames) and the utterance: everything encoded
-   after speech, vs the frames encoded while the user speaks (`encode_ahead` as each frame
-   arrives), vs frames and every whole audio window encoded while speaking (`encode_audio_ahead`).
+   a turn with the camera window (`video.max_frames` frames, shrunk as the app keeps them) and the
+   utterance: everything encoded after speech, vs the frames encoded while the user speaks
+   (`encode_ahead` as each frame arrives), vs frames and every whole audio window encoded while
+   speaking (`encode_audio_ahead`), vs the LLM prefilled too (`prefill_ahead` on each microphone
+   chunk that completes an audio window, into the session's `PromptCache`), vs that plus the
+   utterance prefilled whole during the VAD's pause (its last, partial window too). Every mode
+   must give the same answers.
    Next to the wall time it prints the CPU time this process spent from end of speech to the first
    token (`time.process_time`, all threads): on a machine shared with other jobs the wall time
    counts their time slices too, the CPU time does not (with `--threads 1` it is the wall time the
    turn would take on an idle core).
 
-Usage: python bench/inference.py [--rounds 5] [--tokens 32] [--speech-s 3] [--threads 2]
+Usage: python bench/inference.py [--rounds 5] [--tokens 32] [--speech-s 3.5] [--threads 2]
 """
 from __future__ import annotations
 
@@ -31,11 +35,12 @@ import torch
 from PIL import Image
 
 from omni.demo.engine import DemoEngine, TurnStats
-from omni.demo.session import Conversation, MediaItem
+from omni.demo.session import Conversation, MediaItem, shrink
 from omni.model.generate import LocalGenerator
 from omni.model.load import save_model_dir
 from omni.model.omni_model import OmniModel
 from omni.model.processor import collate
+from omni.model.prompt_cache import PromptCache
 from omni.presets import build_preset
 
 
@@ -113,49 +118,74 @@ def kv_cache_vs_none(gen: LocalGenerator, args) -> None:
     print(f"ratio cache/none: TTFT {t_c / t_n:.3f}, time per decoded token {r_n / r_c:.3f}")
 
 
-MODES = {"after": (False, False), "frames ahead": (True, False), "frames+audio ahead": (True, True)}
+# what runs while the user speaks: (frames through the image tower, whole audio windows through the
+# audio tower, the LLM prefilled with the prompt so far, the utterance prefilled whole during the
+# VAD's pause); the rest runs after the end of speech
+MODES = {"after": (False, False, False, False), "frames ahead": (True, False, False, False),
+         "frames+audio ahead": (True, True, False, False), "+ LLM prefill ahead": (True, True, True, False),
+         "+ VAD pause": (True, True, True, True)}
 
 
 def demo_speech_to_first_token(folder: Path, args) -> None:
     engine = DemoEngine(folder, max_new_tokens=8)
-    frames = [image(10 + i, 320) for i in range(engine.video.max_frames)]
+    side = engine.processor.image_config["image_size"]
+    frames = [shrink(image(10 + i, 320), side) for i in range(engine.video.max_frames)]  # as the app keeps them
     wav = speech(args.speech_s)
     window = engine.audio_cache.tower.window_samples
+    chunk = 1600  # the microphone's 100 ms chunks
     got: dict[str, list[float]] = {m: [] for m in MODES}
     cpu: dict[str, list[float]] = {m: [] for m in MODES}
+    answers: dict[str, set[str]] = {m: set() for m in MODES}
     first_cpu: list[float] = []  # process CPU time at each LLM forward
     engine.model.llm.register_forward_hook(lambda *a: first_cpu.append(time.process_time()))
     during: dict[str, list[float]] = {m: [] for m in MODES}
+    prefilled: dict[str, int] = {}
     for r in range(args.rounds + 1):  # round 0 warms up, not counted
-        for i, (mode, (frames_ahead, audio_ahead)) in enumerate(MODES.items()):
+        for mode, (frames_ahead, audio_ahead, llm_ahead, pause) in MODES.items():
             engine.frame_cache._cache.clear()  # noqa: SLF001 - a fresh camera window and utterance each turn
             engine.audio_cache._cache.clear()  # noqa: SLF001
-            shot = [f.rotate(r * 7 + i) for f in frames]  # new pixels: nothing cached by chance
+            engine.processor._memo["picture"].clear()  # noqa: SLF001
+            engine.processor._memo["window"].clear()  # noqa: SLF001
+            shot = [f.rotate(r * 7) for f in frames]  # new pixels each round; the same for every mode
+            cache = PromptCache() if llm_ahead else None
             spent = 0.0  # while the user speaks: frames arrive, windows of speech fill
-            if frames_ahead:
-                spent += sum(engine.encode_ahead(f) for f in shot)
-            if audio_ahead:
-                spent += sum(engine.encode_audio_ahead(wav[:end]) for end in range(window, wav.size + 1, window))
+            if llm_ahead:  # what the app does on each microphone chunk that completes an audio window
+                spent += engine.prefill_ahead(cache, Conversation(), shot, wav[:0])
+                spent += sum(engine.prefill_ahead(cache, Conversation(), shot, wav[:end])
+                             for end in range(chunk, wav.size + 1, chunk) if end % window < chunk)
+                if pause:  # the VAD's pause began: the utterance it would end is known whole
+                    spent += engine.prefill_ahead(cache, Conversation(), shot, wav, partial=True)
+            else:
+                if frames_ahead:
+                    spent += sum(engine.encode_ahead(f) for f in shot)
+                if audio_ahead:
+                    spent += sum(engine.encode_audio_ahead(wav[:end]) for end in range(window, wav.size + 1, window))
             chat = Conversation()
             chat.add_user("what do you see and hear?", [MediaItem("video", shot, "camera"),
                                                          MediaItem("audio", wav, "microphone")])
             stats = TurnStats()
-            hits = engine.audio_cache.hits
+            hits, misses = engine.audio_cache.hits, engine.audio_cache.misses
             first_cpu.clear()
             c_input, t_input = time.process_time(), time.perf_counter()  # end of speech
-            for _ in engine.answer(chat, stats, t_input):
-                pass
+            answers[mode].add("".join(engine.answer(chat, stats, t_input, prompt_cache=cache)))
             assert stats.frames_ahead == (stats.frames if frames_ahead else 0), stats.line()
             assert (engine.audio_cache.hits > hits) == audio_ahead
+            assert (stats.prefilled < stats.prompt_tokens) == llm_ahead, stats.line()
+            assert (engine.audio_cache.misses == misses) == pause  # the partial window too
+            prefilled[mode] = stats.prefilled
             if r:
                 got[mode].append(stats.ttft_s)
                 cpu[mode].append(first_cpu[0] - c_input)
                 during[mode].append(spent)
     after = statistics.median(got["after"])
+    same = all(answers[m] == answers["after"] for m in MODES)
     print(f"\n2. demo: end of speech -> first token, {len(frames)} camera frames + {args.speech_s:g} s of speech "
-          f"(audio windows of {window / 16000:g} s)")
+          f"(audio windows of {window / 16000:g} s); prompt {stats.prompt_tokens} tokens, "
+          f"{prefilled['+ LLM prefill ahead']} / {prefilled['+ VAD pause']} run after speech with the LLM "
+          f"prefilled ahead / also in the VAD's pause; "
+          f"same answers in every mode: {same}")
     cpu_after = statistics.median(cpu["after"])
-    print(f"{'encoded':<20} {'wall ms':>8} {'ratio vs after':>15} {'CPU ms':>8} {'CPU ratio':>10} "
+    print(f"{'while speaking':<20} {'wall ms':>8} {'ratio vs after':>15} {'CPU ms':>8} {'CPU ratio':>10} "
           f"{'ms spent while speaking':>24}")
     for mode in MODES:
         ms, c = statistics.median(got[mode]), statistics.median(cpu[mode])
@@ -167,7 +197,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--speech-s", type=float, default=3.0)
+    ap.add_argument("--speech-s", type=float, default=3.5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

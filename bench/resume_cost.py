@@ -2,9 +2,10 @@
 consumed position, then taking the next item, for each stream kind, side by side in one run.
 
 Usage: python bench/resume_cost.py [--small 40] [--large 100000] [--manifest-large 20000] [--rounds 3]
-`data.records` (RecordStream) seeks; manifest streams (partition sample: MixtureStream, partition
-shard: ShardStream) replay the tar reads of every consumed raw sample (undecoded). Prints the
-median seconds at each position and the ratio large / small.
+`data.records` (RecordStream) seeks to its position; manifest streams (partition sample:
+MixtureStream, partition shard: ShardStream) draw their consumed samples again as references into
+the shards' indexes (omni/data/tar_index.py), reading no tar data, and read the next sample at its
+offset. Prints the median seconds at each position and the ratio large / small.
 """
 from __future__ import annotations
 
@@ -53,10 +54,10 @@ def main() -> None:
         kinds = {
             "records (seek)": (lambda: RecordStream(records, 0, lambda r: r, SkipCounter()), args.large,
                                lambda n: {"world_size": 1, "rank": 0, "frontier": 0, "done": [], "next": n}),
-            "partition sample (replay)": (
+            "partition sample (seek)": (
                 lambda: MixtureStream(entries, weights, 0, 100, key, SkipCounter()), args.manifest_large,
                 lambda n: {"world_size": 1, "rank": 0, "frontier": 0, "done": [], "next": n}),
-            "partition shard (replay)": (
+            "partition shard (seek)": (
                 lambda: ShardStream(entries, weights, seed=0, shuffle_buffer=100, resample=True, make=key,
                                     counter=SkipCounter()), args.manifest_large,
                 lambda n: {"workers": 0, "consumed": [n], "next": 0}),

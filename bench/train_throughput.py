@@ -70,34 +70,47 @@ def skewed_examples(proc: OmniProcessor, n: int) -> list[Example]:
     return out
 
 
-def train(examples: list[Example], steps: int, micro: int, packed: bool, extra: list[str]) -> dict:
-    """`steps` trainer steps on `examples` in order; tokens/s after the first step, mean fill, tokens."""
-    pack = [f"batch.tokens_per_pack={micro * CONTEXT}"] if packed else []
-    cfg = load_stage(STAGE, ["init_from=null", f"batch.micro_batch={micro}", "data.manifest=unused.yaml", *pack,
-                             *extra])
+def trainer_pieces(overrides: list[str]):
+    """The trainer's pieces for one ddp process on stages/tiny/2_sft.yaml (random init, everything
+    trainable) with stage `overrides`: (objective, engine, world, the model's processor)."""
+    cfg = load_stage(STAGE, ["init_from=null", "data.manifest=unused.yaml", *overrides])
     world = World.from_env()
     torch.manual_seed(cfg.seed)
     model, tokenizer = init_model(cfg)
     model.use_attention(torch.float32 if cfg.precision == "fp32" else torch.bfloat16, world.device)
     objective = OBJECTIVES[cfg.method](cfg)
-    module = objective.prepare(model, tokenizer, OmniProcessor.from_config(model.config, tokenizer, model.token_ids),
-                               Path(tempfile.gettempdir()), None, [], world)
+    proc = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
+    module = objective.prepare(model, tokenizer, proc, Path(tempfile.gettempdir()), None, [], world)
     set_trainable(module, objective.trainable(list(cfg.trainable)))
     engine = build_engine(cfg, world)
     engine.setup(module)
     engine.train()
+    return objective, engine, world, proc
+
+
+def train_step(objective, engine, world, made: list[Example]) -> float:
+    """One trainer step on the micro-batch `made`: collate, forward and backward, optimizer step;
+    returns the micro-batch's fill."""
+    batch, fill = objective.collate(made)
+    batch = batch.to(world.device)
+    with engine.micro_batch(last=True):
+        with engine.autocast():
+            loss, _ = objective.loss(engine.module, batch, float(objective.units(batch)))
+        engine.backward(loss)
+    engine.step()
+    return fill
+
+
+def train(examples: list[Example], steps: int, micro: int, packed: bool, extra: list[str]) -> dict:
+    """`steps` trainer steps on `examples` in order; tokens/s after the first step, mean fill, tokens."""
+    pack = [f"batch.tokens_per_pack={micro * CONTEXT}"] if packed else []
+    objective, engine, world, _ = trainer_pieces([f"batch.micro_batch={micro}", *pack, *extra])
     tokens, fills, start = 0, [], 0.0
     for step in range(steps):
         if step == 1:
             start = time.perf_counter()
         made = examples[step * micro:(step + 1) * micro]
-        batch, fill = objective.collate(made)
-        batch = batch.to(world.device)
-        with engine.micro_batch(last=True):
-            with engine.autocast():
-                loss, _ = objective.loss(engine.module, batch, float(objective.units(batch)))
-            engine.backward(loss)
-        engine.step()
+        fill = train_step(objective, engine, world, made)
         if step >= 1:
             tokens += sum(objective.lengths(made))
             fills.append(fill)

@@ -32,7 +32,7 @@ class LLMConfig:
     # keys the checkpoint's config must agree with
     pretrained: str | None = None       # HF name or local folder: weights and config via from_pretrained
     hf_config: dict[str, Any] = field(default_factory=dict)
-    attn_implementation: str = "auto"   # auto: flash_attention_2 on a GPU with flash-attn, else sdpa
+    attn_implementation: str = "auto"   # auto: flash_attention_2 on a GPU with flash-attn, else sdpa_varlen
     norm_head: bool = False             # Baichuan 2 NormHead (omni/model/baichuan2.py)
     max_z_loss: float = 0.0             # Baichuan 2 max-z loss coefficient (2e-4 in the report); 0: off
 

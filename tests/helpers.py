@@ -1,7 +1,8 @@
 """Small media writers shared by tests (real files, written with the real libraries), and the
-`omni` command's own exit line."""
+`omni` command's own exit line, and the marker of tests that need espeak-ng."""
 from __future__ import annotations
 
+import shutil
 import wave
 
 import av
@@ -44,3 +45,9 @@ def cli_error(*argv: str) -> str:
     with pytest.raises(SystemExit) as stop:
         main(list(argv))
     return str(stop.value.code)
+
+
+# Debian's espeak-ng renders the tiny world's spoken words (`make speech-synth`, which `make test` runs).
+requires_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None,
+    reason="espeak-ng is missing; `make speech-synth` (apt-get install -y espeak-ng) installs it")

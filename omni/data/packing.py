@@ -4,8 +4,9 @@ The row holds every sample of the micro-batch in stream order, no padding and no
 with position ids restarting at 0 for each sample. transformers turns those resets into isolation
 on every backend, but flash_attention_2 only for a single row (`_is_packed_sequence` is False for
 batch size != 1; then it would run plain causal attention over the whole row): there it derives
-the varlen `cu_seqlens` from the resets (`prepare_fa_kwargs_from_position_ids`); SDPA and eager
-get a block-diagonal causal mask (masking_utils' `find_packed_sequence_indices`). Media stay in
+the varlen `cu_seqlens` from the resets (`prepare_fa_kwargs_from_position_ids`); `sdpa_varlen`
+(omni/model/varlen_attention.py) cuts the row at the same resets and attends per sample; SDPA and
+eager get a block-diagonal causal mask (masking_utils' `find_packed_sequence_indices`). Media stay in
 sample order, so fusion is unchanged. The loss equals the padded batch's loss (same label tokens,
 same sum); packing only removes padding. `batch.tokens_per_pack` is the row length a stage plans
 memory for (omni plan); the trainer warns when a micro-batch's row is longer.

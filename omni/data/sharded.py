@@ -4,7 +4,8 @@ A *logical worker* is a (rank, role) pair, `role` one of the rank's max(workers,
 its own shards, shuffles them in a buffer and mixes the datasets by weight, each step drawn from an
 RNG seeded by (seed, dataset, rank, role, epoch), so its raw sample sequence depends on the
 configuration only. A checkpoint therefore holds just how many raw samples each logical worker
-consumed (and whose turn is next); a resume replays those counts without decoding anything.
+consumed (and whose turn is next); a resume draws those counts again as sample references, reading
+no tar data (omni/data/tar_index.py), and reads the bytes of the samples after them.
 
 With `workers > 0` the roles run in DataLoader processes that decode and `make` the items; torch
 hands their items out round robin, in worker order. With `workers == 0` the single role runs inline.
@@ -26,6 +27,7 @@ from omni.config import ConfigError
 from omni.data.loader import SkipCounter, where
 from omni.data.manifest import DatasetEntry
 from omni.data.stream import DryShards, Stream, mix_by_weight
+from omni.data.tar_index import load, tar_samples
 from omni.errors import SampleError
 
 
@@ -78,7 +80,7 @@ def resampled_samples(entry: DatasetEntry, index: int, seed: int, shuffle_buffer
         wds.ResampledShards(entry.urls, seed=seed_of("shards", seed, index, rank, role), worker_seed=lambda: 0,
                             deterministic=True),
         dry.shards,
-        wds.tarfile_to_samples(handler=handler),
+        tar_samples(handler),
         dry.samples,
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
                     rng=random.Random(seed_of("shuffle", seed, index, rank, role))),
@@ -95,7 +97,7 @@ def epoch_samples(entry: DatasetEntry, index: int, seed: int, shuffle_buffer: in
             wds.SimpleShardList(entry.urls, seed=seed_of("epoch", seed, index, epoch)),
             take_every(rank, world_size),  # by node
             take_every(role, roles),       # by worker
-            wds.tarfile_to_samples(handler=handler),
+            tar_samples(handler),
             wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
                         rng=random.Random(seed_of("shuffle", seed, index, rank, role, epoch))),
         ):
@@ -134,15 +136,16 @@ class Readers:
 
     def items(self, role: int, consumed: int) -> Iterator[Item]:
         """One Item per raw sample of logical worker `role`, after the `consumed` ones of a run it
-        resumes (passed over undecoded: the same RNG draws, nothing made)."""
+        resumes (passed over as references: the same RNG draws, nothing read or made)."""
         skips = Skips()
         raw = self.raw_samples(role, skips.handler)
         for _ in range(consumed):
             next(raw)
+        skips.clear()  # the read errors met before `consumed` were counted by the run that met them
         for sample in raw:
             made = None
             try:
-                made = self.make(sample)
+                made = self.make(load(sample))
             except Exception as e:  # noqa: BLE001 - counted, reported with key+shard, rate-limited
                 skips.append((where(sample), str(e)))
             yield Item(role, made, skips.drain(), where(sample))

@@ -33,6 +33,7 @@ from omni.config import ConfigError
 from omni.data.loader import SkipCounter, where
 from omni.data.manifest import DatasetEntry
 from omni.data.records import AlignDataError
+from omni.data.tar_index import load, tar_samples
 
 
 class Stream(ABC):
@@ -126,7 +127,7 @@ class SequentialStream(Stream):
         frontier, done = merged_position(states)
         self._frontier, self._done, self._next = frontier, frozenset(done), frontier
         self._read = frontier
-        self.samples = self.samples_from(frontier)  # here: a replay's bad reads fall in counter.replaying
+        self.samples = self.samples_from(frontier)  # here: read errors passed over fall in counter.replaying
         # what the ranks consumed before counts once, on rank 0: the metrics' sum stays right
         self._consumed = frontier + len(done) if self.rank == 0 else 0
 
@@ -189,20 +190,20 @@ def _epochs(records: list, seed: int, start: int = 0) -> Iterator:
 class MixtureStream(SequentialStream):
     """Raw WebDataset samples of the manifest's datasets, mixed by weight: each dataset read as
     resampled shards (webdataset's ResampledShards, so it never ends), shuffled in a buffer;
-    deterministic for a given seed. Every rank draws the same sequence (undecoded members of
-    other ranks' samples are cheap to pass over)."""
+    deterministic for a given seed. Every rank draws the same sequence of sample references
+    (omni/data/tar_index.py) and reads the bytes of its own samples only, so passing over other
+    ranks' samples, or a resume's consumed ones, reads no tar data: a resume draws the same
+    shards, shuffles and mixture picks up to its position (RNG draws, no reads) and goes on."""
 
     def __init__(self, entries: list[DatasetEntry], weights: list[float], seed: int, shuffle_buffer: int,
                  make: Callable[[dict], Any], counter: SkipCounter, rank: int = 0, world_size: int = 1):
         def samples(start: int) -> Iterator[dict]:
-            # the mixture has no index to seek by: its first `start` raw samples are read from the tars
-            # again and passed over undecoded (the shuffle buffers and RNG draws depend on them)
             out = mixture_samples(entries, weights, seed, shuffle_buffer, counter.handler)
             for _ in range(start):
                 next(out)
             return out
 
-        super().__init__(samples, make, counter, rank, world_size)
+        super().__init__(samples, lambda sample: make(load(sample)), counter, rank, world_size)
 
 
 class DryShards:
@@ -241,7 +242,7 @@ def mixture_samples(entries: list[DatasetEntry], weights: list[float], seed: int
             # worker_seed: the same shard sequence on every rank (ranks stride over it)
             wds.ResampledShards(entry.urls, seed=seed * 1000 + i, deterministic=True, worker_seed=lambda: 0),
             dry.shards,
-            wds.tarfile_to_samples(handler=handler),
+            tar_samples(handler),
             dry.samples,
             wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 1000 + i)),
         ))

@@ -124,12 +124,13 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
 
     def _queue(session: Session, utterance) -> int:
         with session.lock:
+            session.ahead_of = ()  # the next utterance prefills afresh
             session.pending.append((utterance, time.perf_counter()))
             session.utterances += 1
             session.triggers += 1
             return session.triggers  # a new value, so the hidden number's change event fires
 
-    def on_chunk(session: Session, chunk_path):
+    def on_chunk(session: Session, chunk_path, use_camera: bool):
         if not chunk_path or not usable(session):
             if chunk_path:
                 Path(chunk_path).unlink(missing_ok=True)
@@ -149,7 +150,8 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
         else:
             state = "hearing speech" if lst.open else "waiting for speech"
         status = f"microphone: {state} · level {level} (speech above {lst.threshold_db():.0f} dBFS)"
-        if utterance is None:
+        if utterance is None:  # still speaking: what the turn already holds goes through the model now
+            session.prefill_ahead(use_camera, time.monotonic(), engine.prefill_ahead)
             return status, gr.skip()
         log.info("session %s: utterance of %.2f s ended (%s)", session.id, utterance.samples.size / sr,
                  utterance.reason)
@@ -207,7 +209,7 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
         stats = TurnStats()
         answer = ""
         try:
-            for piece in engine.answer(session.chat, stats, t_input, int(max_tokens)):
+            for piece in engine.answer(session.chat, stats, t_input, int(max_tokens), session.prompt_cache):
                 answer += piece
                 answer_msg["content"] = answer.strip()
                 yield session.shown, gr.skip(), gr.skip()
@@ -291,7 +293,7 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
                    show_progress="hidden")
         mic.start_recording(on_start, [session, mode], [mic_status], concurrency_limit=None,
                             show_progress="hidden")
-        mic.stream(on_chunk, [session, mic], [mic_status, utterance_ready], concurrency_limit=None,
+        mic.stream(on_chunk, [session, mic, use_camera], [mic_status, utterance_ready], concurrency_limit=None,
                    show_progress="hidden")
         mic.stop_recording(on_stop, [session], [mic_status, utterance_ready], concurrency_limit=None,
                            show_progress="hidden")

@@ -1,4 +1,5 @@
-"""The model side of the demo: load once, encode webcam frames ahead, stream answers with timings.
+"""The model side of the demo: load once, encode webcam frames and speech and prefill the LLM ahead,
+stream answers with timings.
 
 Generation is the one `LocalGenerator` (omni/model/generate.py: the processor, prompt and greedy
 decoding with the KV cache of `omni chat` and `omni eval`); nothing here decodes tokens.
@@ -15,8 +16,16 @@ computed then, as without the cache.
 Speech is encoded the same way where the audio tower's windows allow: each whisper window
 (`audio.n_ctx` x 20 ms of audio; 1 s on the tiny model, 30 s on the 7B) is log-mel'd and run
 through the audio tower as soon as the recording has filled it (`encode_audio_ahead`), through a
-second `FrameFeatureCache` around the audio tower keyed by the window's log-mel. After the user
-stops only the last, partial window runs. Utterances shorter than one window gain nothing.
+second `FrameFeatureCache` around the audio tower keyed by the window's log-mel.
+
+The LLM is prefilled the same way (`prefill_ahead`): the turn so far (the chat, the camera window,
+the whole audio windows) goes through the LLM into the session's `PromptCache`
+(omni/model/prompt_cache.py) up to its last media token, and the turn reuses the longest prefix
+of its prompt that matches. `MemoProcessor` keeps the processor's per-frame preprocessing and
+per-window log-mel, so the turn's processor call does not redo them. After the user stops, what
+runs is the processor's template, the projectors, the LLM over the positions not prefilled (the
+last, partial audio window unless the VAD's pause already took it, the typed text, the closing
+template tokens) and decoding.
 """
 from __future__ import annotations
 
@@ -29,12 +38,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from omni.demo.session import Conversation, MediaItem
 from omni.errors import SampleError
 from omni.model.generate import ContextError, LocalGenerator
+from omni.model.processor import OmniProcessor
+from omni.model.prompt_cache import PromptCache
 
 log = logging.getLogger("omni.demo")
 
@@ -98,6 +111,51 @@ class FrameFeatureCache(nn.Module):
         return torch.stack([found[i] for i in range(len(keys))])
 
 
+def _digest(*parts: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+class MemoProcessor(OmniProcessor):
+    """The model's processor, remembering by content the preprocessing of each picture (camera
+    frame, image tile) and log-mel of each audio window it computed: the frames and whole windows
+    prepared while the user speaks are not prepared again when the turn is sent. Same outputs as
+    `OmniProcessor` (each picture and window is preprocessed on its own there too)."""
+
+    def __init__(self, processor: OmniProcessor, pictures: int, windows: int):
+        super().__init__(processor.tokenizer, **processor.configs())
+        self._memo: dict[str, OrderedDict[bytes, torch.Tensor]] = {"picture": OrderedDict(), "window": OrderedDict()}
+        self._capacity = {"picture": pictures, "window": windows}
+        self._lock = threading.Lock()
+
+    def _get(self, kind: str, key: bytes, compute) -> torch.Tensor:
+        memo = self._memo[kind]
+        with self._lock:
+            if key in memo:
+                memo.move_to_end(key)
+                return memo[key]
+        value = compute()
+        with self._lock:
+            memo[key] = value
+            while len(memo) > self._capacity[kind]:
+                memo.popitem(last=False)
+        return value
+
+    def pixels(self, images: list) -> torch.Tensor:
+        rows = []
+        for im in images:
+            im = im.convert("RGB")
+            key = _digest(repr(im.size).encode(), im.tobytes())
+            rows.append(self._get("picture", key, lambda im=im: super(MemoProcessor, self).pixels([im])[0]))
+        return torch.stack(rows)
+
+    def log_mel(self, window) -> torch.Tensor:
+        samples = np.ascontiguousarray(window, dtype=np.float32)
+        return self._get("window", _digest(samples.tobytes()), lambda: super(MemoProcessor, self).log_mel(samples))
+
+
 @dataclass
 class TurnStats:
     ttft_s: float = float("nan")       # input complete -> first generated token (prefill done)
@@ -105,6 +163,7 @@ class TurnStats:
     decode_s: float = 0.0              # first -> last generated token
     total_s: float = 0.0               # input complete -> answer done
     prompt_tokens: int = 0
+    prefilled: int = 0                 # prompt positions the LLM ran after the turn was sent (the rest: cache)
     frames_ahead: int = 0              # video frames whose tower features were ready in advance
     frames: int = 0                    # video frames in the prompt
     dropped: int = 0                   # oldest turns forgotten to fit the model's context
@@ -115,9 +174,10 @@ class TurnStats:
 
     def line(self) -> str:
         tps = self.tokens_per_s
+        ahead = self.prompt_tokens - self.prefilled if 0 < self.prefilled < self.prompt_tokens else 0
         parts = [f"TTFT {self.ttft_s * 1000:.0f} ms",
                  f"{self.tokens} tokens" + (f" at {tps:.1f} tokens/s" if math.isfinite(tps) else ""),
-                 f"prompt {self.prompt_tokens} tokens"]
+                 f"prompt {self.prompt_tokens} tokens" + (f" ({ahead} prefilled ahead)" if ahead else "")]
         if self.frames:
             parts.append(f"{self.frames_ahead}/{self.frames} frames encoded ahead")
         return " · ".join(parts)
@@ -139,14 +199,16 @@ class DemoEngine:
         # a final/, a checkpoint or an export, on `device` in `dtype` (omni.model.generate.resolve_placement)
         self.generator = LocalGenerator.load(model_dir, batch_size=1, device=device, dtype=dtype)
         self.model, self.tokenizer = self.generator.model, self.generator.tokenizer
-        self.processor = self.generator.processor
         self.video = self.model.config.video
+        max_windows = self.model.config.audio.max_windows
+        self.processor = self.generator.processor = MemoProcessor(
+            self.generator.processor, cache_frames or 4 * self.video.max_frames, 2 * max_windows)
         self.max_new_tokens = max_new_tokens
         self.policy = self.processor.policy  # long audio / video and silence: the processor's, as in omni chat
         self.frame_cache = FrameFeatureCache(self.model.encoders["image"],
                                              cache_frames or 4 * self.video.max_frames)
         self.model.encoders["image"] = self.frame_cache
-        self.audio_cache = FrameFeatureCache(self.model.encoders["audio"], 2 * self.model.config.audio.max_windows)
+        self.audio_cache = FrameFeatureCache(self.model.encoders["audio"], 2 * max_windows)
         self.model.encoders["audio"] = self.audio_cache
         self._lock = threading.Lock()
         self._steps: list[float] = []      # one time stamp per LLM forward = per generated token
@@ -181,25 +243,70 @@ class DemoEngine:
         return time.perf_counter() - t0
 
     @torch.no_grad()
-    def encode_audio_ahead(self, waveform) -> float:
+    def encode_audio_ahead(self, waveform, partial: bool = False) -> float:
         """Run the audio tower now on every whole window of a recording still in progress (16 kHz
-        mono, the waveform the model will read, from its start); returns seconds. The processor
-        cuts each window and computes its log-mel the same way, so the turn finds these rows."""
+        mono, the waveform the model will read, from its start), and on its last, partial window
+        too when `partial` (the recording is the utterance as it will be sent); returns seconds.
+        The processor cuts each window and computes its log-mel the same way, so the turn finds these rows."""
         t0 = time.perf_counter()
         tower = self.audio_cache.tower
-        windows = [w for w in tower.split_windows(waveform) if len(w) == tower.window_samples]
+        windows = [w for w in tower.split_windows(waveform) if partial or len(w) == tower.window_samples]
         windows = windows[:self.model.config.audio.max_windows]
         if windows:
             # in the dtype the composition hands the tower (omni/model/composition.py)
-            mels = torch.stack([tower.log_mel(w) for w in windows]).to(self.generator.device,
-                                                                        tower.encoder.conv1.weight.dtype)
+            mels = torch.stack([self.processor.log_mel(w) for w in windows]).to(self.generator.device,
+                                                                                 tower.encoder.conv1.weight.dtype)
             self.audio_cache.encode_ahead(mels)
         return time.perf_counter() - t0
 
+    @torch.no_grad()
+    def prefill_ahead(self, cache: PromptCache, chat: Conversation, frames: list, waveform=None,
+                      partial: bool = False) -> float:
+        """While the user speaks: run now what the coming turn's prompt already holds, into `cache`
+        (the session's; omni/model/prompt_cache.py). The turn so far is `chat`'s turns, then a user
+        turn with the camera `frames` and the recording so far (16 kHz `waveform`, cut to its whole
+        audio windows unless `partial`: the utterance as it will be sent) and no text yet: frames
+        and windows go through their towers (`encode_ahead`, `encode_audio_ahead`) and the LLM
+        prefills the prompt up to its last media
+        token (the typed text and the template's closing tokens come when the turn is sent). Skipped
+        while a turn is being answered, and when the media policy refuses the audio so far (e.g.
+        silence). Returns seconds spent."""
+        t0 = time.perf_counter()
+        if not self._lock.acquire(blocking=False):  # answering comes first; the turn then does the rest itself
+            return 0.0
+        try:
+            items = []
+            for frame in frames:
+                self.encode_ahead(frame)
+            if frames:
+                items.append(MediaItem("video", list(frames), "camera"))
+            if waveform is not None:
+                window = self.audio_cache.tower.window_samples
+                keep = len(waveform) if partial else len(waveform) // window * window
+                if keep:
+                    self.encode_audio_ahead(waveform[:keep], partial)
+                    items.append(MediaItem("audio", np.asarray(waveform[:keep], np.float32), "microphone"))
+            turn = Conversation()
+            turn.turns = list(chat.turns)
+            turn.add_user("", items)
+            try:
+                example = self.generator.prompt(turn.messages(), turn.media())
+            except SampleError:
+                return time.perf_counter() - t0
+            ids = example.input_ids[None].to(self.generator.device)
+            media_at = torch.isin(ids[0], torch.tensor(list(self.model.token_ids.values()), device=ids.device))
+            if bool(media_at.any()):
+                embeds = self.model.embed(ids, self.generator._media(example.media))
+                cache.prefill(self.model.llm, ids, embeds, int(media_at.nonzero().max()) + 1)
+        finally:
+            self._lock.release()
+        return time.perf_counter() - t0
+
     def stream(self, messages: list[dict], media: dict[str, list], stats: TurnStats, t_input: float,
-               max_new_tokens: int | None = None):
+               max_new_tokens: int | None = None, prompt_cache: PromptCache | None = None):
         """Yield answer pieces from the generator; fill `stats` (timings from `t_input`).
-        Raises omni.errors.SampleError before the first piece when the prompt does not fit."""
+        `prompt_cache`: the session's (see `prefill_ahead`). Raises omni.errors.SampleError before
+        the first piece when the prompt does not fit."""
         with self._lock:
             self._steps.clear()
             self._prompt_len = 0
@@ -207,27 +314,33 @@ class DemoEngine:
             stats.frames = sum(len(v) for v in media.get("video", []))
             max_new_tokens = max_new_tokens or self.max_new_tokens
             example = self.generator.prompt(messages, media, max_new_tokens)
-            pieces = self.generator.stream(example, max_new_tokens)
-            for piece in pieces:
-                if self._steps and math.isnan(stats.ttft_s):
-                    stats.ttft_s = self._steps[0] - t_input
-                yield piece
+            stats.prompt_tokens = len(example.input_ids)
+            pieces = self.generator.stream(example, max_new_tokens, prompt_cache=prompt_cache)
+            try:  # closed here, under the lock, when the reader stops early: decoding stops with it
+                for piece in pieces:
+                    if self._steps and math.isnan(stats.ttft_s):
+                        stats.ttft_s = self._steps[0] - t_input
+                    yield piece
+            finally:
+                pieces.close()
             if self._steps:
                 stats.ttft_s = self._steps[0] - t_input
             stats.total_s = time.perf_counter() - t_input
             stats.tokens = len(self._steps)
             stats.decode_s = self._steps[-1] - self._steps[0] if len(self._steps) > 1 else 0.0
             stats.frames_ahead = min(stats.frames, self.frame_cache.hits - hits0)
-            stats.prompt_tokens = self._prompt_len
+            stats.prefilled = self._prompt_len
 
-    def answer(self, chat, stats: TurnStats, t_input: float, max_new_tokens: int | None = None):
-        """Stream the answer to the last turn of `chat` (an omni.demo.session.Conversation).
+    def answer(self, chat, stats: TurnStats, t_input: float, max_new_tokens: int | None = None,
+               prompt_cache: PromptCache | None = None):
+        """Stream the answer to the last turn of `chat` (an omni.demo.session.Conversation), with the
+        session's `prompt_cache` when it has one (see `prefill_ahead`).
 
         While the prompt is longer than the model's context, the oldest turns are dropped
         (counted in `stats.dropped`); a last turn that does not fit alone raises SampleError, as
         does any other input the processor refuses."""
         while True:
-            pieces = self.stream(chat.messages(), chat.media(), stats, t_input, max_new_tokens)
+            pieces = self.stream(chat.messages(), chat.media(), stats, t_input, max_new_tokens, prompt_cache)
             try:
                 first = next(pieces)
             except StopIteration:
@@ -238,6 +351,9 @@ class DemoEngine:
                     stats.dropped += 1
                     continue
                 raise
-            yield first
-            yield from pieces
+            try:
+                yield first
+                yield from pieces
+            finally:
+                pieces.close()
             return

@@ -214,6 +214,18 @@ class Listener:
     def recorded_s(self) -> float:  # every buffered frame has frame_ms of samples
         return len(self._buf) * self.cfg.frame_ms / 1000
 
+    def recording(self) -> tuple[np.ndarray, bool] | None:
+        """(samples, final) of the utterance (VAD) or recording (push-to-talk) still open, from its
+        start: what its `Utterance` will begin with; None when none is open. `final`: in VAD mode,
+        once a pause has lasted `tail_ms`, the samples are those the utterance will have if this
+        pause ends it (what closing keeps), so they can be prepared while the VAD waits."""
+        if not (self.open or (self.mode == "ptt" and self._buf)):
+            return None
+        tail = max(0, self.cfg.tail_ms // self.cfg.frame_ms)
+        final = self.mode == "vad" and self._silent >= tail
+        frames = self._buf[: len(self._buf) - self._silent + tail] if final else self._buf
+        return (np.concatenate(frames) if frames else np.zeros(0, np.float32)), final
+
     def threshold_db(self) -> float:
         return max(self.cfg.abs_threshold_db, self.noise_db + self.cfg.margin_db)
 

@@ -15,6 +15,7 @@ import threading
 import uuid
 from pathlib import Path
 
+from encoders.audio import SAMPLE_RATE
 from omni.demo.session import (
     Conversation,
     FrameWindow,
@@ -28,8 +29,12 @@ from omni.demo.session import (
     wav_bytes,
 )
 from omni.model.media_policy import MediaPolicy
+from omni.model.prompt_cache import PromptCache
 
 MAX_SESSION_BYTES = 256 * 2**20  # media one session may hold in memory (a 7B camera turn is ~30 MB)
+
+
+AHEAD_MARGIN = SAMPLE_RATE // 10  # 16 kHz samples at the end of a recording not prefilled ahead
 
 
 class SessionClosed(RuntimeError):
@@ -47,6 +52,8 @@ class Session:
         self.window = FrameWindow(policy.video.fps, policy.video.max_frames)
         self.listener = Listener("vad")
         self.chat = Conversation()
+        self.prompt_cache = PromptCache()          # the LLM's KV cache of this chat's prompt
+        self.ahead_of: tuple = ()                  # (frames kept, whole audio windows) last prefilled ahead
         self.shown: list[dict] = []                # chatbot messages
         self.pending: list[tuple[object, float]] = []  # (utterance, perf_counter when it ended)
         self.utterances = 0                        # utterances sent during the current recording
@@ -72,6 +79,35 @@ class Session:
         frame = shrink(frame, self.frame_side)
         self.ahead_s = encode_ahead(frame)
         return self.window.offer(frame, now)
+
+    def prefill_ahead(self, use_camera: bool, now: float, prefill) -> float:
+        """While an utterance is open: when the camera window took a frame or the recording filled
+        another whole audio window since the last call, hand the turn so far (the camera window
+        when `use_camera`, the recording as the model will hear it) to `prefill`
+        (DemoEngine.prefill_ahead, with this session's prompt cache); returns its seconds. The
+        recording's last 0.1 s are left out (the resampler's last samples change as audio
+        follows), except during the VAD's pause, when the utterance the pause would end is known
+        whole and goes in with its last, partial window."""
+        got = self.listener.recording()
+        if got is None or not got[0].size:
+            return 0.0
+        recording, final = got
+        frames = self.window.snapshot(now) if use_camera else []
+        n = int(recording.size * SAMPLE_RATE / self.listener.sr) - (0 if final else AHEAD_MARGIN)  # at 16 kHz
+        key = (self.window.kept if frames else -1, n if final else max(0, n) // self.policy.window_samples, final)
+        if key == self.ahead_of:
+            return 0.0
+        self.ahead_of = key
+        wav = None
+        if final or key[1]:
+            try:
+                wav, _ = model_audio(recording, self.listener.sr, self.policy)
+                wav = wav if final else wav[: max(0, wav.size - AHEAD_MARGIN)]
+            except MediaError:  # only silence so far
+                wav = None
+        if not frames and wav is None:
+            return 0.0
+        return prefill(self.prompt_cache, self.chat, frames, wav, partial=final)
 
     def items(self, files: list[str], camera: list, camera_note: str, utterance) -> tuple[list[MediaItem], list[str]]:
         """A turn's media: uploaded `files`, the `camera` frames (with `camera_note`), the microphone
@@ -110,6 +146,7 @@ class Session:
 
     def clear(self) -> None:
         self.chat, self.shown, self.turns = Conversation(), [], 0
+        self.prompt_cache.clear()
 
     def close(self, why: str) -> None:
         """Free everything the session holds (its chat, frames, recordings, files); idempotent."""

@@ -7,7 +7,9 @@ model to write (benchmark answers, judge verdicts, PAS complements) decode throu
 - Decoding: `model.generate` of transformers, greedy or sampled, in left-padded batches; the LLM
   keeps its KV cache (`past_key_values`) across steps, so the prompt is run once and each new
   token costs one position (tests/unit/test_generator.py counts the positions every step feeds).
-- Streaming: `stream()` yields text pieces while `generate` runs in a thread.
+- Streaming: `stream()` yields text pieces while `generate` runs in a thread; closing it stops
+  decoding. With a `PromptCache` (omni/model/prompt_cache.py: the demo prefills a turn while the
+  user speaks) the LLM runs only the prompt positions the cache does not hold.
 - Placement: `load(path, device, dtype)`; `resolve_placement` gives the default, CUDA + bf16 where a
   GPU is visible, else CPU + fp32. Media tensors follow the model's device and dtype.
 """
@@ -25,6 +27,7 @@ from omni.errors import SampleError
 from omni.model.batch import MediaBatch
 from omni.model.fusion import IGNORE
 from omni.model.processor import Example, OmniProcessor, collate
+from omni.model.prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -195,14 +198,26 @@ class LocalGenerator:
             out += [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
         return out
 
-    def stream(self, example: Example, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
+    def stream(self, example: Example, max_new_tokens: int, temperature: float = 0.0,
+               prompt_cache: PromptCache | None = None) -> Iterator[str]:
         """Text pieces of the answer to one example as they are decoded; an error in the decoding
-        thread is raised here."""
-        from transformers import TextIteratorStreamer
+        thread is raised here. Closing the iterator early (the reader went away) stops decoding at
+        the next token. `prompt_cache` (omni models): see OmniModel.generate; emptied when decoding
+        was stopped early or failed."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         # an omni prompt goes in as embeddings: generate's output (what the streamer sees) is new tokens only
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=not self.omni, skip_special_tokens=True)
-        kwargs = {**self._kwargs(max_new_tokens, temperature), "streamer": streamer}
+        stop = threading.Event()
+
+        class Stopped(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        kwargs = {**self._kwargs(max_new_tokens, temperature), "streamer": streamer,
+                  "stopping_criteria": StoppingCriteriaList([Stopped()])}
+        if prompt_cache is not None and self.omni:
+            kwargs["prompt_cache"] = prompt_cache
         errors: list[BaseException] = []
 
         def run():
@@ -214,8 +229,15 @@ class LocalGenerator:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        finished = False
+        try:
+            yield from streamer
+            finished = True
+        finally:
+            stop.set()  # a no-op when decoding has ended; else it ends at the next token
+            thread.join()
+            if prompt_cache is not None and not finished:  # a cut-short answer is not kept
+                prompt_cache.clear()
         if errors:
             raise errors[0]
 

@@ -48,13 +48,35 @@ def sharded_checkpoint(path: str | Path) -> Path | None:
     return sharded[-1] if sharded and not (path / "final" / WEIGHTS).is_file() else None
 
 
+def adapter_checkpoint(path: str | Path) -> Path | None:
+    """The LoRA stage checkpoint `path` is (or a stage folder's newest one, without final/ yet):
+    its weights have the adapters' names beside the base layers', which no model folder has."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    steps = [path] if path.name.startswith("step-") else sorted((path / "checkpoints").glob("step-*"))
+    if not steps or (path / "final" / WEIGHTS).is_file() or not (steps[-1] / WEIGHTS).is_file():
+        return None
+    try:
+        with safe_open(str(steps[-1] / WEIGHTS), framework="pt") as f:
+            adapted = any(".lora_" in k for k in f.keys())
+    except Exception:  # noqa: BLE001 - a torn file is reported by the load that follows
+        return None
+    return steps[-1] if adapted else None
+
+
 def consolidate_first(path: str | Path) -> str:
-    """What to say about a sharded checkpoint where a model folder is needed ('' when `path` is none)."""
+    """What to say about a checkpoint that is not a model folder where one is needed ('' when
+    `path` is none): a sharded one (fsdp2, DeepSpeed) or a LoRA stage's (adapters not merged)."""
     ckpt = sharded_checkpoint(path)
-    if ckpt is None:
-        return ""
-    return (f"{ckpt} is an fsdp2/DeepSpeed checkpoint (sharded weights, no model folder): "
-            f"run `omni consolidate {ckpt} --out DIR` first, then use DIR")
+    if ckpt is not None:
+        return (f"{ckpt} is an fsdp2/DeepSpeed checkpoint (sharded weights, no model folder): "
+                f"run `omni consolidate {ckpt} --out DIR` first, then use DIR")
+    ckpt = adapter_checkpoint(path)
+    if ckpt is not None:
+        return (f"{ckpt} is a LoRA stage's checkpoint (adapters beside the base, not merged): "
+                f"run `omni consolidate {ckpt} --out DIR` first (it merges them), then use DIR")
+    return ""
 
 
 def weight_checksums(model_dir: str | Path) -> dict[str, str]:
@@ -151,12 +173,12 @@ def load_model(path: str | Path, overrides: list[str] = (), weights: bool = True
         meta = json.loads((path / HF_CONFIG).read_text())
         cfg, text, token_ids = model_config_from_hf(meta)
         data, where, dtype = model_config_to_dict(cfg), path / HF_CONFIG, meta.get("dtype") or meta.get("torch_dtype")
+    elif consolidate_first(path):
+        raise ConfigError(consolidate_first(path))
     elif (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
         meta = _read_json(path / CONFIG)
         data, text, token_ids, where = meta["model"], meta["llm_config"], meta["token_ids"], path / CONFIG
         dtype = None
-    elif consolidate_first(path):
-        raise ConfigError(consolidate_first(path))
     else:
         raise FileNotFoundError(f"{path}: not an omni model folder ({CONFIG} + {WEIGHTS}) nor an omni export "
                                 f"({HF_CONFIG} with model_type {MODEL_TYPE!r})")

@@ -31,6 +31,7 @@ from omni.model.batch import MediaBatch
 from omni.model.composition import OmniComposition
 from omni.model.integrity import CHECKSUMS, check_recorded
 from omni.model.lm_loss import CHUNKED_ABOVE_LOGITS, chunked_lm_loss
+from omni.model.varlen_attention import NAME as SDPA_VARLEN
 from omni.presets import ModelConfig, model_config_to_dict
 from omni.tokenizer import load_tokenizer, placeholder_ids
 
@@ -39,7 +40,7 @@ CONFIG = "omni_config.json"
 TOKENIZER_DIR = "tokenizer"
 
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
+ATTENTION_BACKENDS = ("auto", SDPA_VARLEN, "sdpa", "eager", "flash_attention_2")
 HALF = (torch.float16, torch.bfloat16)
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}  # a stage's `precision` -> its forward dtype
 
@@ -48,23 +49,25 @@ def attention_backend(requested: str, dtype: torch.dtype | None = None,
                       device: torch.device | str | None = None) -> str:
     """The LLM's attention backend for forwards that run in `dtype` (the autocast dtype, or the
     weights' own without autocast) on `device`. "auto": FlashAttention-2 for fp16/bf16 forwards on
-    a GPU where flash-attn is installed, else PyTorch SDPA. FlashAttention-2 computes in fp16/bf16
+    a GPU where flash-attn is installed, else PyTorch SDPA per packed sample ("sdpa_varlen",
+    omni/model/varlen_attention.py; "sdpa" is transformers' SDPA over the whole packed row with a
+    block-diagonal mask, the same numbers at (sum of lengths)^2 cost). FlashAttention-2 computes in fp16/bf16
     only, so asking for it where it cannot run is a ConfigError saying what to change, not a crash
     inside the kernel. `dtype`/`device` None: not known yet (a model being built, in fp32 on the CPU
     or meta device): a backend that runs anywhere; `OmniModel.use_attention` switches it once known."""
     if requested not in ATTENTION_BACKENDS:
         raise ConfigError(f"llm.attn_implementation: {requested!r} is not one of {list(ATTENTION_BACKENDS)}")
-    if requested in ("sdpa", "eager"):
+    if requested in (SDPA_VARLEN, "sdpa", "eager"):
         return requested
     if dtype is None or device is None:
-        return "sdpa"
+        return SDPA_VARLEN
     on_gpu = torch.device(device).type == "cuda"
     if requested == "auto":
-        return "flash_attention_2" if on_gpu and dtype in HALF and flash_attn_installed() else "sdpa"
+        return "flash_attention_2" if on_gpu and dtype in HALF and flash_attn_installed() else SDPA_VARLEN
     if dtype not in HALF:
         raise ConfigError(f"llm.attn_implementation: flash_attention_2 computes in fp16/bf16, but this forward runs in "
                           f"{dtype}; run it in bf16 (a stage's precision: bf16), or set llm.attn_implementation: auto "
-                          "(SDPA for fp32 forwards)")
+                          "(SDPA per sample for fp32 forwards)")
     if not on_gpu:
         raise ConfigError(f"llm.attn_implementation: flash_attention_2 needs a CUDA GPU, not {device}; "
                           "set llm.attn_implementation: auto")
@@ -132,9 +135,10 @@ class OmniModel(OmniComposition, nn.Module):
         (out_dir / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
         tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
 
-    def load_weights(self, model_dir: str | Path) -> None:
+    def load_weights(self, model_dir: str | Path, absent: set[str] = frozenset()) -> None:
         """Weights of a `save_pretrained` folder into this model, in place (what a resume reads),
-        once they match the sha256 its config recorded."""
+        once they match the sha256 its config recorded. `absent`: names the folder does not hold
+        (a QLoRA checkpoint's 4-bit base, omni/train/qlora.py); every other one must be there."""
         from safetensors.torch import load_model
 
         path = Path(model_dir) / WEIGHTS
@@ -145,9 +149,13 @@ class OmniModel(OmniComposition, nn.Module):
             raise ConfigError(f"{config}: not readable JSON ({e}); the folder is damaged") from None
         check_recorded(path, recorded)
         try:
-            load_model(self, str(path))
+            missing, unexpected = load_model(self, str(path), strict=not absent)
         except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a torn file or other keys
             raise ConfigError(f"{path}: cannot be read into the model ({type(e).__name__}: {e})") from None
+        missing = [k for k in missing if k not in absent]
+        if missing or unexpected:
+            raise ConfigError(f"{path}: cannot be read into the model (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]})")
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute activations in backward: the LLM via transformers, the vision tower via
@@ -210,10 +218,21 @@ class OmniModel(OmniComposition, nn.Module):
         return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, media: MediaBatch | None = None, **kwargs):
-        """Greedy/sampled continuation; returns only the new token ids (left-padded prompts)."""
+    def generate(self, input_ids, attention_mask, media: MediaBatch | None = None, prompt_cache=None, **kwargs):
+        """Greedy/sampled continuation; returns only the new token ids (left-padded prompts).
+        `prompt_cache` (omni.model.prompt_cache.PromptCache, one prompt): the LLM runs only the
+        positions it does not hold, and it keeps this prompt's for the next call."""
         embeds = self.embed(input_ids, media)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        if prompt_cache is None:
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        completed = False
+        try:
+            out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                    cache=prompt_cache.for_generation(self.llm, input_ids, embeds), **kwargs)
+            completed = True
+            return out
+        finally:
+            prompt_cache.generated(input_ids, embeds, completed)
 
 
 def projector_specs(cfg: ModelConfig) -> dict[str, dict]:

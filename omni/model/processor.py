@@ -122,6 +122,10 @@ class OmniProcessor:
         """open_clip's eval transform of the image tower -> float32 [N, 3, S, S]."""
         return torch.stack([self._transform(im.convert("RGB")) for im in images])
 
+    def log_mel(self, window: np.ndarray) -> torch.Tensor:
+        """Whisper's log-mel of one audio window (zero-padded to the window) -> [n_mels, 2*n_ctx]."""
+        return self._audio.log_mel(window)
+
     def _images(self, images: list, blank: bool):
         """AnyRes: each image becomes [thumbnail] + grid tiles, each tile through the tower."""
         tiles, counts = [], []
@@ -151,7 +155,7 @@ class OmniProcessor:
                 wav = np.zeros_like(wav)
             n = 0
             for window in self._audio.split_windows(wav):
-                mels.append(self._audio.log_mel(window))
+                mels.append(self.log_mel(window))
                 v = self._audio.valid_frames(len(window))
                 valid.append(v)
                 n += self._audio_projector.num_tokens(v)

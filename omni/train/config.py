@@ -19,6 +19,7 @@ from omni.data.config import DataConfig
 from omni.presets import PRESETS
 from omni.train.engines import ENGINES, ZERO_STAGES
 from omni.train.lora import LoraSection
+from omni.train.qlora import check_qlora
 from omni.train.optim import OptimConfig
 from omni.train.trackers import check_trackers
 
@@ -102,6 +103,8 @@ class StageConfig:
             raise ConfigError("trainable: list at least one parameter glob (e.g. 'projectors.*'), or set lora.rank")
         if self.lora.enabled and self.method == "rm":
             raise ConfigError("lora: method rm trains a reward wrapper; LoRA runs with method sft or dpo")
+        if self.lora.qlora:
+            check_qlora(self.engine)
         if self.steps < 1:
             raise ConfigError("steps must be >= 1")
         if self.engine not in ENGINES:

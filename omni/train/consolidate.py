@@ -17,13 +17,17 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from omni.align.objectives import OBJECTIVES
 from omni.config import ConfigError, from_dict
-from omni.model.load import load_model, save_model_dir
+from omni.model.load import WEIGHTS, load_model, save_model_dir
+from omni.model.omni_model import PRECISION_DTYPE
 from omni.train.checkpoint import read_state
 from omni.train.config import StageConfig
 from omni.train.engines import retie
+from omni.train.lora import apply_lora, merge
+from omni.train.qlora import dequantized_state, quantize_base
 from omni.train.trainer import init_model
 
 
@@ -36,6 +40,8 @@ def consolidate(ckpt: str | Path, out: str | Path) -> Path:
     cfg = from_dict(StageConfig, state["config"], where=f"{ckpt} stage config")
     engine = state["engine"]
     objective = OBJECTIVES[cfg.method](cfg)
+    if cfg.lora.enabled:
+        return _merged_lora(cfg, objective, ckpt, engine, out)
     if engine == "ddp":
         model, tokenizer = load_model(ckpt, weights=False)
         module = objective.wrap(model)
@@ -49,6 +55,29 @@ def consolidate(ckpt: str | Path, out: str | Path) -> Path:
     else:
         raise ConfigError(f"{ckpt}: written by engine {engine!r}, which omni consolidate does not know")
     return save_model_dir(module, tokenizer, out, _checked(ckpt, module, full))
+
+
+def _merged_lora(cfg: StageConfig, objective, ckpt: Path, engine: str, out: Path) -> Path:
+    """A LoRA stage's checkpoint (adapter names beside the base weights) as the merged model, as the
+    stage's `final/` would be; a QLoRA checkpoint's 4-bit base (not written) is quantised again from
+    the stage's init_from and dequantised, as the run computed with it."""
+    module, tokenizer = _skeleton(cfg, objective, ckpt)
+    apply_lora(module, cfg.lora)
+    if engine == "ddp":
+        full = dict(load_file(ckpt / WEIGHTS))
+    elif engine == "fsdp2":
+        full = _read_dcp(ckpt / "dcp", module)
+    elif engine.startswith("deepspeed"):
+        full = _read_zero(ckpt, module)
+    else:
+        raise ConfigError(f"{ckpt}: written by engine {engine!r}, which omni consolidate does not know")
+    if cfg.lora.qlora:
+        base, _ = init_model(cfg)
+        quantize_base(base, PRECISION_DTYPE[cfg.precision])
+        apply_lora(base, cfg.lora)
+        full.update(dequantized_state(base, {}))
+    merged = merge(module, _checked(ckpt, module, full))
+    return save_model_dir(module, tokenizer, out, merged)
 
 
 def _skeleton(cfg: StageConfig, objective, ckpt: Path):

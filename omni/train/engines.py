@@ -50,6 +50,7 @@ from omni.distributed import World
 from omni.modalities import MODALITIES
 from omni.train.flops import TOWER_BLOCKS
 from omni.train.optim import build_optimizer, build_scheduler
+from omni.train.qlora import quantized_keys, without_base
 
 log = logging.getLogger(__name__)
 ZERO_STAGES = (2, 3)  # the deepspeed ZeRO stages a stage's `zero_stage` may name
@@ -153,12 +154,16 @@ class Engine:
     def save(self, folder: Path, tokenizer) -> dict:
         """Write this engine's share of a resumable checkpoint into `folder` (every rank calls it);
         returns what rank 0 adds to the trainer state."""
-        if self.world.main:
-            self.model.save_pretrained(folder, tokenizer)
+        if self.world.main:  # a QLoRA base is rebuilt from init_from on resume, not written
+            self.model.save_pretrained(folder, tokenizer, without_base(self.model))
         return {"optimizer": self.optimizer.state_dict()}
 
     def load(self, folder: Path, state: dict) -> None:
-        self.model.load_weights(folder)  # OmniModel, or an objective's wrapper with files of its own (reward head)
+        base = quantized_keys(self.model)
+        if base:  # a QLoRA stage: its 4-bit base is the one this run quantised from init_from
+            self.model.load_weights(folder, absent=base)
+        else:  # OmniModel, or an objective's wrapper with files of its own (reward head)
+            self.model.load_weights(folder)
         self.optimizer.load_state_dict(state["optimizer"])
 
     def full_state_dict(self) -> dict | None:

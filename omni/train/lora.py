@@ -22,10 +22,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from omni.config import ConfigError
+from omni.train.qlora import is_4bit
 
 log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"                # final/adapter: the peft adapter folder
@@ -40,7 +40,7 @@ class LoraSection:
     alpha: float = 16.0                 # scaling alpha / r
     dropout: float = 0.0                # dropout on the adapter's input
     targets: list[str] = field(default_factory=list)  # parameter-name globs; the Linear layers owning matched weights get adapters
-    qlora: bool = False                 # a 4-bit base (bitsandbytes); needs a CUDA GPU
+    qlora: bool = False                 # the LLM's base weights in 4-bit NF4 (bitsandbytes; omni/train/qlora.py)
 
     def __post_init__(self):
         if self.rank < 0:
@@ -56,31 +56,16 @@ class LoraSection:
             raise ConfigError("lora.alpha must be > 0")
         if not 0 <= self.dropout < 1:
             raise ConfigError("lora.dropout must be in [0, 1)")
-        if self.qlora:
-            check_qlora()
 
     @property
     def enabled(self) -> bool:
         return self.rank > 0
 
 
-def check_qlora() -> None:
-    """QLoRA quantises the base to 4 bits with bitsandbytes' CUDA kernels: refused where they cannot run."""
-    import importlib.util
-
-    if not torch.cuda.is_available():
-        raise ConfigError("lora.qlora: a 4-bit base (bitsandbytes) needs a CUDA GPU and this machine has none; "
-                          "set lora.qlora: false (LoRA on the full-precision base) or train on a GPU")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("lora.qlora: needs the bitsandbytes package; install it (pip install 'omni[qlora]') "
-                          "or set lora.qlora: false")
-    raise ConfigError("lora.qlora: the 4-bit base is not implemented yet; set lora.qlora: false")
-
-
 def target_modules(model: nn.Module, globs: list[str]) -> list[str]:
     """Full names of the Linear layers owning a parameter that a glob matches (what peft's
     `target_modules` takes as a list); a glob that names no Linear layer's parameter is an error."""
-    linears = {name for name, m in model.named_modules() if type(m) is nn.Linear}
+    linears = {name for name, m in model.named_modules() if type(m) is nn.Linear or is_4bit(m)}
     params = [n for n, _ in model.named_parameters()]
     chosen, unused = set(), []
     for g in globs:

@@ -44,6 +44,7 @@ from omni.train.config import StageConfig
 from omni.train.engines import build_engine, write_engine_config
 from omni.train.flops import FlopCounter, peak_tflops
 from omni.train.lora import apply_lora, check_full_training, save_lora_final, trainable_globs
+from omni.train.qlora import dequantized_state, quantize_base
 from omni.train.optim import set_trainable
 from omni.train.trackers import Trackers
 
@@ -102,6 +103,8 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
                              (saved["world_size"], world.size))
     model, tokenizer = init_model(cfg, skeleton=engine.weights_from_rank0 and not world.main)
     check_same_model(world, model)  # before rank 0's weights go anywhere
+    if cfg.lora.qlora:  # the base under the adapters in 4 bits
+        quantize_base(model, PRECISION_DTYPE[cfg.precision])
     adapted = apply_lora(model, cfg.lora) if cfg.lora.enabled else []
     # the backend for the dtype the forwards run in (autocast's under bf16): FlashAttention-2 never in fp32
     log.info("stage %s: %s attention", cfg.name, model.use_attention(PRECISION_DTYPE[cfg.precision], world.device))
@@ -264,6 +267,8 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
     if world.main and evals:
         (out_dir / "eval.json").write_text(json.dumps({"before": first, "after": last}, indent=2))
     full = engine.full_state_dict()  # every rank takes part in gathering a sharded model
+    if cfg.lora.qlora:  # merged into the dequantised base: the weights the adapters were trained over
+        full = dequantized_state(model, model.state_dict())
     if world.main and adapted:  # merged into final/, the peft adapter into final/adapter/
         save_lora_final(model, init_model(cfg, skeleton=True)[0], tokenizer, out_dir / FINAL, full, cfg.lora,
                         adapted, full_trained, cfg.init_from)

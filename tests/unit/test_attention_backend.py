@@ -31,15 +31,15 @@ def test_auto_picks_flash_attention_2_only_for_half_precision_on_a_gpu_with_flas
     flash_attn(True)
     assert attention_backend("auto", torch.bfloat16, CUDA) == "flash_attention_2"
     assert attention_backend("auto", torch.float16, "cuda:0") == "flash_attention_2"
-    assert attention_backend("auto", torch.float32, CUDA) == "sdpa"  # an fp32 stage, the fp32 generator
-    assert attention_backend("auto", torch.bfloat16, CPU) == "sdpa"
-    assert attention_backend("auto") == "sdpa"  # while building: dtype and device not known yet
+    assert attention_backend("auto", torch.float32, CUDA) == "sdpa_varlen"  # an fp32 stage, the fp32 generator
+    assert attention_backend("auto", torch.bfloat16, CPU) == "sdpa_varlen"
+    assert attention_backend("auto") == "sdpa_varlen"  # while building: dtype and device not known yet
     flash_attn(False)
-    assert attention_backend("auto", torch.bfloat16, CUDA) == "sdpa"
+    assert attention_backend("auto", torch.bfloat16, CUDA) == "sdpa_varlen"
 
 
 def test_sdpa_and_eager_run_in_any_dtype_anywhere():
-    for name in ("sdpa", "eager"):
+    for name in ("sdpa_varlen", "sdpa", "eager"):
         for dtype, device in ((torch.float32, CPU), (torch.bfloat16, CUDA), (None, None)):
             assert attention_backend(name, dtype, device) == name
 
@@ -47,7 +47,7 @@ def test_sdpa_and_eager_run_in_any_dtype_anywhere():
 def test_impossible_flash_attention_2_is_a_config_error_that_says_what_to_change(flash_attn):
     flash_attn(True)
     assert attention_backend("flash_attention_2", torch.bfloat16, CUDA) == "flash_attention_2"
-    assert attention_backend("flash_attention_2") == "sdpa"  # built in fp32 first, switched once known
+    assert attention_backend("flash_attention_2") == "sdpa_varlen"  # built in fp32 first, switched once known
     with pytest.raises(ConfigError, match=r"runs in torch.float32; run it in bf16 .*llm.attn_implementation: auto"):
         attention_backend("flash_attention_2", torch.float32, CUDA)
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
@@ -68,7 +68,7 @@ def test_use_attention_switches_the_llm_and_keeps_the_logits():
         assert model.use_attention(torch.float32, CPU) == "eager" == model.llm.config._attn_implementation
         eager = model(ids).logits
         model.config.llm.attn_implementation = "auto"
-        assert model.use_attention(torch.float32, CPU) == "sdpa" == model.llm.config._attn_implementation
+        assert model.use_attention(torch.float32, CPU) == "sdpa_varlen" == model.llm.config._attn_implementation
         torch.testing.assert_close(model(ids).logits, eager, atol=1e-5, rtol=1e-5)
 
 

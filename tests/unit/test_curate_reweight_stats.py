@@ -26,6 +26,7 @@ from omni.curate.stats import DatasetStats, TokenCounter, sample_stats, stats
 from omni.data.loader import SkipCounter
 from omni.data.manifest import load_manifest
 from omni.data.stream import mixture_samples
+from omni.data.tar_index import load
 
 
 def msgs(user, reply):
@@ -138,7 +139,7 @@ def test_reweight_by_source_filters_and_the_sampler_honours_weights(web_corpus, 
     # the trainer's own mixture sampler draws entries in proportion to the written weights
     order = list(entries.values())
     stream = mixture_samples(order, [e.weight for e in order], seed=0, shuffle_buffer=8, handler=SkipCounter().handler)
-    drawn = Counter(json.loads(next(stream)["json"])["source"] for _ in range(3000))
+    drawn = Counter(json.loads(load(next(stream))["json"])["source"] for _ in range(3000))
     total = sum(expected.values())
     for name, w in expected.items():
         assert drawn[name.split("-")[1]] / 3000 == pytest.approx(w / total, abs=0.03)

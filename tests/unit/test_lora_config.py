@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from omni.config import ConfigError
 from omni.train.config import load_stage
@@ -40,12 +39,10 @@ def test_bad_lora_sections_name_the_field():
     assert "method sft or dpo" in _error("lora.rank=8", ATTN, "method=rm")
 
 
-def test_qlora_without_a_gpu_says_what_to_do():
-    msg = _error("lora.rank=8", ATTN, "lora.qlora=true")
-    if not torch.cuda.is_available():
-        assert "needs a CUDA GPU" in msg and "lora.qlora: false" in msg
-    else:
-        assert "lora.qlora" in msg
+def test_qlora_runs_on_ddp_only():
+    assert _load("lora.rank=8", ATTN, "lora.qlora=true").lora.qlora  # bitsandbytes is installed by the test extra
+    assert "runs on engine ddp" in _error("lora.rank=8", ATTN, "lora.qlora=true", "engine=fsdp2")
+    assert "lora.rank is 0" in _error("lora.qlora=true")
 
 
 def test_target_globs_pick_linear_layers_by_parameter_name(tiny_model):

@@ -1,6 +1,7 @@
 """A packed micro-batch is one padding-free row whose samples stay isolated on every attention
-backend (SDPA and eager run here; flash_attention_2 gets the single row with resetting position ids
-that transformers turns into varlen boundaries), and the loss is the padded batch's."""
+backend (SDPA per sample, SDPA and eager run here; flash_attention_2 gets the single row with
+resetting position ids that transformers turns into varlen boundaries), and the loss is the padded
+batch's."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,6 +14,7 @@ from omni.data.packing import collate_packed
 from omni.model.fusion import IGNORE
 from omni.model.omni_model import OmniModel
 from omni.model.processor import OmniProcessor, collate
+from omni.model.varlen_attention import packed_lengths
 from omni.presets import build_preset
 
 
@@ -71,7 +73,21 @@ def test_flash_attention_2_reads_one_varlen_sequence_per_sample(examples):
     assert int(max_q) == int(max_k) == max(lengths)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_sdpa_varlen_cuts_only_a_packed_row_into_its_samples(examples):
+    """sdpa_varlen attends per sample where the row is packed, and leaves everything else (one
+    sample, padded rows, a KV cache) to SDPA with its mask."""
+    _, _, exs = examples
+    packed, _ = collate_packed(exs)
+    lengths = [len(e.input_ids) for e in exs]
+    q = torch.zeros(1, 2, sum(lengths), 8)
+    assert packed_lengths(packed.position_ids, q, q) == lengths
+    assert packed_lengths(torch.arange(sum(lengths))[None], q, q) is None
+    assert packed_lengths(packed.position_ids, q, torch.zeros(1, 2, sum(lengths) + 4, 8)) is None
+    assert packed_lengths(packed.position_ids.expand(2, -1), q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1)) is None
+    assert packed_lengths(None, q, q) is None
+
+
+@pytest.mark.parametrize("backend", ["sdpa_varlen", "sdpa", "eager"])
 def test_a_sample_packed_with_neighbours_has_the_logits_it_has_alone(examples, backend):
     model, _, exs = examples
     model.llm.set_attn_implementation(backend)
@@ -90,9 +106,10 @@ def test_a_sample_packed_with_neighbours_has_the_logits_it_has_alone(examples, b
         assert not torch.allclose(leaky, joint, atol=1e-3)
 
 
-def test_packed_loss_equals_padded_loss(examples):
+@pytest.mark.parametrize("backend", ["sdpa_varlen", "sdpa"])
+def test_packed_loss_equals_padded_loss(examples, backend):
     model, tok, exs = examples
-    model.llm.set_attn_implementation("sdpa")
+    model.llm.set_attn_implementation(backend)
     padded = collate(exs, tok.pad_token_id)
     packed, _ = collate_packed(exs)
     with torch.no_grad():
