@@ -1,8 +1,12 @@
-"""Model presets: the 7B model and its tiny twin come from one builder and differ by numbers only.
+"""Model presets: the 7B model, its tiny twin and a `small` one come from one builder and differ by numbers only.
 
-Both use the same classes (open_clip vision tower, whisper audio encoder, 2x2-pool MLP and
-Conv-GMLP projectors, a Qwen2-style causal LM), the same special tokens and chat template,
-and the same patch-to-token arithmetic.
+`tiny` is for tests (seconds on a CPU). `small` (112M parameters, an 88M LLM) keeps Qwen2-7B's
+proportions: head_dim 128, 7 query heads per KV head, an MLP 5.3x the width, an untied head; its
+audio tower has whisper-tiny's size. Its matmuls are shaped like the 7B's, so its throughput and
+MFU on a CPU (bench/mfu.py) say something about the big model's. All use the same classes
+(open_clip vision tower, whisper audio encoder, 2x2-pool MLP and Conv-GMLP projectors, a
+Qwen2-style causal LM), the same special tokens and chat template, and the same patch-to-token
+arithmetic.
 """
 from __future__ import annotations
 
@@ -77,6 +81,20 @@ _SIZES: dict[str, dict[str, Any]] = {
         anyres=dict(max_tiles=9, thumbnail=True),  # LLaVA-OneVision style: up to 3x3 tiles + thumbnail
         conv_stride=4,
         tokenizer=None,
+    ),
+    "small": dict(
+        llm=dict(hf_config=dict(
+            model_type="qwen2", vocab_size=16384, hidden_size=896, intermediate_size=4736,
+            num_hidden_layers=4, num_attention_heads=7, num_key_value_heads=1,
+            max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+        )),
+        image=dict(vision_cfg=dict(image_size=224, patch_size=14, width=384, layers=6, head_width=64)),
+        audio=dict(n_mels=80, n_ctx=1500, n_state=384, n_head=6, n_layer=4, max_windows=4),
+        video=dict(fps=1.0, max_frames=8),
+        anyres=dict(max_tiles=0),
+        conv_stride=4,
+        tokenizer=TINY_TOKENIZER,  # offline; the LLM's vocabulary is larger, so its head is real-sized
     ),
     "tiny": dict(
         llm=dict(hf_config=dict(

@@ -164,6 +164,17 @@ class OmniModel(OmniComposition, nn.Module):
         self.encoders["image"].visual.set_grad_checkpointing(True)
         self.encoders["audio"].set_grad_checkpointing(True)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each LLM decoder layer and each tower block, in place (`nn.Module.compile`):
+        the repeated blocks are where the time goes, one compiled graph serves every layer of a
+        stack, and the parameter names (checkpoints, export) stay those of the uncompiled model.
+        Embeddings, fusion, the loss and the projectors stay eager."""
+        image = self.encoders["image"].visual
+        blocks = [*self.llm.get_decoder().layers, *self.encoders["audio"].encoder.blocks,
+                  *(image.trunk.blocks if hasattr(image, "trunk") else image.transformer.resblocks)]
+        for block in blocks:
+            block.compile()
+
     def use_attention(self, dtype: torch.dtype, device: torch.device | str) -> str:
         """Switch the LLM to the attention backend for forwards in `dtype` on `device`
         (`attention_backend` of the config's `llm.attn_implementation`); returns its name."""

@@ -66,7 +66,7 @@ class StageConfig:
     data: DataConfig
     steps: int
     method: str = "sft"                 # the objective, a name of omni/align/objectives OBJECTIVES; its section below
-    preset: str | None = None           # model preset "tiny" or "7b" (omni.presets), when not init_from
+    preset: str | None = None           # model preset "tiny", "small" or "7b" (omni.presets), when not init_from
     init_from: str | None = None        # "previous" (schedule fills it), a model dir, or None: preset init
     model_overrides: list[str] = field(default_factory=list)  # dotted key=value on the model config
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -75,6 +75,7 @@ class StageConfig:
     zero_stage: int | None = None       # deepspeed only: 2 (shard grads + optimizer) or 3 (also weights)
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False  # recompute LLM, vision- and audio-tower activations in backward
+    compile: bool = False               # torch.compile each LLM decoder layer and tower block (OmniModel.compile_blocks)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval_interval: int = 0              # steps between held-out evaluations (0: before and after training only)
@@ -88,7 +89,7 @@ class StageConfig:
         if self.method not in OBJECTIVES:
             raise ConfigError(f"method: {self.method!r} is not an objective; choose one of {list(OBJECTIVES)}")
         if self.preset is None and self.init_from is None:
-            raise ConfigError("give preset (tiny or 7b: a fresh model) or init_from (a model folder) to start from")
+            raise ConfigError("give preset (tiny, small or 7b: a fresh model) or init_from (a model folder) to start from")
         if self.preset is not None and self.preset not in PRESETS:  # checked even when init_from wins
             raise ConfigError(f"preset: {self.preset!r} is unknown; choose one of {list(PRESETS)}")
         if self.method != "sft" and self.batch.tokens_per_pack:

@@ -86,7 +86,8 @@ class FlopCounter:
         self.llm = Part(n, n_t, anything_trains, llm.config.num_hidden_layers, llm.config.hidden_size)
         self.towers = {}
         for m, enc in model.encoders.items():
-            blocks = [b for b in enc.modules() if type(b).__name__ in TOWER_BLOCKS]
+            # by class or base class: activation checkpointing swaps whisper's blocks for a subclass
+            blocks = [b for b in enc.modules() if any(c.__name__ in TOWER_BLOCKS for c in type(b).__mro__)]
             self.towers[m] = Part(*towers[m], towers[m][1] > 0, len(blocks), enc.out_dim)
         tower_of = {"image": "image", "video": "image", "audio": "audio"}
         self.projectors = {m: Part(*projectors[m], towers[tower_of[m]][1] > 0) for m in projectors}

@@ -116,6 +116,8 @@ def _train(cfg: StageConfig, out_dir: Path, progress: bool, world: World, resume
     full_trained = check_full_training(trainable) if adapted else []
     if cfg.activation_checkpointing:
         model.enable_activation_checkpointing()
+    if cfg.compile:
+        model.compile_blocks()
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in module.parameters())
     flops = FlopCounter(model) if cfg.log.profile else None  # parameter counts before sharding

@@ -89,3 +89,9 @@ def test_preset_overrides_and_unknown_preset():
 def test_exponent_without_dot_is_a_number():
     cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml", ["optim.lr=1e-4"])
     assert cfg.optim.lr == 1e-4
+
+
+def test_compile_is_a_bool():
+    assert load_stage(ROOT / "stages/tiny/2_sft.yaml", ["compile=true"]).compile is True
+    with pytest.raises(ConfigError, match="compile"):
+        load_stage(ROOT / "stages/tiny/2_sft.yaml", ["compile=yes please"])

@@ -64,3 +64,19 @@ def test_7b_processor_counts_come_from_the_config(model_7b, tiny_model):
     webli = get_pretrained_cfg("ViT-SO400M-14-SigLIP-384", "webli")
     preprocess = proc.configs()["image_config"]["preprocess"]
     assert (tuple(preprocess["mean"]), preprocess["size"]) == (tuple(webli["mean"]), 384)
+
+
+def test_small_is_tens_of_millions_with_7b_proportions_and_classes(model_7b):
+    """`small` (bench/mfu.py's model) is built from the 7B's classes with Qwen2-7B's proportions."""
+    small = meta_model("small")
+    llm, big = small.llm.config, model_7b.llm.config
+    assert 20e6 < _count(small.llm) < 100e6 and _count(small) < 150e6
+    assert llm.hidden_size // llm.num_attention_heads == big.hidden_size // big.num_attention_heads == 128
+    assert llm.num_attention_heads // llm.num_key_value_heads == big.num_attention_heads // big.num_key_value_heads
+    assert abs(llm.intermediate_size / llm.hidden_size - big.intermediate_size / big.hidden_size) < 0.1
+    assert not llm.tie_word_embeddings and not big.tie_word_embeddings
+    for name in ("image", "audio"):
+        assert type(small.encoders[name]) is type(model_7b.encoders[name])
+    assert type(small.llm) is type(model_7b.llm)
+    for m in ("image", "video", "audio"):
+        assert type(small.projectors[m]) is type(model_7b.projectors[m])
