@@ -48,13 +48,7 @@ def consolidate(ckpt: str | Path, out: str | Path) -> Path:
         module.load_weights(ckpt)  # a wrapper's own files too (the reward head)
         return save_model_dir(module, tokenizer, out)
     module, tokenizer = _skeleton(cfg, objective, ckpt)
-    if engine == "fsdp2":
-        full = _read_dcp(ckpt / "dcp", module)
-    elif engine.startswith("deepspeed"):
-        full = _read_zero(ckpt, module)
-    else:
-        raise ConfigError(f"{ckpt}: written by engine {engine!r}, which omni consolidate does not know")
-    return save_model_dir(module, tokenizer, out, _checked(ckpt, module, full))
+    return save_model_dir(module, tokenizer, out, _checked(ckpt, module, _read_sharded(ckpt, module, engine)))
 
 
 def _merged_lora(cfg: StageConfig, objective, ckpt: Path, engine: str, out: Path) -> Path:
@@ -63,14 +57,7 @@ def _merged_lora(cfg: StageConfig, objective, ckpt: Path, engine: str, out: Path
     the stage's init_from and dequantised, as the run computed with it."""
     module, tokenizer = _skeleton(cfg, objective, ckpt)
     apply_lora(module, cfg.lora)
-    if engine == "ddp":
-        full = dict(load_file(ckpt / WEIGHTS))
-    elif engine == "fsdp2":
-        full = _read_dcp(ckpt / "dcp", module)
-    elif engine.startswith("deepspeed"):
-        full = _read_zero(ckpt, module)
-    else:
-        raise ConfigError(f"{ckpt}: written by engine {engine!r}, which omni consolidate does not know")
+    full = dict(load_file(ckpt / WEIGHTS)) if engine == "ddp" else _read_sharded(ckpt, module, engine)
     if cfg.lora.qlora:
         base, _ = init_model(cfg)
         quantize_base(base, PRECISION_DTYPE[cfg.precision])
@@ -89,6 +76,15 @@ def _skeleton(cfg: StageConfig, objective, ckpt: Path):
                           f"gone ({e}); pass init_from=... pointing at that model folder again") from None
     with torch.device("meta"):
         return objective.wrap(model), tokenizer
+
+
+def _read_sharded(ckpt: Path, module: torch.nn.Module, engine: str) -> dict:
+    """The full weights of an fsdp2 or DeepSpeed checkpoint, read into `module`'s names."""
+    if engine == "fsdp2":
+        return _read_dcp(ckpt / "dcp", module)
+    if engine.startswith("deepspeed"):
+        return _read_zero(ckpt, module)
+    raise ConfigError(f"{ckpt}: written by engine {engine!r}, which omni consolidate does not know")
 
 
 def _read_dcp(folder: Path, module: torch.nn.Module) -> dict:
