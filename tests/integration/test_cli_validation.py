@@ -88,4 +88,4 @@ def test_export_eval_that_is_a_jpeg_is_refused_naming_it(tiny_model, tmp_path):
 def test_an_unknown_preset_is_refused_even_with_init_from(tmp_path):
     message = cli_error("-q", "train", STAGE, "--out", str(tmp_path / "run"), "preset=tiny-typo",
                          f"init_from={tmp_path / 'model'}")
-    assert message == f"config error: {STAGE}: preset: 'tiny-typo' is unknown; choose one of ['7b', 'tiny']"
+    assert message == f"config error: {STAGE}: preset: 'tiny-typo' is unknown; choose one of ['7b', 'small', 'tiny']"

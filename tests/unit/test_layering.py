@@ -17,6 +17,7 @@ LAYERS = [
     ("omni.errors", "omni.modalities", "omni.config", "omni.files", "omni.distributed", "omni.tiny_world",
      "omni.tokenizer",
      "omni.presets"),
+    ("omni.speech",),
     ("omni.hf",),
     ("omni.model",),
     ("omni.data",),
