@@ -12,7 +12,9 @@ installed, else SDPA per packed sample (omni's `attn_implementation: auto`). It 
   same samples run one by one, largest difference relative to the largest logit;
 - one FSDP2 step and one DeepSpeed ZeRO-3 step (one process; after `--steps - 1` warm-up steps):
   loss, LLM tokens/s, model TFLOP/s and MFU (omni/train/flops.py), `torch.cuda.max_memory_allocated`
-  next to `omni plan`'s total for the same stage on one GPU of this one's memory.
+  next to `omni plan`'s total for the same stage on one GPU of this one's memory;
+- one QLoRA step (ddp; rank-16 adapters over the LLM's 4-bit NF4 base, bitsandbytes' CUDA kernels),
+  the same columns (the plan counts the base at full precision: an upper bound).
 With `--cpu`, or without CUDA: the same steps on the `tiny` preset (stages/tiny/2_sft.yaml, gloo),
 so CI keeps the script working (tests/integration/test_gpu_acceptance_cpu.py); no memory columns.
 """
@@ -43,6 +45,8 @@ from omni.tokenizer import TINY_TOKENIZER
 from omni.train.config import load_stage
 from omni.train.engines import build_engine, stage_layout
 from omni.train.flops import FlopCounter, peak_tflops
+from omni.train.lora import apply_lora, trainable_globs
+from omni.train.qlora import quantize_base
 from omni.train.checkpoint import seed_everything
 from omni.train.optim import set_trainable
 from omni.train.trainer import init_model
@@ -50,6 +54,9 @@ from omni.train.trainer import init_model
 ROOT = Path(__file__).resolve().parents[1]
 QWEN2_7B = "Qwen/Qwen2-7B"
 ENGINES = {"fsdp2": ["engine=fsdp2"], "deepspeed zero3": ["engine=deepspeed", "zero_stage=3"]}
+# QLoRA as docs/lora.md shows it: rank-16 adapters on the LLM over its 4-bit NF4 base, the projectors trained fully
+QLORA = ["engine=ddp", "lora.rank=16", "lora.alpha=16", "lora.qlora=true", "trainable=[projectors.*]",
+         "lora.targets=[llm.model.layers.*.self_attn.*, llm.model.layers.*.mlp.*]"]
 
 
 def llm_architecture(layers: int) -> tuple[dict, str]:
@@ -124,10 +131,14 @@ def train_steps(cfg, world: World, steps: int, device) -> dict:
     seed_everything(cfg.seed)  # every engine starts from the same weights: their first losses agree
     with torch.device(device):
         model, tokenizer = init_model(cfg)
+    if cfg.lora.qlora:  # as the trainer does: the 4-bit base, then the adapters
+        quantize_base(model, PRECISION_DTYPE[cfg.precision])
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora)
     model.use_attention(PRECISION_DTYPE[cfg.precision], device)  # as the trainer does: FA2 for bf16 on a GPU
     processor = OmniProcessor.from_config(model.config, tokenizer, model.token_ids)
     module = objective.prepare(model, tokenizer, processor, Path("unused"), None, [], world)
-    set_trainable(module, objective.trainable(list(cfg.trainable)))
+    set_trainable(module, objective.trainable(trainable_globs(cfg.lora, cfg.trainable)))
     if cfg.activation_checkpointing:
         model.enable_activation_checkpointing()
     flops = FlopCounter(model)
@@ -200,9 +211,9 @@ def run(cpu: bool = False, layers: int = 2, steps: int = 3, pack: int = 4096, sa
         tolerance = 2e-2 if cfg.precision == "bf16" else 1e-4
         rows.append({"check": "packed vs alone logits", "what": f"{backend}; {what}", "value": worst,
                      "ok": worst <= tolerance, "tolerance": tolerance, "measure": "max |dlogit| / max |logit|"})
+        gib = torch.cuda.get_device_properties(device).total_memory / GIB if gpu else 80.0
         for name, engine in ENGINES.items():
             cfg, _ = stage(gpu, layers, pack, samples, engine)
-            gib = torch.cuda.get_device_properties(device).total_memory / GIB if gpu else 80.0
             plan = plan_stage(cfg, 1, gib)
             result = train_steps(cfg, world, steps, device)
             rows.append({"check": f"{name} step", "engine": stage_layout(cfg), "plan_gib": plan.total,
@@ -212,6 +223,11 @@ def run(cpu: bool = False, layers: int = 2, steps: int = 3, pack: int = 4096, sa
         tolerance = 5e-2 if cfg.precision == "bf16" else 1e-4
         rows.append({"check": "fsdp2 vs zero3 loss", "value": gap, "ok": gap <= tolerance, "tolerance": tolerance,
                      "what": "first step, same weights and batch", "measure": "|dloss|"})
+        cfg, _ = stage(gpu, layers, pack, samples, QLORA)
+        plan = plan_stage(cfg, 1, gib)  # counts the base at full precision: an upper bound for QLoRA
+        result = train_steps(cfg, world, steps, device)
+        rows.append({"check": "qlora step", "engine": "ddp, 4-bit base", "plan_gib": plan.total,
+                     "ok": math.isfinite(result["loss"]) and math.isfinite(result["last_loss"]), **result})
     finally:
         world.close()
     return rows

@@ -1,5 +1,5 @@
 """bench/gpu_acceptance.py stays alive without a GPU: its CPU mode runs the same checks (packed vs
-alone logits, one FSDP2 and one DeepSpeed ZeRO-3 step, the plan) on the tiny preset."""
+alone logits, one FSDP2 and one DeepSpeed ZeRO-3 step, one QLoRA step, the plan) on the tiny preset."""
 from __future__ import annotations
 
 import importlib.util
@@ -20,9 +20,10 @@ def test_cpu_mode_runs_every_check_and_prints_one_table():
     bench = _bench()
     rows = bench.run(cpu=True, steps=1, samples=4, pack=256)
     assert [r["check"] for r in rows] == ["packed vs alone logits", "fsdp2 step", "deepspeed zero3 step",
-                                          "fsdp2 vs zero3 loss"]
+                                          "fsdp2 vs zero3 loss", "qlora step"]
     assert all(r["ok"] for r in rows), bench.table(rows)
-    parity, fsdp2, zero3, _ = rows
+    parity, fsdp2, zero3, _, qlora = rows
+    assert math.isfinite(qlora["loss"]) and qlora["tokens"] > 0 and qlora["engine"] == "ddp, 4-bit base"
     assert parity["value"] <= 1e-4 and "sdpa" in parity["what"]
     for r in (fsdp2, zero3):
         assert math.isfinite(r["loss"]) and r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["tflops"] > 0
