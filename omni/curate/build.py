@@ -11,7 +11,7 @@ does: it cannot be resynchronised, and the error names the file and line).
 Map/sink structure (docs/curation.md, "Beyond one machine"): `iter_records` (source) ->
 `convert_record` (a pure function of one record: raw sample dict or `Reject`) -> `ShardSink` (sink). The Ray
 path (`--ray`, omni/curate/ray_backend.py) maps `convert_record` over blocks of records on the
-workers and hands the results back in order to the same sink; nothing else changes.
+workers, which also write the samples (omni/curate/ray_write.py); the rejects and counts come back in order.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ from omni.curate.formats import (
     iter_table,
     unsupported_media,
 )
+from omni.curate.ray_write import ShardWrites, committed
 from omni.data.loader import decode_sample
 from omni.errors import SampleError
 from omni.modalities import EXTENSIONS, PLACEHOLDERS
@@ -222,13 +223,14 @@ def modalities_of(raw: dict) -> set[str]:
 
 
 # ---------------------------------------------------------------- the verb
-def converted(cfg: BuildConfig, backend=None) -> Iterator[tuple[str, str, dict | Reject]]:
+def converted(cfg: BuildConfig, backend=None, writes=None) -> Iterator[tuple[str, str, dict | Reject]]:
     """(key, where, sample or Reject) of every record in input order: converted here, streaming, or
-    on Ray (`backend.map_records`: records listed a window at a time, converted on the workers)."""
+    on Ray (`backend.map_records`: records listed a window at a time, converted on the workers, which
+    write the samples through `writes`; light copies come back)."""
     convert = partial(convert_record, cfg=cfg)
     keyed = ((rec, where, root, f"{cfg.name}-{i:08d}") for i, (where, rec, root) in enumerate(iter_records(cfg)))
     if backend is not None:
-        yield from ((key, where, out) for (_, where, _, key), out in backend.map_records(keyed, convert))
+        yield from ((key, where, out) for (_, where, _, key), out in backend.map_records(keyed, convert, writes))
         return
     for rec, where, root, key in keyed:
         try:
@@ -243,22 +245,27 @@ def build(cfg: BuildConfig, progress: bool = True, backend=None) -> BuildResult:
     cfg.validate()
     out = Path(cfg.out_dir)
     stem = f"{cfg.name}-{cfg.split}"
-    sink = ShardSink(out / "shards", stem, cfg.samples_per_shard, cfg.shard_bytes)
+    writes = None
+    if backend is not None:
+        writes = ShardWrites(out / "shards", partial(built_stem, stem=stem), cfg.samples_per_shard, cfg.shard_bytes)
+        writes.start()
+    sink = writes.sink(stem) if writes else ShardSink(out / "shards", stem, cfg.samples_per_shard, cfg.shard_bytes)
     rejects_file = out / "reports" / f"{stem}.rejects.jsonl"
     rejects = RejectLog(rejects_file)
     modalities: set[str] = set()
     start = time.perf_counter()
     bar = tqdm(unit="rec", desc=f"build {cfg.name}", disable=not progress)
     try:
-        for index, (key, where, raw) in enumerate(converted(cfg, backend)):
-            if isinstance(raw, Reject):
-                rejects.add(key, raw.code, raw.reason, where=where)
-            else:
-                sink.write(raw)
-                modalities |= modalities_of(raw)
-            bar.update()
-            if index % 256 == 0:
-                bar.set_postfix(ok=sink.count, rejected=rejects.total, refresh=False)
+        with committed(writes, [sink]):
+            for index, (key, where, raw) in enumerate(converted(cfg, backend, writes)):
+                if isinstance(raw, Reject):
+                    rejects.add(key, raw.code, raw.reason, where=where)
+                else:
+                    sink.write(raw)
+                    modalities |= modalities_of(raw)
+                bar.update()
+                if index % 256 == 0:
+                    bar.set_postfix(ok=sink.count, rejected=rejects.total, refresh=False)
     finally:
         bar.close()
         sink.close()
@@ -287,6 +294,11 @@ def build(cfg: BuildConfig, progress: bool = True, backend=None) -> BuildResult:
     report_file = write_json(out / "reports" / f"{stem}.build.json", report)
     return BuildResult(manifest, sink.count, rejects.total, dict(rejects.counts), sink.num_shards, seconds,
                        rejects_file, report_file, order)
+
+
+def built_stem(rank, raw, result, stem: str) -> str | None:
+    """--ray, on the workers: every converted sample goes to the build's one set, a Reject nowhere."""
+    return stem if isinstance(result, dict) else None
 
 
 def safe_manifest_name(out: Path) -> str:

@@ -24,7 +24,8 @@ A chain A~B~C removes B and C even when C is not similar to A (docs/decisions.md
 
 Map/reduce (docs/curation.md, "Beyond one machine"): `signature_of` is the map (raw sample ->
 `Signature`, pure), the group-bys by digest and band key plus `components` are the reduce (only
-duplicates' edges are held together), and writing the kept samples is a filter in a second pass.
+duplicates' edges are held together), and writing the kept samples is a filter in a second pass
+(on Ray the workers write them where `kept_stem` says, omni/curate/ray_write.py).
 In-process the group-bys are dicts (`removed_in_memory`); `omni.curate.ray_backend` runs them as
 Ray Data shuffles. `dedup_texts` runs the same functions over plain strings (PAS prompts).
 """
@@ -67,6 +68,7 @@ from omni.curate.components import (
     exact_edges,
     lsh_shape,
 )
+from omni.curate.ray_write import ShardWrites, committed
 from omni.data.loader import read_meta
 from omni.data.manifest import DatasetEntry, load_manifest
 from omni.errors import SampleError
@@ -239,13 +241,19 @@ def dedup(manifest: str | Path, out_dir: str | Path, cfg: DedupConfig, split: st
     entries = _select(m, split, datasets)
     out = Path(out_dir)
     start = time.perf_counter()
+    stems = [f"{e.name}-{e.split}" for e in entries]
+    writes = None
     if backend is None:
         signed = map_samples(entries, partial(signature_of, Signer(cfg)))
         removed = removed_in_memory(((rank, sig) for rank, _, sig in signed if isinstance(sig, Signature)), cfg)
         samples = map_samples(entries)
     else:
         removed = backend.dedup_removed(entries, cfg)
-        samples = backend.map_samples(entries)
+        if not dry_run:
+            writes = ShardWrites(out / "shards", partial(kept_stem, removed=frozenset(removed), stems=stems),
+                                 samples_per_shard, shard_bytes)
+            writes.start()
+        samples = backend.map_samples(entries, writes=writes)
     roots = {r.kept for r in removed.values()}
     root_key: dict[Rank, str] = {}
     cluster_size: Counter = Counter()           # kept rank -> number of removed duplicates
@@ -253,10 +261,11 @@ def dedup(manifest: str | Path, out_dir: str | Path, cfg: DedupConfig, split: st
     dup_path = out / "reports" / "duplicates.jsonl"
     dup_path.parent.mkdir(parents=True, exist_ok=True)
     counts = [DatasetCounts(e.name, e.split) for e in entries]
-    sinks = [None if dry_run else ShardSink(out / "shards", f"{e.name}-{e.split}", samples_per_shard, shard_bytes)
-             for e in entries]
+    sinks = [None if dry_run else writes.sink(stem) if writes else ShardSink(out / "shards", stem, samples_per_shard,
+                                                                             shard_bytes)
+             for stem in stems]
     bar = tqdm(total=sum(e.num_samples for e in entries) or None, unit="sample", desc="dedup", disable=not progress)
-    with dup_path.open("w", encoding="utf-8") as dups:
+    with dup_path.open("w", encoding="utf-8") as dups, committed(writes, sinks):
         for rank, raw, _ in samples:
             di = rank[0]
             entry, c = entries[di], counts[di]
@@ -327,6 +336,18 @@ def dedup(manifest: str | Path, out_dir: str | Path, cfg: DedupConfig, split: st
     }
     report_file = write_json(out / "reports" / "dedup.json", report)
     return DedupResult(manifest_out, counts, len(cluster_size), largest, seconds, report_file, dup_path)
+
+
+def kept_stem(rank: Rank, raw, _, removed: frozenset, stems: list[str]) -> str | None:
+    """--ray, on the workers: the set a sample of the kept pass is written to (the loop in `dedup` keeps
+    the same samples: readable, valid json, not removed)."""
+    if isinstance(raw, Unreadable) or rank in removed:
+        return None
+    try:
+        read_meta(raw)
+    except SampleError:
+        return None
+    return stems[rank[0]]
 
 
 def _select(m, split: str | None, names: list[str] | None) -> list[DatasetEntry]:

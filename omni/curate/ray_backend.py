@@ -6,7 +6,7 @@ manifest, reports, rejects) is the same code on the same values:
 
 - `map_samples`: Ray Data's WebDataset reader (`ShardSource`, its datasource with the rank of every
   sample added: one read task per input shard, members as raw bytes) then a map of the verb's
-  per-sample function, fused into the read task; rows come back to the writer in manifest order
+  per-sample function, fused into the read task; rows come back to the driver in manifest order
   (`preserve_order`).
 - `map_records`: `build`'s conversion (`convert_record`: JSON -> validated sample, media read and
   decoded) over blocks of records, a window of records at a time.
@@ -15,9 +15,13 @@ manifest, reports, rejects) is the same code on the same values:
   -> `components` on the edges only. No process holds every signature; the driver holds the
   duplicates' edges.
 
+- with a `ShardWrites` (ray_write.py), both maps also write: each block's samples go to temporary
+  shards on the worker that mapped them, light copies (no media) come back for the verb's
+  bookkeeping, and the driver renames the shards into place once the map has finished.
+
 A task whose worker process dies is rerun (Ray Data retries its tasks on system failures, without
 limit), and its rows are delivered once: only the output of the attempt that finished is kept, and
-the one writer (this process) writes what it receives, in order.
+a rerun task writes its temporary shards under the same names again (ray_write.py).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from omni.curate.common import CurationError, Reject, Unreadable, shard_urls, un
 from omni.curate.components import Rank, Removal, components, lsh_shape
 from omni.curate.dedup import DedupConfig, Signature, Signer, signature_of
 from omni.curate.ray_groups import band_rows, bucket_part, digest_rows, edges_of, exact_part
+from omni.curate.ray_write import ShardWrites, light
 from omni.data.manifest import DatasetEntry
 from omni.errors import SampleError
 
@@ -107,26 +112,44 @@ class RayBackend:
         return self.data.read_datasource(ShardSource(entries, limit), override_num_blocks=max(1, len(set(urls))))
 
     def map_samples(self, entries: list[DatasetEntry], fn: Callable | None = None,
-                    keep_raw: bool = True, limit: int | None = None) -> Iterator[tuple]:
+                    keep_raw: bool = True, limit: int | None = None,
+                    writes: ShardWrites | None = None) -> Iterator[tuple]:
         """The same (rank, raw | Unreadable, result) sequence as `common.map_samples`, mapped on Ray;
         with `keep_raw=False` the raw sample stays on the worker (None comes back, Unreadable kept).
         A `limit` caps every shard (its entry's first `limit` samples are the same as in-process; the
-        caller counts them)."""
-        task = partial(_result_row, fn=fn, keep_raw=keep_raw, marker=self.options.fault_marker)
-        for row in self._samples(entries, limit).map(task).iter_rows():
-            yield (row["e"], row["s"], row["p"]), pickle.loads(row["raw"]), pickle.loads(row["result"])
+        caller counts them). With `writes` the workers also write each sample where `writes.route`
+        puts it, and a light copy comes back (ray_write.py)."""
+        task = partial(_result_row, fn=fn, keep_raw=keep_raw or writes is not None, marker=self.options.fault_marker)
+        ds = self._samples(entries, limit).map(task)
+        if writes is not None:
+            ds = ds.map_batches(partial(_write_samples, writes=writes), batch_size=None, batch_format="pandas")
+        for row in ds.iter_rows():
+            raw = pickle.loads(row["raw"])
+            if writes is not None:
+                writes.seen(raw)
+            yield (row["e"], row["s"], row["p"]), raw, pickle.loads(row["result"])
 
-    def map_records(self, records: Iterable[tuple], fn: Callable) -> Iterator[tuple]:
+    def map_records(self, records: Iterable[tuple], fn: Callable,
+                    writes: ShardWrites | None = None) -> Iterator[tuple]:
         """(record, fn(*record)) for every record, in order, on Ray (a raised `Reject` comes back as the
-        value); records are taken RECORDS_PER_WINDOW at a time, so the driver never lists them all."""
+        value); records are taken RECORDS_PER_WINDOW at a time, so the driver never lists them all.
+        With `writes` the workers write each result where `writes.route` puts it (rank: the record's
+        index) and a light copy comes back."""
         records = iter(records)
         task = partial(_record_row, fn=fn, marker=self.options.fault_marker)
+        start = 0
         while window := list(islice(records, RECORDS_PER_WINDOW)):
             blocks = -(-len(window) // RECORDS_PER_BLOCK)
-            ds = self.data.from_items([{"i": i, "record": pickle.dumps(r)} for i, r in enumerate(window)],
-                                      override_num_blocks=blocks)
-            for record, row in zip(window, ds.map(task).iter_rows()):
-                yield record, pickle.loads(row["result"])
+            ds = self.data.from_items([{"i": start + i, "record": pickle.dumps(r)} for i, r in enumerate(window)],
+                                      override_num_blocks=blocks).map(task)
+            if writes is not None:
+                ds = ds.map_batches(partial(_write_results, writes=writes), batch_size=None, batch_format="pandas")
+            for record, row in zip(window, ds.iter_rows()):
+                result = pickle.loads(row["result"])
+                if writes is not None:
+                    writes.seen(result)
+                yield record, result
+            start += len(window)
 
     # ------------------------------------------------------------ dedup
     def dedup_removed(self, entries: list[DatasetEntry], cfg: DedupConfig) -> dict[Rank, Removal]:
@@ -175,6 +198,39 @@ def _record_row(row: dict, fn, marker: str | None) -> dict:
     except Reject as r:
         result = r
     return {"i": row["i"], "result": pickle.dumps(result)}
+
+
+def _write_samples(batch, writes: ShardWrites):
+    """One block of mapped rows: each sample written where the verb's route puts it, a light copy kept."""
+    rows = batch.to_dict("records")
+    if not rows:
+        return batch
+    items = []
+    for row in rows:
+        raw = pickle.loads(row["raw"])
+        stem = writes.route((row["e"], row["s"], row["p"]), raw, pickle.loads(row["result"]))
+        items.append((stem, raw))
+        if isinstance(raw, dict):
+            row["raw"] = pickle.dumps(light(raw, stem))
+    first = next(((r["e"], r["s"], r["p"]) for r in rows if r["p"] >= 0), (rows[0]["e"], rows[0]["s"], 0))
+    writes.write_block("{:04d}-{:08d}-{:010d}".format(*first), items)
+    return batch.from_records(rows, columns=list(batch.columns))
+
+
+def _write_results(batch, writes: ShardWrites):
+    """One block of converted records: each sample written where the verb's route puts it, a light copy kept."""
+    rows = batch.to_dict("records")
+    if not rows:
+        return batch
+    items = []
+    for row in rows:
+        result = pickle.loads(row["result"])
+        stem = writes.route((row["i"],), result, result)
+        items.append((stem, result))
+        if isinstance(result, dict):
+            row["result"] = pickle.dumps(light(result, stem))
+    writes.write_block(f"{rows[0]['i']:012d}", items)
+    return batch.from_records(rows, columns=list(batch.columns))
 
 
 def _signature_rows(row: dict, signer: Signer, marker: str | None) -> list[dict]:

@@ -59,6 +59,7 @@ from omni.curate.common import (
     write_json,
     write_manifest,
 )
+from omni.curate.ray_write import ShardWrites, committed
 from omni.data.loader import read_meta
 from omni.data.manifest import DatasetEntry, load_manifest
 from omni.errors import SampleError
@@ -290,6 +291,21 @@ def _slug(group: str) -> str:
     return s if s == group else f"{s}_{zlib.crc32(group.encode('utf-8')):08x}"
 
 
+def unit_stem(entry: DatasetEntry, by: str, group: str) -> str:
+    """File stem of one (dataset, group) output set."""
+    return f"{entry.name}-{entry.split}" if by == "dataset" else f"{entry.name}-{entry.split}-{_slug(group)}"
+
+
+def unit_stem_of(rank, raw, verdict, entries: list[DatasetEntry], by: str) -> str | None:
+    """--ray, on the workers: the set a sample is written to (the loop in `reweight` writes the same
+    samples: readable and passing the filters), None for the rest."""
+    if isinstance(raw, Unreadable) or not isinstance(verdict, tuple):
+        return None
+    meta, label = verdict
+    entry = entries[rank[0]]
+    return unit_stem(entry, by, label if label is not None else group_of(by, meta, entry))
+
+
 def reweight(manifest: str | Path, out_dir: str | Path, by: str = "source", alpha: float = 0.5,
              boosts: dict[str, float] | None = None, quality: QualityConfig | None = None,
              split: str = "train", datasets: list[str] | None = None, clusters: int = 8,
@@ -322,43 +338,48 @@ def reweight(manifest: str | Path, out_dir: str | Path, by: str = "source", alph
     groups_of: dict[str, set[str]] = {e.name: set() for e in entries}
     n_in = {e.name: 0 for e in entries}
     judge = partial(judge_sample, quality=quality, clusters=model)
-    samples = map_samples(entries, judge) if backend is None else backend.map_samples(entries, judge)
+    writes = None
+    if backend is not None and not dry_run:
+        writes = ShardWrites(out / "shards", partial(unit_stem_of, entries=entries, by=by), samples_per_shard,
+                             shard_bytes)
+        writes.start()
+    samples = map_samples(entries, judge) if backend is None else backend.map_samples(entries, judge, writes=writes)
     try:
-        for (di, _, _), raw, verdict in samples:
-            entry = entries[di]
-            if isinstance(raw, Unreadable):
-                rejects.add("?", "unreadable", str(raw))
-                continue
-            bar.update()
-            n_in[entry.name] += 1
-            key = raw.get("__key__", "?")
-            if isinstance(verdict, SampleError):
-                rejects.add(key, "bad_sample", str(verdict), where=raw.get("__url__"), dataset=entry.name)
-                continue
-            if isinstance(verdict, Reject):
-                rejects.add(key, verdict.code, verdict.reason, where=raw.get("__url__"), dataset=entry.name)
-                continue
-            meta, label = verdict
-            group = label if label is not None else group_of(by, meta, entry)
-            unit = (entry.name, group)
-            if unit not in sinks:
-                groups_here = groups_of[entry.name]
-                groups_here.add(group)
-                if len(groups_here) > max_groups:
-                    raise CurationError(
-                        f"dataset {entry.name}: more than {max_groups} groups by {by!r} "
-                        f"(e.g. {sorted(groups_here)[:5]}); pick a coarser field or raise --max-groups")
-                stem = f"{entry.name}-{entry.split}"
-                if by != "dataset":
-                    stem += f"-{_slug(group)}"
-                sinks[unit] = ShardSink(out / "shards", stem, samples_per_shard, shard_bytes)
-                seen_modalities[unit] = set()
-            sink = sinks[unit]
-            if dry_run:
-                sink.count += 1
-            else:
-                sink.write(raw)
-            seen_modalities[unit] |= {kind for kind, _, _, _ in media_members(raw)}
+        with committed(writes, sinks):
+            for (di, _, _), raw, verdict in samples:
+                entry = entries[di]
+                if isinstance(raw, Unreadable):
+                    rejects.add("?", "unreadable", str(raw))
+                    continue
+                bar.update()
+                n_in[entry.name] += 1
+                key = raw.get("__key__", "?")
+                if isinstance(verdict, SampleError):
+                    rejects.add(key, "bad_sample", str(verdict), where=raw.get("__url__"), dataset=entry.name)
+                    continue
+                if isinstance(verdict, Reject):
+                    rejects.add(key, verdict.code, verdict.reason, where=raw.get("__url__"), dataset=entry.name)
+                    continue
+                meta, label = verdict
+                group = label if label is not None else group_of(by, meta, entry)
+                unit = (entry.name, group)
+                if unit not in sinks:
+                    groups_here = groups_of[entry.name]
+                    groups_here.add(group)
+                    if len(groups_here) > max_groups:
+                        raise CurationError(
+                            f"dataset {entry.name}: more than {max_groups} groups by {by!r} "
+                            f"(e.g. {sorted(groups_here)[:5]}); pick a coarser field or raise --max-groups")
+                    stem = unit_stem(entry, by, group)
+                    sinks[unit] = (writes.sink(stem) if writes else
+                                   ShardSink(out / "shards", stem, samples_per_shard, shard_bytes))
+                    seen_modalities[unit] = set()
+                sink = sinks[unit]
+                if dry_run:
+                    sink.count += 1
+                else:
+                    sink.write(raw)
+                seen_modalities[unit] |= {kind for kind, _, _, _ in media_members(raw)}
     finally:
         bar.close()
         rejects.close()
