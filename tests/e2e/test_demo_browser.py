@@ -215,7 +215,8 @@ def test_fake_camera_and_microphone_get_a_streamed_answer(server, tmp_path):
         assert total >= 2 and frames == total, metrics  # every camera frame was encoded before the turn
         assert "end of speech → first token" in metrics
         user = page.locator('#omni-chat [data-testid="user"]')
-        assert user.locator("img").count() >= 1  # the frames the model saw, as a contact sheet
+        # the frames the model saw, as a contact sheet (Gradio may render it after the metrics line)
+        user.locator("img").first.wait_for(timeout=20_000)
         assert "camera: the last" in page.inner_text("#omni-chat")
         page.screenshot(path=str(tmp_path / "demo-live.png"), full_page=True)
         context.close()
