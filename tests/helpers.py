@@ -1,9 +1,12 @@
 """Small media writers shared by tests (real files, written with the real libraries), and the
-`omni` command's own exit line, and the marker of tests that need espeak-ng."""
+`omni` command's own exit line, the marker of tests that need espeak-ng, and the bench scripts
+as modules."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import wave
+from pathlib import Path
 
 import av
 import numpy as np
@@ -51,3 +54,12 @@ def cli_error(*argv: str) -> str:
 requires_espeak = pytest.mark.skipif(
     shutil.which("espeak-ng") is None,
     reason="espeak-ng is missing; `make speech-synth` (apt-get install -y espeak-ng) installs it")
+
+
+def load_bench(name: str):
+    """bench/NAME.py as a module (the bench folder is scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,22 +2,13 @@
 alone logits, one FSDP2 and one DeepSpeed ZeRO-3 step, one QLoRA step, the plan) on the tiny preset."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("gpu_acceptance", ROOT / "bench/gpu_acceptance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_bench
 
 
 def test_cpu_mode_runs_every_check_and_prints_one_table():
-    bench = _bench()
+    bench = load_bench("gpu_acceptance")
     rows = bench.run(cpu=True, steps=1, samples=4, pack=256)
     assert [r["check"] for r in rows] == ["packed vs alone logits", "fsdp2 step", "deepspeed zero3 step",
                                           "fsdp2 vs zero3 loss", "qlora step"]

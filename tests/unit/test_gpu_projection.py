@@ -4,23 +4,15 @@ stage with the LLM frozen (the gradient still flows through it) at least 4 x N a
 everything-trainable stage."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import load_bench
+
 QWEN2_7B_MATMUL = 7_615_616_512 - 152_064 * 3_584  # the LLM without its input embedding table (LM head kept)
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("gpu_projection", ROOT / "bench/gpu_projection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_projection_rows_follow_the_flops_formula(capsys):
-    _bench().main(["--stages", "1a_image_projector", "2_sft", "--cpu-mfu", "0.2", "--json"])
+    load_bench("gpu_projection").main(["--stages", "1a_image_projector", "2_sft", "--cpu-mfu", "0.2", "--json"])
     rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
     sft, projector = rows["2_sft"], rows["1a_image_projector"]
     assert sft["gflop_per_token"] * 1e9 > 6 * QWEN2_7B_MATMUL
@@ -32,6 +24,6 @@ def test_projection_rows_follow_the_flops_formula(capsys):
 
 
 def test_table_says_it_is_computed(capsys):
-    _bench().main(["--stages", "1e_audio"])
+    load_bench("gpu_projection").main(["--stages", "1e_audio"])
     out = capsys.readouterr().out
     assert out.startswith("COMPUTED (not measured)") and "| 1e_audio | fsdp2 |" in out

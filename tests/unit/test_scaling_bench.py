@@ -2,23 +2,13 @@
 axis and over its last two (where a fixed cost no longer hides the growth)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("scaling", ROOT / "bench/scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_bench
 
 
 def test_exponents_recover_power_laws_and_the_large_end_slope():
-    bench = _bench()
+    bench = load_bench("scaling")
     rows = []
     for axis, values in bench.AXES.items():
         for x in values:
