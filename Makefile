@@ -42,10 +42,10 @@ browser:
 		|| echo "warning: could not install Debian's chromium; the browser tests will be skipped"
 
 # Debian's espeak-ng speaks the tiny world's words for the speech-out codec and talker (omni/speech/synth.py);
-# without it those tests skip and say why.
+# without it those tests fail with a line that says to run `make speech-synth`.
 speech-synth:
 	@test -x $(ESPEAK) || (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) \
-		|| echo "warning: could not install Debian's espeak-ng; the speech-out tests will be skipped"
+		|| echo "warning: could not install Debian's espeak-ng; the speech-out tests will fail until it is installed"
 
 # Synthetic corpus -> tiny two-stage schedule -> held-out eval table, all under $(OUT).
 quickstart: setup

@@ -1,10 +1,8 @@
 """Small media writers shared by tests (real files, written with the real libraries), and the
-`omni` command's own exit line, the marker of tests that need espeak-ng, and the bench scripts
-as modules."""
+`omni` command's own exit line, and the bench scripts as modules."""
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import wave
 from pathlib import Path
 
@@ -48,12 +46,6 @@ def cli_error(*argv: str) -> str:
     with pytest.raises(SystemExit) as stop:
         main(list(argv))
     return str(stop.value.code)
-
-
-# Debian's espeak-ng renders the tiny world's spoken words (`make speech-synth`, which `make test` runs).
-requires_espeak = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None,
-    reason="espeak-ng is missing; `make speech-synth` (apt-get install -y espeak-ng) installs it")
 
 
 def load_bench(name: str):

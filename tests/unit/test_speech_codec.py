@@ -10,7 +10,6 @@ from omni.speech.mimi_codec import MimiCodec
 from omni.speech.synth import speak
 from omni.speech.tiny_codec import TinyCodec, TinyCodecConfig
 from omni.tiny_world import COLOURS, NOTES, NUMBERS, SHAPES
-from tests.helpers import requires_espeak
 
 RATE = TinyCodecConfig().sample_rate
 WORDS = COLOURS + NOTES + NUMBERS
@@ -30,7 +29,6 @@ def codec(spoken):
     return TinyCodec.fit(spoken[1], TinyCodecConfig())
 
 
-@requires_espeak
 def test_tiny_codec_round_trip_keeps_the_word(spoken, codec):
     words, _ = spoken
     for word in COLOURS:
@@ -44,7 +42,6 @@ def test_tiny_codec_round_trip_keeps_the_word(spoken, codec):
         assert said == word, (word, sorted(costs.items(), key=lambda kv: kv[1])[:3])
 
 
-@requires_espeak
 def test_each_residual_codebook_brings_the_frames_closer(spoken, codec):
     words, _ = spoken
     frames = np.concatenate([codec.log_mel(words[w]) for w in NOTES])
@@ -56,7 +53,6 @@ def test_each_residual_codebook_brings_the_frames_closer(spoken, codec):
     assert all(later < 0.9 * earlier for earlier, later in zip(errors, errors[1:])), errors
 
 
-@requires_espeak
 def test_tiny_codec_saves_and_loads(spoken, codec, tmp_path):
     codec.save(tmp_path / "codec")
     again = TinyCodec.load(tmp_path / "codec")

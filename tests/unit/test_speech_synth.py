@@ -5,12 +5,10 @@ import pytest
 from omni.speech.match import nearest_word
 from omni.speech.synth import SpeechSynthError, speak
 from omni.tiny_world import COLOURS, NOTES, NUMBERS
-from tests.helpers import requires_espeak
 
 RATE = 16_000
 
 
-@requires_espeak
 def test_speak_renders_a_word_at_the_asked_rate():
     wave = speak("purple", RATE)
     assert wave.dtype == np.float32 and wave.ndim == 1
@@ -26,7 +24,6 @@ def test_speak_without_espeak_says_how_to_install_it(monkeypatch, tmp_path):
         speak("red", RATE)
 
 
-@requires_espeak
 def test_matcher_hears_slower_speech_as_the_same_word():
     candidates = {w: speak(w, RATE) for w in COLOURS + NOTES + NUMBERS}
     for word in ("yellow", "mi", "seven", "two"):

@@ -6,7 +6,6 @@ from omni.speech.delay import delay
 from omni.speech.synth import speak
 from omni.speech.talker import Talker, TalkerConfig, collate
 from omni.speech.tiny_codec import TinyCodec, TinyCodecConfig
-from tests.helpers import requires_espeak
 
 THINKER = 24  # the thinker's hidden size
 CONFIG = TalkerConfig(hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=128, codebooks=4,
@@ -58,7 +57,6 @@ def test_the_output_at_step_j_sees_only_steps_before_j():
     assert not torch.allclose(before[:, j + 1], after[:, j + 1])
 
 
-@requires_espeak
 def test_talker_overfits_one_spoken_answer_and_speaks_it_back():
     wave = speak("orange", 16_000)
     codec = TinyCodec.fit([wave, speak("purple", 16_000), speak("seven", 16_000)],
