@@ -14,7 +14,7 @@ installed, else SDPA per packed sample (omni's `attn_implementation: auto`). It 
   loss, LLM tokens/s, model TFLOP/s and MFU (omni/train/flops.py), `torch.cuda.max_memory_allocated`
   next to `omni plan`'s total for the same stage on one GPU of this one's memory;
 - one QLoRA step (ddp; rank-16 adapters over the LLM's 4-bit NF4 base, bitsandbytes' CUDA kernels),
-  the same columns (the plan counts the base at full precision: an upper bound).
+  the same columns.
 With `--cpu`, or without CUDA: the same steps on the `tiny` preset (stages/tiny/2_sft.yaml, gloo),
 so CI keeps the script working (tests/integration/test_gpu_acceptance_cpu.py); no memory columns.
 """
@@ -224,7 +224,7 @@ def run(cpu: bool = False, layers: int = 2, steps: int = 3, pack: int = 4096, sa
         rows.append({"check": "fsdp2 vs zero3 loss", "value": gap, "ok": gap <= tolerance, "tolerance": tolerance,
                      "what": "first step, same weights and batch", "measure": "|dloss|"})
         cfg, _ = stage(gpu, layers, pack, samples, QLORA)
-        plan = plan_stage(cfg, 1, gib)  # counts the base at full precision: an upper bound for QLoRA
+        plan = plan_stage(cfg, 1, gib)
         result = train_steps(cfg, world, steps, device)
         rows.append({"check": "qlora step", "engine": "ddp, 4-bit base", "plan_gib": plan.total,
                      "ok": math.isfinite(result["loss"]) and math.isfinite(result["last_loss"]), **result})

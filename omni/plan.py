@@ -4,6 +4,8 @@ Accounting as omni's engines hold memory (bytes; N = data-parallel GPUs):
 - weights: 4 bytes per trainable parameter (fp32: the master weights; autocast computes in bf16);
   frozen ones 2 bytes under `precision: bf16` on ddp and fsdp2, which hold them in bf16 (but the
   fp32 norms of whisper and open_clip), else 4 (DeepSpeed, fp32 stages) (omni/train/engines.py);
+- LoRA: the adapters (rank x (in + out) per adapted layer) are trainable parameters; a QLoRA base
+  holds the LLM's Linear weights (the LM head aside) in NF4, ~0.52 bytes each (omni/train/qlora.py);
 - gradients: 4 bytes per trainable parameter (fp32, like the parameters);
 - optimizer: AdamW's two fp32 moments, 8 bytes per trainable parameter (no separate master copy:
   the fp32 parameters are it) — 16 bytes per trainable parameter in all, as in ZeRO's accounting;
@@ -52,6 +54,8 @@ from omni.model.lm_loss import CHUNK_LOGITS, CHUNKED_ABOVE_LOGITS
 from omni.model.table import meta_model
 from omni.train.config import StageConfig
 from omni.train.engines import LAYOUTS, fsdp_units, stage_layout
+from omni.train.lora import target_modules
+from omni.train.qlora import NF4_BYTES, base_linears
 
 GIB = 1024 ** 3
 PAIRED = ("dpo", "rm")  # objectives whose micro-batch of b pairs is 2b rows (omni/align/objectives/pairs.py)
@@ -116,6 +120,17 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     frozen_bytes = 2 if cfg.precision == "bf16" and engine in ("ddp", "fsdp2") else 4
     weight_bytes = sum(p.numel() * (4 if trains(f"{m}.{n}".lstrip(".")) or computes_in_fp32(mod) else frozen_bytes)
                        for m, mod in model.named_modules() for n, p in mod.named_parameters(recurse=False))
+    weights_label = "fp32" + (", frozen bf16" if frozen_bytes == 2 and trainable < total else "")
+    if cfg.lora.enabled:  # the adapters train; a QLoRA base holds the LLM's Linear weights in NF4
+        adapted = set(target_modules(model, cfg.lora.targets))
+        adapters = sum(cfg.lora.rank * (m.in_features + m.out_features)
+                       for name, m in model.named_modules() if name in adapted)
+        trainable += adapters
+        weight_bytes += 4 * adapters
+        if cfg.lora.qlora:
+            quantized = sum(m.weight.numel() for _, m in base_linears(model))
+            weight_bytes += quantized * (NF4_BYTES - frozen_bytes)
+            weights_label += ", LLM base 4-bit"
     width = 2 if cfg.precision == "bf16" else 4          # activations: autocast computes in bf16
     shard_w, shard_g, shard_o = (gpus if s else 1 for s in LAYOUTS[engine])
 
@@ -140,8 +155,7 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     act += transformer_activation_bytes(audio.positional_embedding.shape[0], windows, model.encoders["audio"].out_dim,
                                         audio.blocks[0].attn.n_head, len(audio.blocks), ckpt, width, eager)
     rows = [
-        (f"weights (fp32{', frozen bf16' if frozen_bytes == 2 and trainable < total else ''})",
-         weight_bytes / shard_w / GIB),
+        (f"weights ({weights_label})", weight_bytes / shard_w / GIB),
         ("gradients (fp32)", trainable * 4 / shard_g / GIB),
         ("optimizer (AdamW moments)", trainable * 8 / shard_o / GIB),
     ]

@@ -31,18 +31,25 @@ def check_qlora(engine: str) -> None:
                           "its packed 4-bit weights cannot be sharded by fsdp2 or DeepSpeed; set engine: ddp")
 
 
+# bytes per NF4 weight: 4 bits, one 8-bit absmax per block of 64, one fp32 scale per 256 of those
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+def base_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name in model.llm, layer) of the Linear layers QLoRA holds in 4 bits: the LLM's, the LM head aside."""
+    llm = model.llm
+    head = llm.get_output_embeddings()
+    return [(name, m) for name, m in llm.named_modules() if type(m) is nn.Linear and m is not head]
+
+
 def quantize_base(model: nn.Module, compute_dtype: torch.dtype) -> int:
     """Replace the LLM's Linear layers (the LM head aside: it scores every token, as in the QLoRA
     paper) of `model` (an OmniModel) by frozen bitsandbytes `Linear4bit` layers holding the same
     weights in NF4, computing in `compute_dtype` (the stage's precision). Returns the number replaced."""
     import bitsandbytes as bnb
 
-    llm = model.llm
-    head = {name for name, m in llm.named_modules() if m is llm.get_output_embeddings()}
     replaced = 0
-    for name, linear in list(llm.named_modules()):
-        if type(linear) is not nn.Linear or name in head:
-            continue
+    for name, linear in base_linears(model):
         with torch.device("meta"):
             q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=True, quant_type=QUANT_TYPE)
@@ -50,7 +57,7 @@ def quantize_base(model: nn.Module, compute_dtype: torch.dtype) -> int:
                                      quant_type=QUANT_TYPE, module=q)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        llm.set_submodule(name, q.to(linear.weight.device))  # .to quantises the weight
+        model.llm.set_submodule(name, q.to(linear.weight.device))  # .to quantises the weight
         replaced += 1
     log.info("qlora: %d LLM Linear layers held in 4-bit %s (compute %s)", replaced, QUANT_TYPE,
              str(compute_dtype).removeprefix("torch."))

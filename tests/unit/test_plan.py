@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from omni.config import ConfigError
 from omni.model.generate import computes_in_fp32
@@ -11,6 +12,7 @@ from omni.model.lm_loss import CHUNK_LOGITS
 from omni.model.table import meta_model
 from omni.plan import GIB, plan_stage
 from omni.train.config import load_stage
+from omni.train.qlora import NF4_BYTES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -204,3 +206,22 @@ def test_a_stats_file_sets_the_row_length_and_the_media_kinds(tiny_corpus, tmp_p
     other = load_stage(ROOT / "stages/tiny/1e_audio.yaml", ["data.datasets={nowhere: 1.0}"])
     with pytest.raises(ConfigError, match="no stats for the stage's datasets \\['nowhere'\\]"):
         plan_stage(other, 1, 80, "ddp", stats=result.json_file)
+
+
+def test_lora_plans_its_adapters_and_qlora_a_4bit_llm_base():
+    """A LoRA stage trains rank x (in + out) parameters per adapted layer; QLoRA holds the LLM's
+    Linear weights (the LM head aside) at NF4's ~0.52 bytes instead of fp32."""
+    lora = ["trainable=[projectors.image.*]", "lora.rank=4", "lora.targets=[llm.model.layers.*.self_attn.*]"]
+    plain = load_stage(ROOT / "stages/tiny/2_sft.yaml", ["trainable=[projectors.image.*]"])
+    cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml", lora)
+    q = load_stage(ROOT / "stages/tiny/2_sft.yaml", [*lora, "lora.qlora=true"])
+    model = meta_model("tiny")
+    layers = model.llm.model.layers
+    adapters = sum(4 * (m.in_features + m.out_features) for layer in layers
+                   for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj))
+    linear = sum(m.weight.numel() for layer in layers for m in layer.modules() if type(m) is torch.nn.Linear)
+    base, adapted, quantized = (_rows(plan_stage(c, 1, 1, "ddp", 256)) for c in (plain, cfg, q))
+    assert adapted["gradients"] - base["gradients"] == pytest.approx(4 * adapters / GIB)
+    assert adapted["weights"] - base["weights"] == pytest.approx(4 * adapters / GIB)
+    assert adapted["weights"] - quantized["weights"] == pytest.approx(linear * (4 - NF4_BYTES) / GIB)
+    assert quantized["optimizer"] == adapted["optimizer"]
