@@ -78,6 +78,8 @@ def _quantized(model: nn.Module) -> dict[str, nn.Parameter]:
 def quantized_keys(model: nn.Module) -> set[str]:
     """State-dict names of the 4-bit base: each 4-bit weight and its quantisation statistics."""
     names = _quantized(model)
+    if not names:  # every stage but a QLoRA one: no state dict walked at each checkpoint
+        return set()
     return {k for k in model.state_dict() if any(k == w or k.startswith(w + ".") for w in names)}
 
 
