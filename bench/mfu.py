@@ -10,9 +10,10 @@ Usage: python bench/mfu.py [--steps 6] [--tokens 1024] [--micro-batch 1] [--thre
    text chats of `--tokens` tokens each, in fp32 and in bf16 (autocast), then the faster of the two
    with `compile: true`. MFU = the trainer's model TFLOP/s (omni/train/flops.py, PaLM's count) over
    the second half of the steps (the first half warms up, compiles) / that dtype's measured peak.
-3. Profile (`--profile-steps N`, not yet right: see `profile_breakdown`): the faster eager run again under torch.profiler for `--profile-steps` steps after one
-   warm-up step; the steps' wall time split into attention (SDPA forward and backward), linear /
-   matmul, the optimizer (AdamW, gradient clipping), other ops (norms, activations, embedding, loss),
+3. Profile (`--profile-steps N`): the faster eager run again under torch.profiler for `--profile-steps`
+   steps after two warm-up steps; the steps' wall time split into attention (SDPA forward and
+   backward), linear / matmul, the optimizer (AdamW, gradient clipping), the loss's log-softmax,
+   autocast's dtype casts, zero fills of gradient buffers, other ops (norms, activations, element-wise),
    data (the trainer's own `data_wait`) and the rest: Python and framework overhead between ops.
 Prints the CPU's matrix-extension flags (amx*, avx512_bf16): without them bf16 matmuls have no
 hardware path and run slower than fp32.
@@ -97,21 +98,26 @@ GROUPS = (  # op name substrings -> group, first match wins
     ("attention", ("scaled_dot_product", "flash_attention")),
     ("optimizer", ("_foreach_", "adam", "clip_grad", "_fused_")),
     ("linear / matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")),
+    ("loss (log-softmax over the vocabulary)", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("dtype casts (autocast's bf16 copies)", ("aten::copy_", "aten::_to_copy")),
+    ("zero fills (gradient buffers)", ("aten::fill_", "aten::zero_")),
 )
 
 
 def profile_breakdown(cfg: StageConfig, out: Path, steps: int) -> dict[str, float]:
-    """Seconds per group over `steps` profiled steps (after one warm-up step): the main thread's
-    ops by self CPU time, data as the trainer's wait for batches, the rest of the wall time Python.
-    Known gap: the optimizer's ops come out as 0 s and the profiled window is not the metrics'
-    wall time, so the groups can overshoot it; the split is not yet one to record."""
+    """Seconds per group over `steps` profiled steps: the main thread's ops by self CPU time, data as
+    the trainer's wait for batches, the rest of the window's wall time Python and framework.
+    The profiler steps at each optimizer step (its pre-hook), so an op's place in the event tree can
+    name the new ProfilerStep instead of the optimizer: optimizer ops are told by time, as those
+    inside an `Optimizer.*` range or under clipping's foreach ops. The first two optimizer steps
+    (AdamW allocating its moments) are left out of the window."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    cfg.steps = steps + 1
+    cfg.steps = steps + 2
     cfg.log.interval = 1
     events = []
-    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=1, active=steps, repeat=1),
                  on_trace_ready=lambda p: events.extend(p.events())) as prof:
         hook = register_optimizer_step_pre_hook(lambda *_: prof.step())
         try:
@@ -119,27 +125,29 @@ def profile_breakdown(cfg: StageConfig, out: Path, steps: int) -> dict[str, floa
         finally:
             hook.remove()
     rows = [json.loads(line) for line in (out / cfg.name / "metrics.jsonl").read_text().splitlines()]
-    times = [r["elapsed_s"] for r in rows]
-    wall = times[-1] - times[0]
-    data = sum(r["data_wait"] * (t - t0) for r, t, t0 in zip(rows[1:], times[1:], times))
     main = _main_thread(events)
+    mine = [e for e in events if e.thread == main]
+    wall = sum(e.cpu_time_total for e in mine if e.name.startswith("ProfilerStep")) / 1e6
+    optimizer = [(e.time_range.start, e.time_range.end) for e in mine if e.name.startswith("Optimizer.")]
     groups = {g: 0.0 for g, _ in GROUPS} | {"other ops": 0.0}
-    for e in events:
-        if e.thread != main or e.name.startswith(("ProfilerStep", "Optimizer.", "autograd::")):
-            continue  # step markers, the optimizer's wrapper (its ops are counted), autograd's node wrappers
+    for e in mine:
+        if e.name.startswith(("ProfilerStep", "autograd::")):
+            continue  # step markers and autograd's node wrappers: their self time is framework overhead
         name = e.name.lower()
         group = next((g for g, keys in GROUPS if any(k in name for k in keys)), "other ops")
-        if _inside_optimizer_step(e):  # AdamW's single-tensor ops (add_, mul_, ...) on CPU
+        if any(a <= e.time_range.start < b for a, b in optimizer) or _under(e, GROUPS[1][1]):
             group = "optimizer"
         groups[group] += e.self_cpu_time_total / 1e6
-    groups["data (waiting for batches)"] = data
+    groups["data (waiting for batches)"] = wall * float(np.mean([r["data_wait"] for r in rows[-steps:]]))
     groups["Python / framework (the rest)"] = max(wall - sum(groups.values()), 0.0)
     return {"wall": wall, **groups}
 
 
-def _inside_optimizer_step(event) -> bool:
+def _under(event, keys) -> bool:
+    """Whether an ancestor of `event` is one of the ops named by `keys` (clipping's foreach norm)."""
+    event = event.cpu_parent
     while event is not None:
-        if event.name.startswith("Optimizer.step"):
+        if any(k in event.name.lower() for k in keys):
             return True
         event = event.cpu_parent
     return False
@@ -160,7 +168,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled run")
-    ap.add_argument("--profile-steps", type=int, default=0, help="> 0: the profile split (see its known gap)")
+    ap.add_argument("--profile-steps", type=int, default=0, help="> 0: where the faster run's step time goes")
     ap.add_argument("--train-bf16", action="store_true", help="train bf16 even where its matmuls are slow")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -3,10 +3,10 @@ stored files (tests/golden/*.json), the way torchtitan's integration tests guard
 
 Runs: the whole tiny schedule (seven stages, 3 steps each, from a random-init model) on the
 shared synthetic corpus, and tiny align `sft`, `dpo` and `rm` runs on the synthetic format world.
-CPU fp32 with fixed seeds and two threads is deterministic, so on the CPU kernel class the files
-were recorded with (torch version + ATen CPU capability, stored beside the numbers) the match is
-exact. On another CPU class the matmul kernels sum in another order and the comparison allows a
-relative 1e-4; re-record there only with a reason in the commit.
+CPU fp32 with fixed seeds and two threads is deterministic, so on the machine class the files were
+recorded with (torch version, ATen CPU capability and CPU vendor/family/model, stored beside the
+numbers) the match is exact. On another CPU the matmul kernels sum in another order and the
+comparison allows a relative 1e-4; re-record there only with a reason in the commit.
 
 A behaviour change shows up here first. To record the files again (after a deliberate change, with
 the reason in the commit message): `OMNI_UPDATE_GOLDEN=1 python -m pytest tests/integration/test_golden_losses.py`.
@@ -33,9 +33,22 @@ OTHER_CPU_RTOL = 1e-4
 COMMON = ["log.interval=1", "checkpoint.interval=0", "eval_interval=0", "seed=0"]
 
 
+def _cpu_model() -> str:
+    """Vendor, family and model from /proc/cpuinfo: two CPUs of one ATen capability (AVX512 on an
+    Intel and on an AMD part) can still pick different matmul kernels, so the exact match needs both."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "unknown"
+    return " ".join(fields.get(k, "?") for k in ("vendor_id", "cpu family", "model"))
+
+
 def _machine() -> dict:
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
+            "cpu": _cpu_model(), "threads": torch.get_num_threads()}
 
 
 def _curve(run_dir: Path) -> list[dict]:
