@@ -63,8 +63,8 @@ def rejects(path) -> str:
 
 
 def manifest_spec(path) -> dict:
-    """The manifest with each entry's shard range cut off: on Ray each block's samples go to shards of
-    their own (omni/curate/ray_write.py), so the number of shards may differ; names, counts, weights
+    """The manifest with each entry's shard range cut off: on Ray each write task's samples go to shards
+    of their own (omni/curate/ray_write.py), so the number of shards may differ; names, counts, weights
     and (with `written`) the samples in order may not."""
     spec = yaml.safe_load(open(path))
     for d in spec["datasets"]:
