@@ -272,6 +272,7 @@ def main() -> None:
                 workers = per_worker * nodes * args.cores_per_node
                 print(f"  {step.split('-')[0]:<6} {nodes:>4} node(s): workers {workers:>9.0f} samples/s -> "
                       f"{TARGET / workers / 3600:>7.1f} h + driver commit {fold_h:.1f} h (computed, not measured)")
+            print(f"  {step.split('-')[0]:<6} driver commit measured: {m['commit']:.3f} s for {m['samples']} samples")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
