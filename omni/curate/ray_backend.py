@@ -16,8 +16,8 @@ manifest, reports, rejects) is the same code on the same values:
   decoded) over blocks of records, written the same way, a window of records at a time.
 - `dedup_removed`: signatures (the same read, mapped) -> rows keyed by digest and by LSH band key, shuffled by a
   hash of the key (Ray Data group-bys; each part groups its keys and yields edges, ray_groups.py)
-  -> `components` on the edges only. No process holds every signature; the driver holds the
-  duplicates' edges.
+  -> `components` on the edges, streamed. No process holds every signature; the driver holds the
+  duplicates' ranks (union-find), not their edges.
 
 A task whose worker process dies is rerun (Ray Data retries its tasks on system failures, without
 limit), and its rows are delivered once: only the output of the attempt that finished is kept, and
@@ -32,7 +32,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from itertools import islice
+from itertools import chain, islice
 
 import numpy as np
 
@@ -166,16 +166,16 @@ class RayBackend:
         sign = partial(_signature_rows, signer=Signer(cfg), marker=self.options.fault_marker)
         sigs = self._samples(entries).flat_map(sign).materialize()
         parts = max(1, sigs.num_blocks())
-        edges = []
+        edges = []   # edge streams, taken by `components` one edge at a time
         if cfg.exact != "off":
             digests = sigs.flat_map(partial(digest_rows, parts=parts))
-            edges += edges_of(digests.groupby("part").map_groups(exact_part, batch_format="numpy"))
+            edges.append(edges_of(digests.groupby("part").map_groups(exact_part, batch_format="numpy")))
         if cfg.near:
             bands, rows = lsh_shape(cfg.threshold, cfg.num_perm, cfg.lsh_params)
             banded = sigs.flat_map(partial(band_rows, bands=bands, rows=rows, parts=parts))
-            edges += edges_of(banded.groupby("part").map_groups(
-                partial(bucket_part, threshold=cfg.threshold, verify=cfg.verify), batch_format="numpy"))
-        return components(edges)
+            edges.append(edges_of(banded.groupby("part").map_groups(
+                partial(bucket_part, threshold=cfg.threshold, verify=cfg.verify), batch_format="numpy")))
+        return components(chain.from_iterable(edges))
 
 
 # ---------------------------------------------------------------- worker-side functions
