@@ -10,8 +10,8 @@ does: it cannot be resynchronised, and the error names the file and line).
 
 Map/sink structure (docs/curation.md, "Beyond one machine"): `iter_records` (source) ->
 `convert_record` (a pure function of one record: raw sample dict or `Reject`) -> `ShardSink` (sink). The Ray
-path (`--ray`, omni/curate/ray_backend.py) maps `convert_record` over blocks of records on the
-workers, which also write the samples (omni/curate/ray_write.py); the rejects and counts come back in order.
+path (`--ray`, omni/curate/ray_backend.py) maps `convert_record` over blocks of records in Ray Data's
+write tasks, which also write the samples (omni/curate/ray_write.py); the rejects and counts are folded in order.
 """
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ from omni.curate.formats import (
     iter_table,
     unsupported_media,
 )
-from omni.curate.ray_write import ShardWrites, committed
 from omni.data.loader import decode_sample
 from omni.errors import SampleError
 from omni.modalities import EXTENSIONS, PLACEHOLDERS
@@ -223,49 +222,59 @@ def modalities_of(raw: dict) -> set[str]:
 
 
 # ---------------------------------------------------------------- the verb
-def converted(cfg: BuildConfig, backend=None, writes=None) -> Iterator[tuple[str, str, dict | Reject]]:
-    """(key, where, sample or Reject) of every record in input order: converted here, streaming, or
-    on Ray (`backend.map_records`: records listed a window at a time, converted on the workers, which
-    write the samples through `writes`; light copies come back)."""
-    convert = partial(convert_record, cfg=cfg)
-    keyed = ((rec, where, root, f"{cfg.name}-{i:08d}") for i, (where, rec, root) in enumerate(iter_records(cfg)))
-    if backend is not None:
-        yield from ((key, where, out) for (_, where, _, key), out in backend.map_records(keyed, convert, writes))
-        return
-    for rec, where, root, key in keyed:
+def keyed_records(cfg: BuildConfig) -> Iterator[tuple[object, str, Path, str]]:
+    """(record or Reject, where, media root, key) of every record in input order, streaming."""
+    return ((rec, where, root, f"{cfg.name}-{i:08d}") for i, (where, rec, root) in enumerate(iter_records(cfg)))
+
+
+def converted(cfg: BuildConfig) -> Iterator[tuple[str, str, dict | Reject]]:
+    """(key, where, sample or Reject) of every record in input order, converted here, streaming."""
+    for rec, where, root, key in keyed_records(cfg):
         try:
-            yield key, where, convert(rec, where, root, key)
+            yield key, where, convert_record(rec, where, root, key, cfg)
         except Reject as r:
             yield key, where, r
 
 
 def build(cfg: BuildConfig, progress: bool = True, backend=None) -> BuildResult:
     """Convert, validate and shard every record; write rejects, a report and the manifest entry.
-    `backend`: None converts here; a `RayBackend` converts on Ray (same shards and reports)."""
+    `backend`: None converts here; a `RayBackend` converts on Ray and writes through Ray Data's write
+    API (records listed a window at a time, converted and written by the write tasks; same shards
+    and reports)."""
     cfg.validate()
     out = Path(cfg.out_dir)
     stem = f"{cfg.name}-{cfg.split}"
-    writes = None
+    datasink = None
     if backend is not None:
-        writes = ShardWrites(out / "shards", partial(built_stem, stem=stem), cfg.samples_per_shard, cfg.shard_bytes)
-        writes.start()
-    sink = writes.sink(stem) if writes else ShardSink(out / "shards", stem, cfg.samples_per_shard, cfg.shard_bytes)
+        datasink = backend.datasink(out / "shards", partial(built_stem, stem=stem), cfg.samples_per_shard,
+                                    cfg.shard_bytes)
+    sink = datasink.sink(stem) if datasink else ShardSink(out / "shards", stem, cfg.samples_per_shard,
+                                                          cfg.shard_bytes)
     rejects_file = out / "reports" / f"{stem}.rejects.jsonl"
     rejects = RejectLog(rejects_file)
     modalities: set[str] = set()
     start = time.perf_counter()
     bar = tqdm(unit="rec", desc=f"build {cfg.name}", disable=not progress)
+
+    def fold(results) -> None:
+        """The build's bookkeeping over (key, where, sample or Reject) in input order: rejects,
+        modalities, and (in-process) the samples written."""
+        for key, where, raw in results:
+            if isinstance(raw, Reject):
+                rejects.add(key, raw.code, raw.reason, where=where)
+            else:
+                sink.write(raw)
+                modalities.update(modalities_of(raw))
+            bar.update()
+            if (sink.count + rejects.total) % 256 == 0:
+                bar.set_postfix(ok=sink.count, rejected=rejects.total, refresh=False)
+
     try:
-        with committed(writes, [sink]):
-            for index, (key, where, raw) in enumerate(converted(cfg, backend, writes)):
-                if isinstance(raw, Reject):
-                    rejects.add(key, raw.code, raw.reason, where=where)
-                else:
-                    sink.write(raw)
-                    modalities |= modalities_of(raw)
-                bar.update()
-                if index % 256 == 0:
-                    bar.set_postfix(ok=sink.count, rejected=rejects.total, refresh=False)
+        if datasink is None:
+            fold(converted(cfg))
+        else:
+            backend.write_records(keyed_records(cfg), partial(convert_record, cfg=cfg), datasink,
+                                  lambda pairs: fold((key, where, sample) for (_, where, _, key), sample in pairs))
     finally:
         bar.close()
         sink.close()

@@ -25,7 +25,7 @@ A chain A~B~C removes B and C even when C is not similar to A (docs/decisions.md
 Map/reduce (docs/curation.md, "Beyond one machine"): `signature_of` is the map (raw sample ->
 `Signature`, pure), the group-bys by digest and band key plus `components` are the reduce (only
 duplicates' edges are held together), and writing the kept samples is a filter in a second pass
-(on Ray the workers write them where `kept_stem` says, omni/curate/ray_write.py).
+(on Ray Data's write tasks, where `kept_stem` says, omni/curate/ray_write.py).
 In-process the group-bys are dicts (`removed_in_memory`); `omni.curate.ray_backend` runs them as
 Ray Data shuffles. `dedup_texts` runs the same functions over plain strings (PAS prompts).
 """
@@ -68,7 +68,6 @@ from omni.curate.components import (
     exact_edges,
     lsh_shape,
 )
-from omni.curate.ray_write import ShardWrites, committed
 from omni.data.loader import read_meta
 from omni.data.manifest import DatasetEntry, load_manifest
 from omni.errors import SampleError
@@ -242,18 +241,18 @@ def dedup(manifest: str | Path, out_dir: str | Path, cfg: DedupConfig, split: st
     out = Path(out_dir)
     start = time.perf_counter()
     stems = [f"{e.name}-{e.split}" for e in entries]
-    writes = None
+    datasink = samples = None
     if backend is None:
         signed = map_samples(entries, partial(signature_of, Signer(cfg)))
         removed = removed_in_memory(((rank, sig) for rank, _, sig in signed if isinstance(sig, Signature)), cfg)
         samples = map_samples(entries)
     else:
         removed = backend.dedup_removed(entries, cfg)
-        if not dry_run:
-            writes = ShardWrites(out / "shards", partial(kept_stem, removed=frozenset(removed), stems=stems),
-                                 samples_per_shard, shard_bytes)
-            writes.start()
-        samples = backend.map_samples(entries, writes=writes)
+        if dry_run:
+            samples = backend.map_samples(entries)
+        else:
+            datasink = backend.datasink(out / "shards", partial(kept_stem, stems=stems), samples_per_shard,
+                                        shard_bytes)
     roots = {r.kept for r in removed.values()}
     root_key: dict[Rank, str] = {}
     cluster_size: Counter = Counter()           # kept rank -> number of removed duplicates
@@ -261,11 +260,13 @@ def dedup(manifest: str | Path, out_dir: str | Path, cfg: DedupConfig, split: st
     dup_path = out / "reports" / "duplicates.jsonl"
     dup_path.parent.mkdir(parents=True, exist_ok=True)
     counts = [DatasetCounts(e.name, e.split) for e in entries]
-    sinks = [None if dry_run else writes.sink(stem) if writes else ShardSink(out / "shards", stem, samples_per_shard,
-                                                                             shard_bytes)
-             for stem in stems]
+    sinks = [None if dry_run else datasink.sink(stem) if datasink else
+             ShardSink(out / "shards", stem, samples_per_shard, shard_bytes) for stem in stems]
     bar = tqdm(total=sum(e.num_samples for e in entries) or None, unit="sample", desc="dedup", disable=not progress)
-    with dup_path.open("w", encoding="utf-8") as dups, committed(writes, sinks):
+
+    def fold(samples) -> None:
+        """The kept pass's bookkeeping over (rank, raw, _) in manifest order: counts, rejects, the
+        duplicates' report lines, and (in-process) the kept samples written."""
         for rank, raw, _ in samples:
             di = rank[0]
             entry, c = entries[di], counts[di]
@@ -302,6 +303,12 @@ def dedup(manifest: str | Path, out_dir: str | Path, cfg: DedupConfig, split: st
                 "kind": r.kind, "similarity": round(r.similarity, 4),
                 "duplicate_of": {"dataset": rep.name, "split": rep.split, "key": root_key[r.kept]},
             }, ensure_ascii=False) + "\n")
+
+    with dup_path.open("w", encoding="utf-8") as dups:
+        if datasink is None:
+            fold(samples)
+        else:
+            backend.write_samples(entries, datasink, fold, marked=removed)
     bar.close()
     rejects.close()
     new_entries = []
@@ -338,10 +345,11 @@ def dedup(manifest: str | Path, out_dir: str | Path, cfg: DedupConfig, split: st
     return DedupResult(manifest_out, counts, len(cluster_size), largest, seconds, report_file, dup_path)
 
 
-def kept_stem(rank: Rank, raw, _, removed: frozenset, stems: list[str]) -> str | None:
-    """--ray, on the workers: the set a sample of the kept pass is written to (the loop in `dedup` keeps
-    the same samples: readable, valid json, not removed)."""
-    if isinstance(raw, Unreadable) or rank in removed:
+def kept_stem(rank: Rank, raw, removed: bool, stems: list[str]) -> str | None:
+    """--ray, on the write tasks: the set a sample of the kept pass is written to (`removed`: its rank
+    is a removed duplicate's; the loop in `dedup` keeps the same samples: readable, valid json, not
+    removed)."""
+    if isinstance(raw, Unreadable) or removed:
         return None
     try:
         read_meta(raw)

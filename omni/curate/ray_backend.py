@@ -7,21 +7,21 @@ manifest, reports, rejects) is the same code on the same values:
 - `map_samples`: Ray Data's WebDataset reader (`ShardSource`, its datasource with the rank of every
   sample added: one read task per input shard, members as raw bytes) then a map of the verb's
   per-sample function, fused into the read task; rows come back to the driver in manifest order
-  (`preserve_order`).
-- `map_records`: `build`'s conversion (`convert_record`: JSON -> validated sample, media read and
-  decoded) over blocks of records, a window of records at a time.
+  (`preserve_order`). For the verbs' passes that write nothing (stats, dedup's signatures and
+  dry runs, reweight's cluster fit).
+- `write_samples`: the same read and map ending in Ray Data's write API, `write_datasink` with a
+  `ShardDatasink` (ray_write.py): the write tasks write the shards, the verb's loop folds the
+  light rows (no media) in manifest order on the driver, then the shards are renamed into place.
+- `write_records`: `build`'s conversion (`convert_record`: JSON -> validated sample, media read and
+  decoded) over blocks of records, written the same way, a window of records at a time.
 - `dedup_removed`: signatures (the same read, mapped) -> rows keyed by digest and by LSH band key, shuffled by a
   hash of the key (Ray Data group-bys; each part groups its keys and yields edges, ray_groups.py)
-  -> `components` on the edges only. No process holds every signature; the driver holds the
-  duplicates' edges.
-
-- with a `ShardWrites` (ray_write.py), both maps also write: each block's samples go to temporary
-  shards on the worker that mapped them, light copies (no media) come back for the verb's
-  bookkeeping, and the driver renames the shards into place once the map has finished.
+  -> `components` on the edges, streamed. No process holds every signature; the driver holds the
+  duplicates' ranks (union-find), not their edges.
 
 A task whose worker process dies is rerun (Ray Data retries its tasks on system failures, without
 limit), and its rows are delivered once: only the output of the attempt that finished is kept, and
-a rerun task writes its temporary shards under the same names again (ray_write.py).
+a rerun write task writes its temporary shards and rows file under the same names again (ray_write.py).
 """
 from __future__ import annotations
 
@@ -31,14 +31,16 @@ import pickle
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
-from itertools import islice
+from functools import lru_cache, partial
+from itertools import chain, islice
+
+import numpy as np
 
 from omni.curate.common import CurationError, Reject, Unreadable, shard_urls, unreadable_shard
 from omni.curate.components import Rank, Removal, components, lsh_shape
 from omni.curate.dedup import DedupConfig, Signature, Signer, signature_of
 from omni.curate.ray_groups import band_rows, bucket_part, digest_rows, edges_of, exact_part
-from omni.curate.ray_write import ShardWrites, light
+from omni.curate.ray_write import ShardDatasink
 from omni.data.manifest import DatasetEntry
 from omni.errors import SampleError
 
@@ -112,43 +114,50 @@ class RayBackend:
         return self.data.read_datasource(ShardSource(entries, limit), override_num_blocks=max(1, len(set(urls))))
 
     def map_samples(self, entries: list[DatasetEntry], fn: Callable | None = None,
-                    keep_raw: bool = True, limit: int | None = None,
-                    writes: ShardWrites | None = None) -> Iterator[tuple]:
+                    keep_raw: bool = True, limit: int | None = None) -> Iterator[tuple]:
         """The same (rank, raw | Unreadable, result) sequence as `common.map_samples`, mapped on Ray;
         with `keep_raw=False` the raw sample stays on the worker (None comes back, Unreadable kept).
         A `limit` caps every shard (its entry's first `limit` samples are the same as in-process; the
-        caller counts them). With `writes` the workers also write each sample where `writes.route`
-        puts it, and a light copy comes back (ray_write.py)."""
-        task = partial(_result_row, fn=fn, keep_raw=keep_raw or writes is not None, marker=self.options.fault_marker)
-        ds = self._samples(entries, limit).map(task)
-        if writes is not None:
-            ds = ds.map_batches(partial(_write_samples, writes=writes), batch_size=None, batch_format="pandas")
-        for row in ds.iter_rows():
-            raw = pickle.loads(row["raw"])
-            if writes is not None:
-                writes.seen(raw)
-            yield (row["e"], row["s"], row["p"]), raw, pickle.loads(row["result"])
+        caller counts them)."""
+        task = partial(_result_row, fn=fn, keep_raw=keep_raw, marker=self.options.fault_marker)
+        for row in self._samples(entries, limit).map(task).iter_rows():
+            yield (row["e"], row["s"], row["p"]), pickle.loads(row["raw"]), pickle.loads(row["result"])
 
-    def map_records(self, records: Iterable[tuple], fn: Callable,
-                    writes: ShardWrites | None = None) -> Iterator[tuple]:
-        """(record, fn(*record)) for every record, in order, on Ray (a raised `Reject` comes back as the
-        value); records are taken RECORDS_PER_WINDOW at a time, so the driver never lists them all.
-        With `writes` the workers write each result where `writes.route` puts it (rank: the record's
-        index) and a light copy comes back."""
+    def datasink(self, folder, route: Callable, samples_per_shard: int, shard_bytes: float) -> ShardDatasink:
+        """The verbs' output sets on Ray (ray_write.py): `route` (rank, raw, result) -> stem | None runs
+        on the write tasks; the verb's loop counts through `datasink.sink(stem)`."""
+        return ShardDatasink(folder, route, samples_per_shard, shard_bytes)
+
+    def write_samples(self, entries: list[DatasetEntry], sink: ShardDatasink, fold: Callable,
+                      fn: Callable | None = None, marked: Iterable[Rank] | None = None) -> None:
+        """`map_samples` ending in Ray Data's write: the write tasks write every sample where
+        `sink.route` puts it, then `fold` (the verb's loop) gets the (rank, light raw, result)
+        sequence on the driver, in manifest order, before the shards are renamed (ray_write.py).
+        With `marked` (dedup's removed ranks) the result is whether the sample's rank is marked:
+        each shard's marked positions go to the object store apart, and a task fetches its own
+        shard's only, so what a task holds does not grow with the corpus's duplicates."""
+        sink.fold = fold
+        shards = None
+        if marked is not None:
+            positions: dict[tuple[int, int], list[int]] = {}
+            for e, s, p in marked:
+                positions.setdefault((e, s), []).append(p)
+            shards = {k: ray.put(np.asarray(sorted(v), np.int64)) for k, v in positions.items()}
+        task = partial(_result_row, fn=fn, keep_raw=True, marker=self.options.fault_marker, marked=shards)
+        self._samples(entries).map(task).write_datasink(sink)
+
+    def write_records(self, records: Iterable[tuple], fn: Callable, sink: ShardDatasink, fold: Callable) -> None:
+        """fn(*record) for every record on Ray (a raised `Reject` is the value), each resulting sample
+        written where `sink.route` puts it; `fold` gets (record, light result) in order. Records are
+        taken RECORDS_PER_WINDOW at a time (one write each), so the driver never lists them all."""
         records = iter(records)
         task = partial(_record_row, fn=fn, marker=self.options.fault_marker)
         start = 0
         while window := list(islice(records, RECORDS_PER_WINDOW)):
             blocks = -(-len(window) // RECORDS_PER_BLOCK)
-            ds = self.data.from_items([{"i": start + i, "record": pickle.dumps(r)} for i, r in enumerate(window)],
-                                      override_num_blocks=blocks).map(task)
-            if writes is not None:
-                ds = ds.map_batches(partial(_write_results, writes=writes), batch_size=None, batch_format="pandas")
-            for record, row in zip(window, ds.iter_rows()):
-                result = pickle.loads(row["result"])
-                if writes is not None:
-                    writes.seen(result)
-                yield record, result
+            sink.fold = partial(_fold_window, fold=fold, window=window)
+            self.data.from_items([{"i": start + i, "record": pickle.dumps(r)} for i, r in enumerate(window)],
+                                 override_num_blocks=blocks).map(task).write_datasink(sink)
             start += len(window)
 
     # ------------------------------------------------------------ dedup
@@ -157,16 +166,16 @@ class RayBackend:
         sign = partial(_signature_rows, signer=Signer(cfg), marker=self.options.fault_marker)
         sigs = self._samples(entries).flat_map(sign).materialize()
         parts = max(1, sigs.num_blocks())
-        edges = []
+        edges = []   # edge streams, taken by `components` one edge at a time
         if cfg.exact != "off":
             digests = sigs.flat_map(partial(digest_rows, parts=parts))
-            edges += edges_of(digests.groupby("part").map_groups(exact_part, batch_format="numpy"))
+            edges.append(edges_of(digests.groupby("part").map_groups(exact_part, batch_format="numpy")))
         if cfg.near:
             bands, rows = lsh_shape(cfg.threshold, cfg.num_perm, cfg.lsh_params)
             banded = sigs.flat_map(partial(band_rows, bands=bands, rows=rows, parts=parts))
-            edges += edges_of(banded.groupby("part").map_groups(
-                partial(bucket_part, threshold=cfg.threshold, verify=cfg.verify), batch_format="numpy"))
-        return components(edges)
+            edges.append(edges_of(banded.groupby("part").map_groups(
+                partial(bucket_part, threshold=cfg.threshold, verify=cfg.verify), batch_format="numpy")))
+        return components(chain.from_iterable(edges))
 
 
 # ---------------------------------------------------------------- worker-side functions
@@ -177,11 +186,29 @@ def _maybe_fail(marker: str | None) -> None:
         os._exit(1)
 
 
-def _result_row(row: dict, fn, keep_raw: bool, marker: str | None) -> dict:
-    """fn(raw sample) (or the Reject/SampleError it raised) of one read row, as `shard_results` gives it."""
+@lru_cache(maxsize=2)
+def _positions(ref) -> np.ndarray:
+    """One shard's marked positions (sorted), fetched once per task and shard."""
+    return ray.get(ref)
+
+
+def _is_marked(shards: dict, e: int, s: int, p: int) -> bool:
+    ref = shards.get((e, s))
+    if ref is None:
+        return False
+    found = _positions(ref)
+    i = int(np.searchsorted(found, p))
+    return i < len(found) and int(found[i]) == p
+
+
+def _result_row(row: dict, fn, keep_raw: bool, marker: str | None, marked: dict | None = None) -> dict:
+    """fn(raw sample) (or the Reject/SampleError it raised) of one read row, as `shard_results` gives
+    it; with `marked` (shard -> object ref of its marked positions), whether the rank is marked."""
     _maybe_fail(marker)
     raw, result = pickle.loads(row["raw"]), None
-    if not isinstance(raw, Unreadable) and fn is not None:
+    if marked is not None:
+        result = _is_marked(marked, row["e"], row["s"], row["p"])
+    elif not isinstance(raw, Unreadable) and fn is not None:
         try:
             result = fn(raw)
         except (Reject, SampleError) as e:
@@ -200,37 +227,9 @@ def _record_row(row: dict, fn, marker: str | None) -> dict:
     return {"i": row["i"], "result": pickle.dumps(result)}
 
 
-def _write_samples(batch, writes: ShardWrites):
-    """One block of mapped rows: each sample written where the verb's route puts it, a light copy kept."""
-    rows = batch.to_dict("records")
-    if not rows:
-        return batch
-    items = []
-    for row in rows:
-        raw = pickle.loads(row["raw"])
-        stem = writes.route((row["e"], row["s"], row["p"]), raw, pickle.loads(row["result"]))
-        items.append((stem, raw))
-        if isinstance(raw, dict):
-            row["raw"] = pickle.dumps(light(raw, stem))
-    first = next(((r["e"], r["s"], r["p"]) for r in rows if r["p"] >= 0), (rows[0]["e"], rows[0]["s"], 0))
-    writes.write_block("{:04d}-{:08d}-{:010d}".format(*first), items)
-    return batch.from_records(rows, columns=list(batch.columns))
-
-
-def _write_results(batch, writes: ShardWrites):
-    """One block of converted records: each sample written where the verb's route puts it, a light copy kept."""
-    rows = batch.to_dict("records")
-    if not rows:
-        return batch
-    items = []
-    for row in rows:
-        result = pickle.loads(row["result"])
-        stem = writes.route((row["i"],), result, result)
-        items.append((stem, result))
-        if isinstance(result, dict):
-            row["result"] = pickle.dumps(light(result, stem))
-    writes.write_block(f"{rows[0]['i']:012d}", items)
-    return batch.from_records(rows, columns=list(batch.columns))
+def _fold_window(items, fold: Callable, window: list) -> None:
+    """The verb's fold over one window of records: (record, light result) in record order."""
+    fold((record, result) for record, (_, _, result) in zip(window, items))
 
 
 def _signature_rows(row: dict, signer: Signer, marker: str | None) -> list[dict]:

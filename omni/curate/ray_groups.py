@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -69,7 +70,9 @@ def bucket_part(batch, threshold: float, verify: bool) -> dict[str, np.ndarray]:
     return _edge_columns(edges)
 
 
-def edges_of(ds) -> list[Edge]:
-    """Edge rows of a dataset back as `components.Edge` tuples."""
-    return [((int(r["ae"]), int(r["as"]), int(r["ap"])), (int(r["be"]), int(r["bs"]), int(r["bp"])),
-             float(r["sim"]), str(r["kind"])) for r in ds.iter_rows()]
+def edges_of(ds) -> Iterator[Edge]:
+    """Edge rows of a dataset back as `components.Edge` tuples, streamed (the driver's union-find
+    takes them one at a time and holds only the duplicates' ranks, not the edges)."""
+    for r in ds.iter_rows():
+        yield ((int(r["ae"]), int(r["as"]), int(r["ap"])), (int(r["be"]), int(r["bs"]), int(r["bp"])),
+               float(r["sim"]), str(r["kind"]))

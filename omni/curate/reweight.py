@@ -59,7 +59,6 @@ from omni.curate.common import (
     write_json,
     write_manifest,
 )
-from omni.curate.ray_write import ShardWrites, committed
 from omni.data.loader import read_meta
 from omni.data.manifest import DatasetEntry, load_manifest
 from omni.errors import SampleError
@@ -338,48 +337,56 @@ def reweight(manifest: str | Path, out_dir: str | Path, by: str = "source", alph
     groups_of: dict[str, set[str]] = {e.name: set() for e in entries}
     n_in = {e.name: 0 for e in entries}
     judge = partial(judge_sample, quality=quality, clusters=model)
-    writes = None
+    datasink = None
     if backend is not None and not dry_run:
-        writes = ShardWrites(out / "shards", partial(unit_stem_of, entries=entries, by=by), samples_per_shard,
-                             shard_bytes)
-        writes.start()
-    samples = map_samples(entries, judge) if backend is None else backend.map_samples(entries, judge, writes=writes)
+        datasink = backend.datasink(out / "shards", partial(unit_stem_of, entries=entries, by=by),
+                                    samples_per_shard, shard_bytes)
+
+    def fold(samples) -> None:
+        """The pass's bookkeeping over (rank, raw, verdict) in manifest order: counts, rejects, groups,
+        and (in-process) the samples written to their group's set."""
+        for (di, _, _), raw, verdict in samples:
+            entry = entries[di]
+            if isinstance(raw, Unreadable):
+                rejects.add("?", "unreadable", str(raw))
+                continue
+            bar.update()
+            n_in[entry.name] += 1
+            key = raw.get("__key__", "?")
+            if isinstance(verdict, SampleError):
+                rejects.add(key, "bad_sample", str(verdict), where=raw.get("__url__"), dataset=entry.name)
+                continue
+            if isinstance(verdict, Reject):
+                rejects.add(key, verdict.code, verdict.reason, where=raw.get("__url__"), dataset=entry.name)
+                continue
+            meta, label = verdict
+            group = label if label is not None else group_of(by, meta, entry)
+            unit = (entry.name, group)
+            if unit not in sinks:
+                groups_here = groups_of[entry.name]
+                groups_here.add(group)
+                if len(groups_here) > max_groups:
+                    raise CurationError(
+                        f"dataset {entry.name}: more than {max_groups} groups by {by!r} "
+                        f"(e.g. {sorted(groups_here)[:5]}); pick a coarser field or raise --max-groups")
+                stem = unit_stem(entry, by, group)
+                sinks[unit] = (datasink.sink(stem) if datasink else
+                               ShardSink(out / "shards", stem, samples_per_shard, shard_bytes))
+                seen_modalities[unit] = set()
+            sink = sinks[unit]
+            if dry_run:
+                sink.count += 1
+            else:
+                sink.write(raw)
+            seen_modalities[unit] |= {kind for kind, _, _, _ in media_members(raw)}
+
     try:
-        with committed(writes, sinks):
-            for (di, _, _), raw, verdict in samples:
-                entry = entries[di]
-                if isinstance(raw, Unreadable):
-                    rejects.add("?", "unreadable", str(raw))
-                    continue
-                bar.update()
-                n_in[entry.name] += 1
-                key = raw.get("__key__", "?")
-                if isinstance(verdict, SampleError):
-                    rejects.add(key, "bad_sample", str(verdict), where=raw.get("__url__"), dataset=entry.name)
-                    continue
-                if isinstance(verdict, Reject):
-                    rejects.add(key, verdict.code, verdict.reason, where=raw.get("__url__"), dataset=entry.name)
-                    continue
-                meta, label = verdict
-                group = label if label is not None else group_of(by, meta, entry)
-                unit = (entry.name, group)
-                if unit not in sinks:
-                    groups_here = groups_of[entry.name]
-                    groups_here.add(group)
-                    if len(groups_here) > max_groups:
-                        raise CurationError(
-                            f"dataset {entry.name}: more than {max_groups} groups by {by!r} "
-                            f"(e.g. {sorted(groups_here)[:5]}); pick a coarser field or raise --max-groups")
-                    stem = unit_stem(entry, by, group)
-                    sinks[unit] = (writes.sink(stem) if writes else
-                                   ShardSink(out / "shards", stem, samples_per_shard, shard_bytes))
-                    seen_modalities[unit] = set()
-                sink = sinks[unit]
-                if dry_run:
-                    sink.count += 1
-                else:
-                    sink.write(raw)
-                seen_modalities[unit] |= {kind for kind, _, _, _ in media_members(raw)}
+        if backend is None:
+            fold(map_samples(entries, judge))
+        elif datasink is None:
+            fold(backend.map_samples(entries, judge))
+        else:
+            backend.write_samples(entries, datasink, fold, judge)
     finally:
         bar.close()
         rejects.close()

@@ -63,8 +63,8 @@ def rejects(path) -> str:
 
 
 def manifest_spec(path) -> dict:
-    """The manifest with each entry's shard range cut off: on Ray each block's samples go to shards of
-    their own (omni/curate/ray_write.py), so the number of shards may differ; names, counts, weights
+    """The manifest with each entry's shard range cut off: on Ray each write task's samples go to shards
+    of their own (omni/curate/ray_write.py), so the number of shards may differ; names, counts, weights
     and (with `written`) the samples in order may not."""
     spec = yaml.safe_load(open(path))
     for d in spec["datasets"]:
@@ -212,8 +212,8 @@ def test_a_worker_killed_while_feeding_the_writer_is_retried(corpus, backend, tm
 
 
 def test_a_job_that_fails_leaves_no_shard_under_a_final_name(corpus, backend, tmp_path):
-    """The driver refuses the run (too many groups) while the workers write: no shard is renamed into
-    place and no manifest written; the next run starts from a clean temporary folder."""
+    """The driver refuses the run (too many groups) in its fold, after the write tasks have written: no
+    shard is renamed into place and no manifest written; the next run starts from a clean temporary folder."""
     with pytest.raises(ValueError, match="more than 2 groups"):
         reweight(corpus, tmp_path / "ray", by="source", max_groups=2, progress=False, backend=backend)
     assert not list((tmp_path / "ray" / "shards").glob("*.tar")) and not (tmp_path / "ray" / "manifest.yaml").exists()
