@@ -2,10 +2,12 @@
 consumed position, then taking the next item, for each stream kind, side by side in one run.
 
 Usage: python bench/resume_cost.py [--small 40] [--large 100000] [--manifest-large 20000] [--rounds 3]
-`data.records` (RecordStream) seeks to its position; manifest streams (partition sample:
-MixtureStream, partition shard: ShardStream) draw their consumed samples again as references into
-the shards' indexes (omni/data/tar_index.py), reading no tar data, and read the next sample at its
-offset. Prints the median seconds at each position and the ratio large / small.
+`data.records` (RecordStream) seeks to its position. The manifest streams (partition sample:
+MixtureStream, partition shard: ShardStream) seek by setting the pipeline state their position
+holds (omni/data/pipeline.py) and read the next sample at its offset; `replay` is the same
+position without that state (a checkpoint written before it, or shards read as bytes), which
+draws every consumed sample again as a reference. The positions come from real runs of the
+streams (not timed). Prints the median seconds at each position and the ratio large / small.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from omni.data.manifest import load_manifest
 from omni.data.sharded import ShardStream
 from omni.data.stream import MixtureStream, RecordStream
 from omni.data.synth import SynthConfig, write_corpus
+
+STATE_KEYS = ("reader", "readers")  # the pipeline state in a position (MixtureStream, ShardStream)
 
 
 def key(raw: dict) -> str:
@@ -38,6 +42,17 @@ def resume_s(build, state, rounds: int) -> float:
     return statistics.median(times[1:])
 
 
+def position(build, n: int) -> dict:
+    """The stream's position after taking n items (what a checkpoint there holds)."""
+    stream = build()
+    stream.take(n)
+    return stream.state()
+
+
+def without_state(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k not in STATE_KEYS}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", type=int, default=40, help="consumed positions of the early resume (~step 10)")
@@ -51,22 +66,26 @@ def main() -> None:
         entries = load_manifest(manifest).select("train", None)
         weights = [e.weight for e in entries]
         records = [{"i": i, "__where__": f"line {i}"} for i in range(5000)]
-        kinds = {
-            "records (seek)": (lambda: RecordStream(records, 0, lambda r: r, SkipCounter()), args.large,
-                               lambda n: {"world_size": 1, "rank": 0, "frontier": 0, "done": [], "next": n}),
-            "partition sample (seek)": (
-                lambda: MixtureStream(entries, weights, 0, 100, key, SkipCounter()), args.manifest_large,
-                lambda n: {"world_size": 1, "rank": 0, "frontier": 0, "done": [], "next": n}),
-            "partition shard (seek)": (
-                lambda: ShardStream(entries, weights, seed=0, shuffle_buffer=100, resample=True, make=key,
-                                    counter=SkipCounter()), args.manifest_large,
-                lambda n: {"workers": 0, "consumed": [n], "next": 0}),
-        }
-        print(f"{'stream':<27} {'positions':>17} {'s small':>9} {'s large':>9} {'ratio':>8}")
-        for name, (build, large, state) in kinds.items():
+
+        def mixture():
+            return MixtureStream(entries, weights, 0, 100, key, SkipCounter())
+
+        def shards():
+            return ShardStream(entries, weights, seed=0, shuffle_buffer=100, resample=True, make=key,
+                               counter=SkipCounter())
+
+        rows = [("records (seek)", lambda: RecordStream(records, 0, lambda r: r, SkipCounter()), args.large,
+                 lambda n: {"world_size": 1, "rank": 0, "frontier": 0, "done": [], "next": n})]
+        for name, build in (("partition sample", mixture), ("partition shard", shards)):
+            at = {n: position(build, n) for n in (args.small, args.manifest_large)}
+            rows.append((f"{name} (seek)", build, args.manifest_large, at.get))
+            rows.append((f"{name} (replay)", build, args.manifest_large,
+                         lambda n, at=at: without_state(at[n])))
+        print(f"{'stream':<27} {'positions':>15} {'s small':>9} {'s large':>9} {'ratio':>8}")
+        for name, build, large, state in rows:
             small_s = resume_s(build, state(args.small), args.rounds)
             large_s = resume_s(build, state(large), args.rounds)
-            print(f"{name:<27} {f'{args.small} / {large}':>17} {small_s:>9.4f} {large_s:>9.4f} "
+            print(f"{name:<27} {f'{args.small} / {large}':>15} {small_s:>9.4f} {large_s:>9.4f} "
                   f"{large_s / small_s:>8.1f}", flush=True)
 
 
