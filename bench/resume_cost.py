@@ -7,14 +7,19 @@ MixtureStream, partition shard: ShardStream) seek by setting the pipeline state 
 holds (omni/data/pipeline.py) and read the next sample at its offset; `replay` is the same
 position without that state (a checkpoint written before it, or shards read as bytes), which
 draws every consumed sample again as a reference. The positions come from real runs of the
-streams (not timed). Prints the median seconds at each position and the ratio large / small.
+streams (not timed). Prints the median seconds at each position (the two positions measured in
+turns) and the ratio large / small; then what keeping the position costs during training: a
+sample drawn with and without a `state()` after it (the feeder takes one per micro-batch,
+`partition: shard`'s decode workers one per 16 items) and the state's pickled size.
 """
 from __future__ import annotations
 
 import argparse
+import pickle
 import statistics
 import tempfile
 import time
+import timeit
 
 from omni.data.loader import SkipCounter
 from omni.data.manifest import load_manifest
@@ -29,17 +34,19 @@ def key(raw: dict) -> str:
     return raw["__key__"]
 
 
-def resume_s(build, state, rounds: int) -> float:
-    """Median seconds of build() + restore(state) + the first take (one more round first, not counted:
-    imports, file cache)."""
-    times = []
+def resume_s(build, states: list, rounds: int) -> list[float]:
+    """Median seconds of build() + restore(state) + the first take, for each state; the states take
+    turns round by round, so a change in the machine's load hits all alike (one more round first,
+    not counted: imports, file cache)."""
+    times: list[list[float]] = [[] for _ in states]
     for _ in range(rounds + 1):
-        t0 = time.perf_counter()
-        stream = build()
-        stream.restore([state])
-        stream.take(1)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+        for state, own in zip(states, times):
+            t0 = time.perf_counter()
+            stream = build()
+            stream.restore([state])
+            stream.take(1)
+            own.append(time.perf_counter() - t0)
+    return [statistics.median(own[1:]) for own in times]
 
 
 def position(build, n: int) -> dict:
@@ -83,10 +90,20 @@ def main() -> None:
                          lambda n, at=at: without_state(at[n])))
         print(f"{'stream':<27} {'positions':>15} {'s small':>9} {'s large':>9} {'ratio':>8}")
         for name, build, large, state in rows:
-            small_s = resume_s(build, state(args.small), args.rounds)
-            large_s = resume_s(build, state(large), args.rounds)
+            small_s, large_s = resume_s(build, [state(args.small), state(large)], args.rounds)
             print(f"{name:<27} {f'{args.small} / {large}':>15} {small_s:>9.4f} {large_s:>9.4f} "
                   f"{large_s / small_s:>8.1f}", flush=True)
+        stream = mixture()
+        stream.take(args.small)
+        mixer = stream.samples  # the pipeline both manifest streams run (omni/data/pipeline.py)
+
+        def us(fn) -> float:
+            return statistics.median(timeit.repeat(fn, number=200, repeat=5)) / 200 * 1e6
+
+        state = mixer.state()
+        print(f"\nthe pipeline's state while training ({len(entries)} datasets, shuffle buffer 100): a sample drawn "
+              f"{us(lambda: next(mixer)):.1f} us, drawn + state() {us(lambda: (next(mixer), mixer.state())):.1f} us; "
+              f"{len(pickle.dumps(state)) / 1024:.1f} KiB pickled in {us(lambda: pickle.dumps(state)):.0f} us")
 
 
 if __name__ == "__main__":

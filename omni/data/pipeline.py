@@ -222,26 +222,34 @@ class Mixer:
         self.readers, self.probs, self.rng = readers, [w / total for w in weights], rng
         self.choices = range(len(readers))
         self.drawn = 0
+        self._states: list = [None] * len(readers)  # each reader's state, kept until it reads again
+        self._stale = set(self.choices)
 
     def __iter__(self) -> Iterator[dict]:
         return self
 
     def __next__(self) -> dict:
         self.drawn += 1
-        sample = self.readers[self.rng.choices(self.choices, self.probs)[0]].next()
+        i = self.rng.choices(self.choices, self.probs)[0]
+        self._stale.add(i)
+        sample = self.readers[i].next()
         if sample is None:  # a resampled reader never ends; epochs go on
             raise RuntimeError("a dataset reader ended")
         return sample
 
     def state(self) -> dict | None:
-        """The state after the samples handed out so far; None when a dataset is read as bytes."""
-        readers = [r.state() for r in self.readers]
-        return None if None in readers else {"mix": self.rng.getstate(), "readers": readers}
+        """The state after the samples handed out so far; None when a dataset is read as bytes. Only
+        the readers that read since the last call are asked again (one per sample drawn)."""
+        for i in self._stale:
+            self._states[i] = self.readers[i].state()
+        self._stale.clear()
+        return None if None in self._states else {"mix": self.rng.getstate(), "readers": list(self._states)}
 
     def set_state(self, state: dict) -> None:
         self.rng.setstate(_tuples(state["mix"]))
         for reader, saved in zip(self.readers, state["readers"], strict=True):
             reader.set_state(saved)
+        self._stale = set(self.choices)
 
     def skip(self, n: int) -> None:
         """Pass over `n` samples (references: no tar data is read)."""

@@ -35,6 +35,7 @@ from omni.data.tar_index import load
 from omni.errors import SampleError
 
 log = logging.getLogger(__name__)
+STATE_EVERY = 16  # a logical worker's items that carry its pipeline state: every 16th (a resume draws <= 15)
 
 
 def seed_of(purpose: str, *parts: int) -> int:
@@ -67,7 +68,7 @@ class Item:
     made: Any
     skips: list[tuple[str, str]]
     where: str
-    state: dict | None  # the logical worker's pipeline state after it (None: it has none)
+    state: list | None  # [n, the pipeline state after the logical worker's n-th sample, this one], or None
 
 
 @dataclass(frozen=True)
@@ -107,31 +108,33 @@ class Readers:
                        for i, e in enumerate(self.entries)]
         return Mixer(readers, self.weights, random.Random(seed_of("mix", self.seed, self.rank, role)))
 
-    def items(self, role: int, consumed: int, saved: dict | None) -> Iterator[Item]:
+    def items(self, role: int, consumed: int, saved: list | None) -> Iterator[Item]:
         """One Item per raw sample of logical worker `role`, after the `consumed` ones of a run it
-        resumes: from `saved`, the pipeline's state there (a seek), or else by drawing them again
-        as references (a replay: the same RNG draws, nothing read or made)."""
+        resumes: from `saved`, [n, the pipeline's state after its n-th sample] with n <= consumed,
+        it draws the few samples from n to `consumed` (a seek), or else all of them (a replay);
+        as references either way (the same RNG draws, nothing read or made). Every STATE_EVERY-th
+        item carries the state after it (a state is tens of kB: not one per item)."""
         skips = Skips()
         raw = self.raw_samples(role, skips.handler)
         if saved is not None:
-            raw.set_state(saved)
-        else:
-            raw.skip(consumed)
+            raw.set_state(saved[1])
+        raw.skip(consumed - (saved[0] if saved is not None else 0))
         skips.clear()  # the read errors met before `consumed` were counted by the run that met them
-        for sample in raw:
+        for n, sample in enumerate(raw, consumed + 1):
             made = None
             try:
                 made = self.make(load(sample))
             except Exception as e:  # noqa: BLE001 - counted, reported with key+shard, rate-limited
                 skips.append((where(sample), str(e)))
-            yield Item(role, made, skips.drain(), where(sample), raw.state())
+            state = raw.state() if n % STATE_EVERY == 0 else None
+            yield Item(role, made, skips.drain(), where(sample), None if state is None else [n, state])
 
 
 class Roles(IterableDataset):
     """What the DataLoader's workers run. Worker w plays role (w + first) % roles: torch starts each
     DataLoader at worker 0, so after a resume the role whose turn was next goes first."""
 
-    def __init__(self, readers: Readers, consumed: list[int], saved: list[dict | None], first: int):
+    def __init__(self, readers: Readers, consumed: list[int], saved: list[list | None], first: int):
         self.readers, self.consumed, self.saved, self.first = readers, consumed, saved, first
 
     def __iter__(self) -> Iterator[Item]:
@@ -153,7 +156,7 @@ class ShardStream(Stream):
         if not resample:
             self._check_enough_shards()
         self._consumed = [0] * self.readers.roles  # raw samples taken from each logical worker
-        self._states: list[dict | None] = [None] * self.readers.roles  # their pipeline states there
+        self._states: list[list | None] = [None] * self.readers.roles  # [n, pipeline state after n] of each
         self._next = 0                             # the one the round robin hands out next
         self._items: Iterator[Item] | None = None
         self._taken: list[tuple[None, str]] = []
@@ -195,7 +198,8 @@ class ShardStream(Stream):
         while len(out) < k:
             item = next(self._items)
             self._consumed[item.role] += 1
-            self._states[item.role] = item.state
+            if item.state is not None:
+                self._states[item.role] = item.state
             self._next = (item.role + 1) % self.readers.roles
             self._taken.append((None, item.where))  # logical workers have no shared sequence to be placed in
             for place, why in item.skips:
@@ -211,8 +215,9 @@ class ShardStream(Stream):
 
     def state(self) -> dict:
         """This rank's position for a checkpoint. Items prefetched by the workers but not taken are
-        not in it: after a resume they are read again. `readers`: each logical worker's pipeline
-        state at its `consumed` (None where it has none: a resume draws those samples again)."""
+        not in it: after a resume they are read again. `readers`: each logical worker's latest
+        [n, pipeline state after its n-th sample], n <= its `consumed` (None where it has none: a
+        resume draws those samples again)."""
         return {"workers": self.workers, "consumed": list(self._consumed), "next": self._next,
                 "readers": list(self._states)}
 
@@ -240,7 +245,7 @@ class ShardStream(Stream):
                 f"position only holds for the same count; resume with data.workers={state['workers']}")
         self._consumed, self._next = list(state["consumed"]), state["next"]
         self._states = list(state.get("readers") or [None] * self.readers.roles)
-        replay = sum(n for n, saved in zip(self._consumed, self._states, strict=True) if saved is None)
+        replay = sum(n for n, saved in zip(self._consumed, self._states, strict=True) if saved is None and n >= STATE_EVERY)
         if replay:
             log.info("data: the checkpoint holds no pipeline state for some decode workers (written without one, or "
                      "a dataset's shards are read with their bytes: remote, pipe: or .tar.gz); drawing their %d "

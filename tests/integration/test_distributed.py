@@ -158,7 +158,6 @@ def test_shard_partition_with_decode_workers_resumes_step_for_step(tiny_corpus, 
     killed = _kill_and_resume(tiny_corpus, tmp_path, *SHARD, straight=tmp_path / "straight", kill_after=4)
     state = torch.load(killed / "checkpoints/step-00000008/trainer_state.pt", weights_only=True)
     assert [s["workers"] for s in state["samples"]] == [2, 2]  # per rank: per-worker positions
-    assert all(len(s["readers"]) == 2 and None not in s["readers"] for s in state["samples"])  # and pipeline states
     assert all(sum(s["consumed"]) >= 8 * 2 for s in state["samples"])
     losses = _losses(tmp_path / "straight")
     assert losses[-1] < losses[0]
