@@ -68,7 +68,7 @@ class Item:
     made: Any
     skips: list[tuple[str, str]]
     where: str
-    state: list | None  # [n, the pipeline state after the logical worker's n-th sample, this one], or None
+    state: list | None  # every STATE_EVERY-th item: [n, the pipeline state after it, its n-th sample]; else None
 
 
 @dataclass(frozen=True)
