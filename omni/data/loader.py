@@ -55,7 +55,8 @@ class SkipCounter:
 
     @contextlib.contextmanager
     def replaying(self, state: list[int]):
-        """A resume replays the samples before its checkpoint: their bad reads were counted when
+        """A resume passes over samples before its checkpoint (the few between a saved pipeline
+        state and its position, or all of them in a replay): their bad reads were counted when
         first met, so inside this block nothing is counted or raised; afterwards the counts are the
         checkpoint's `state()`."""
         self.quiet = True

@@ -3,9 +3,11 @@
 A *logical worker* is a (rank, role) pair, `role` one of the rank's max(workers, 1) roles. It reads
 its own shards, shuffles them in a buffer and mixes the datasets by weight, each step drawn from an
 RNG seeded by (seed, dataset, rank, role, epoch), so its raw sample sequence depends on the
-configuration only. A checkpoint therefore holds just how many raw samples each logical worker
-consumed (and whose turn is next); a resume draws those counts again as sample references, reading
-no tar data (omni/data/tar_index.py), and reads the bytes of the samples after them.
+configuration only. A checkpoint holds how many raw samples each logical worker consumed, whose
+turn is next, and each logical worker's pipeline state there (omni/data/pipeline.py: RNG states,
+shard cursors, shuffle buffers as references); a resume sets those states (a seek) and reads the
+bytes of the samples after them. Without a state (an older checkpoint, shards read with their
+bytes) it draws the consumed samples again as references (a replay, reading no indexed tar data).
 
 With `workers > 0` the roles run in DataLoader processes that decode and `make` the items; torch
 hands their items out round robin, in worker order. With `workers == 0` the single role runs inline.
@@ -13,10 +15,11 @@ hands their items out round robin, in worker order. With `workers == 0` the sing
 from __future__ import annotations
 
 import hashlib
-import itertools
+import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,9 +29,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from omni.config import ConfigError
 from omni.data.loader import SkipCounter, where
 from omni.data.manifest import DatasetEntry
-from omni.data.stream import DryShards, Stream, mix_by_weight
-from omni.data.tar_index import load, tar_samples
+from omni.data.pipeline import DryShards, Epochs, EpochShards, Mixer, Reader, Resampled
+from omni.data.stream import Stream
+from omni.data.tar_index import load
 from omni.errors import SampleError
+
+log = logging.getLogger(__name__)
+STATE_EVERY = 16  # a logical worker's items that carry its pipeline state: every 16th (a resume draws <= 15)
 
 
 def seed_of(purpose: str, *parts: int) -> int:
@@ -36,14 +43,6 @@ def seed_of(purpose: str, *parts: int) -> int:
     without webdataset's make_seed collisions (there (0, 31) and (1, 0) give one seed)."""
     key = repr((purpose, *parts)).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-
-
-def take_every(start: int, step: int) -> Callable[[Iterator], Iterator]:
-    """Pipeline stage keeping every `step`-th shard from `start`: the slice wds.split_by_node and
-    wds.split_by_worker take, with the rank and role given here. Theirs come from process state
-    (RANK/WORLD_SIZE or torch.distributed; get_worker_info()), but after a resume a DataLoader worker
-    plays another worker's role, and tests run several ranks in one process."""
-    return lambda shards: itertools.islice(shards, start, None, step)
 
 
 class Skips(list):
@@ -69,43 +68,7 @@ class Item:
     made: Any
     skips: list[tuple[str, str]]
     where: str
-
-
-def resampled_samples(entry: DatasetEntry, index: int, seed: int, shuffle_buffer: int, rank: int,
-                      role: int, handler) -> Iterator[dict]:
-    """Endless samples of one dataset from shards drawn with replacement by this logical worker."""
-    dry = DryShards(entry)
-    return iter(wds.DataPipeline(
-        # the logical worker is in `seed`: the default worker_seed would use the DataLoader worker id
-        wds.ResampledShards(entry.urls, seed=seed_of("shards", seed, index, rank, role), worker_seed=lambda: 0,
-                            deterministic=True),
-        dry.shards,
-        tar_samples(handler),
-        dry.samples,
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
-                    rng=random.Random(seed_of("shuffle", seed, index, rank, role))),
-    ))
-
-
-def epoch_samples(entry: DatasetEntry, index: int, seed: int, shuffle_buffer: int, rank: int,
-                  world_size: int, role: int, roles: int, handler) -> Iterator[dict]:
-    """Endless epochs of one dataset. Each epoch's shard order depends on (seed, dataset, epoch)
-    only, so all ranks agree on it and the logical workers together read every shard once."""
-    for epoch in itertools.count():
-        empty = True
-        for sample in wds.DataPipeline(
-            wds.SimpleShardList(entry.urls, seed=seed_of("epoch", seed, index, epoch)),
-            take_every(rank, world_size),  # by node
-            take_every(role, roles),       # by worker
-            tar_samples(handler),
-            wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
-                        rng=random.Random(seed_of("shuffle", seed, index, rank, role, epoch))),
-        ):
-            empty = False
-            yield sample
-        if empty:  # every later epoch would read the same nothing: stop instead of spinning
-            raise RuntimeError(f"dataset {entry.name}: rank {rank} worker {role} read no sample in epoch {epoch}; "
-                               "its shards are all empty or unreadable")
+    state: list | None  # every STATE_EVERY-th item: [n, the pipeline state after it, its n-th sample]; else None
 
 
 @dataclass(frozen=True)
@@ -124,43 +87,59 @@ class Readers:
     world_size: int
     roles: int
 
-    def raw_samples(self, role: int, handler) -> Iterator[dict]:
-        """Logical worker `role`'s endless raw samples: its datasets mixed by weight."""
+    def raw_samples(self, role: int, handler) -> Mixer:
+        """Logical worker `role`'s endless raw samples: its datasets mixed by weight. Resampled: shards
+        drawn with replacement by this logical worker; epochs: each epoch's shard order depends on
+        (seed, dataset, epoch) only, so all ranks agree on it and the logical workers together read
+        every shard once an epoch."""
+        def epoch(entry: DatasetEntry, i: int, n: int) -> Reader:
+            return Reader(EpochShards(entry.urls, seed_of("epoch", self.seed, i, n), self.rank, self.world_size,
+                                      role, self.roles), self.shuffle_buffer,
+                          random.Random(seed_of("shuffle", self.seed, i, self.rank, role, n)), handler)
+
         if self.resample:
-            streams = [resampled_samples(e, i, self.seed, self.shuffle_buffer, self.rank, role, handler)
+            # the logical worker is in the seeds: webdataset's default worker seed is the DataLoader worker id
+            readers = [Reader(Resampled(e.urls, seed_of("shards", self.seed, i, self.rank, role)),
+                              self.shuffle_buffer, random.Random(seed_of("shuffle", self.seed, i, self.rank, role)),
+                              handler, DryShards(e))
                        for i, e in enumerate(self.entries)]
         else:
-            streams = [epoch_samples(e, i, self.seed, self.shuffle_buffer, self.rank, self.world_size, role,
-                                     self.roles, handler) for i, e in enumerate(self.entries)]
-        return mix_by_weight(streams, self.weights, random.Random(seed_of("mix", self.seed, self.rank, role)))
+            readers = [Epochs(partial(epoch, e, i), f"dataset {e.name}: rank {self.rank} worker {role}")
+                       for i, e in enumerate(self.entries)]
+        return Mixer(readers, self.weights, random.Random(seed_of("mix", self.seed, self.rank, role)))
 
-    def items(self, role: int, consumed: int) -> Iterator[Item]:
+    def items(self, role: int, consumed: int, saved: list | None) -> Iterator[Item]:
         """One Item per raw sample of logical worker `role`, after the `consumed` ones of a run it
-        resumes (passed over as references: the same RNG draws, nothing read or made)."""
+        resumes: from `saved`, [n, the pipeline's state after its n-th sample] with n <= consumed,
+        it draws the few samples from n to `consumed` (a seek), or else all of them (a replay);
+        as references either way (the same RNG draws, nothing read or made). Every STATE_EVERY-th
+        item carries the state after it (a state is tens of kB: not one per item)."""
         skips = Skips()
         raw = self.raw_samples(role, skips.handler)
-        for _ in range(consumed):
-            next(raw)
+        if saved is not None:
+            raw.set_state(saved[1])
+        raw.skip(consumed - (saved[0] if saved is not None else 0))
         skips.clear()  # the read errors met before `consumed` were counted by the run that met them
-        for sample in raw:
+        for n, sample in enumerate(raw, consumed + 1):
             made = None
             try:
                 made = self.make(load(sample))
             except Exception as e:  # noqa: BLE001 - counted, reported with key+shard, rate-limited
                 skips.append((where(sample), str(e)))
-            yield Item(role, made, skips.drain(), where(sample))
+            state = raw.state() if n % STATE_EVERY == 0 else None
+            yield Item(role, made, skips.drain(), where(sample), None if state is None else [n, state])
 
 
 class Roles(IterableDataset):
     """What the DataLoader's workers run. Worker w plays role (w + first) % roles: torch starts each
     DataLoader at worker 0, so after a resume the role whose turn was next goes first."""
 
-    def __init__(self, readers: Readers, consumed: list[int], first: int):
-        self.readers, self.consumed, self.first = readers, consumed, first
+    def __init__(self, readers: Readers, consumed: list[int], saved: list[list | None], first: int):
+        self.readers, self.consumed, self.saved, self.first = readers, consumed, saved, first
 
     def __iter__(self) -> Iterator[Item]:
         role = (get_worker_info().id + self.first) % self.readers.roles
-        return self.readers.items(role, self.consumed[role])
+        return self.readers.items(role, self.consumed[role], self.saved[role])
 
 
 class ShardStream(Stream):
@@ -177,6 +156,7 @@ class ShardStream(Stream):
         if not resample:
             self._check_enough_shards()
         self._consumed = [0] * self.readers.roles  # raw samples taken from each logical worker
+        self._states: list[list | None] = [None] * self.readers.roles  # [n, pipeline state after n] of each
         self._next = 0                             # the one the round robin hands out next
         self._items: Iterator[Item] | None = None
         self._taken: list[tuple[None, str]] = []
@@ -205,18 +185,21 @@ class ShardStream(Stream):
         # Exact resume relies on in_order: items come out strictly in worker order. Its own generator:
         # starting the workers then draws nothing from the global torch RNG that training uses.
         seeds = torch.Generator().manual_seed(seed_of("loader", self.readers.seed, self.readers.rank))
-        return DataLoader(Roles(self.readers, self._consumed, self._next), batch_size=None,
+        return DataLoader(Roles(self.readers, self._consumed, self._states, self._next), batch_size=None,
                           num_workers=self.workers, multiprocessing_context="fork", collate_fn=_as_is,
                           in_order=True, generator=seeds)
 
     def take(self, k: int) -> list:
         """The next k good items."""
         if self._items is None:
-            self._items = self.readers.items(0, self._consumed[0]) if self.workers == 0 else iter(self._loader())
+            self._items = (self.readers.items(0, self._consumed[0], self._states[0]) if self.workers == 0
+                           else iter(self._loader()))
         out = []
         while len(out) < k:
             item = next(self._items)
             self._consumed[item.role] += 1
+            if item.state is not None:
+                self._states[item.role] = item.state
             self._next = (item.role + 1) % self.readers.roles
             self._taken.append((None, item.where))  # logical workers have no shared sequence to be placed in
             for place, why in item.skips:
@@ -232,8 +215,11 @@ class ShardStream(Stream):
 
     def state(self) -> dict:
         """This rank's position for a checkpoint. Items prefetched by the workers but not taken are
-        not in it: after a resume they are read again."""
-        return {"workers": self.workers, "consumed": list(self._consumed), "next": self._next}
+        not in it: after a resume they are read again. `readers`: each logical worker's latest
+        [n, pipeline state after its n-th sample], n <= its `consumed` (None where it has none: a
+        resume draws those samples again)."""
+        return {"workers": self.workers, "consumed": list(self._consumed), "next": self._next,
+                "readers": list(self._states)}
 
     def restore(self, states: list) -> None:
         """Continue from every rank's `state()` of an earlier run of the same configuration (before the
@@ -258,6 +244,12 @@ class ShardStream(Stream):
                 f"data.workers={self.workers}: each decode worker reads its own shards with its own RNGs, so the "
                 f"position only holds for the same count; resume with data.workers={state['workers']}")
         self._consumed, self._next = list(state["consumed"]), state["next"]
+        self._states = list(state.get("readers") or [None] * self.readers.roles)
+        replay = sum(n for n, saved in zip(self._consumed, self._states, strict=True) if saved is None and n >= STATE_EVERY)
+        if replay:
+            log.info("data: the checkpoint holds no pipeline state for some decode workers (written without one, or "
+                     "a dataset's shards are read with their bytes: remote, pipe: or .tar.gz); drawing their %d "
+                     "consumed samples again", replay)
 
 
 def _as_is(item: Item) -> Item:

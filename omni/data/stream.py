@@ -13,6 +13,9 @@ given every rank's `state()`, continues exactly there before the first take. Kin
     ShardStream     the same mixture, `data.partition: shard` (omni/data/sharded.py); position: a dict
                     of what each decode worker consumed, on the same number of processes only
 
+A manifest stream's position also holds its reading pipeline's state (omni/data/pipeline.py), so a
+resume seeks there instead of drawing every consumed sample again.
+
 The first two read one sequence that every rank walks in the same order, each keeping the samples
 at positions n with n % world == rank, so N processes see exactly what one would; their position
 (`SequentialStream.state`) says which positions of that sequence are consumed, so a resume may
@@ -21,19 +24,20 @@ re-split the rest over another number of processes (docs/data.md).
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from functools import partial
 from typing import Any
-
-import webdataset as wds
 
 from omni.config import ConfigError
 from omni.data.loader import SkipCounter, where
 from omni.data.manifest import DatasetEntry
+from omni.data.pipeline import DryShards, Mixer, Reader, Resampled
 from omni.data.records import AlignDataError
-from omni.data.tar_index import load, tar_samples
+from omni.data.tar_index import load
+
+log = logging.getLogger(__name__)
 
 
 class Stream(ABC):
@@ -72,12 +76,12 @@ class SequentialStream(Stream):
     run this one resumes (none for a fresh run), and this rank consumed its own positions from
     `frontier` up to `next`. `merged_position` turns every rank's position into one (frontier,
     done) that holds for any number of processes: a resume passes over the first `frontier` samples
-    and never consumes a position in `done`, so no sample is trained on twice or left out."""
+    and never consumes a position in `done`, so no sample is trained on twice or left out. A kind
+    whose reader has a state also saves it, at the `read` samples this rank has read (`reader`): a
+    resume sets the latest one at or before its frontier instead of reading from the start."""
 
-    def __init__(self, samples: Callable[[int], Iterator], make: Callable[[Any], Any], counter: SkipCounter,
-                 rank: int = 0, world_size: int = 1):
-        """`samples(start)`: the sequence from position `start` on (a resume starts past its frontier)."""
-        self.samples_from, self.make, self.counter = samples, make, counter
+    def __init__(self, make: Callable[[Any], Any], counter: SkipCounter, rank: int = 0, world_size: int = 1):
+        self.make, self.counter = make, counter
         self.samples: Iterator | None = None
         self.rank, self.world_size = rank, world_size
         self._read = 0                                  # positions read from `samples`
@@ -85,6 +89,14 @@ class SequentialStream(Stream):
         self._next = 0                                  # one past the last position this rank consumed
         self._consumed = 0
         self._taken: list[tuple[int, str]] = []
+
+    @abstractmethod
+    def _open(self, start: int, saved: list[tuple[int, Any]]) -> Iterator:
+        """The sequence from position `start` on; `saved`: (position, reader state) pairs of a checkpoint."""
+
+    def _reader_state(self) -> Any:
+        """The reader's state after the `_read` samples read so far (None: this kind has none)."""
+        return None
 
     @property
     def consumed(self) -> int:
@@ -95,7 +107,7 @@ class SequentialStream(Stream):
 
     def take(self, k: int) -> list:
         if self.samples is None:
-            self.samples = self.samples_from(self._read)
+            self.samples = self._open(self._read, [])
         out = []
         while len(out) < k:
             n, sample = self._read, next(self.samples)
@@ -118,8 +130,12 @@ class SequentialStream(Stream):
         return out
 
     def state(self) -> dict:
-        return {"world_size": self.world_size, "rank": self.rank, "frontier": self._frontier,
-                "done": sorted(self._done), "next": max(self._next, self._frontier)}
+        state = {"world_size": self.world_size, "rank": self.rank, "frontier": self._frontier,
+                 "done": sorted(self._done), "next": max(self._next, self._frontier)}
+        reader = self._reader_state() if self.samples is not None else None
+        if reader is not None:
+            state["reader"] = {"read": self._read, "state": reader}
+        return state
 
     def restore(self, states: list) -> None:
         if self.samples is not None:
@@ -127,7 +143,8 @@ class SequentialStream(Stream):
         frontier, done = merged_position(states)
         self._frontier, self._done, self._next = frontier, frozenset(done), frontier
         self._read = frontier
-        self.samples = self.samples_from(frontier)  # here: read errors passed over fall in counter.replaying
+        saved = [(s["reader"]["read"], s["reader"]["state"]) for s in states if isinstance(s, dict) and "reader" in s]
+        self.samples = self._open(frontier, saved)  # here: read errors passed over fall in counter.replaying
         # what the ranks consumed before counts once, on rank 0: the metrics' sum stays right
         self._consumed = frontier + len(done) if self.rank == 0 else 0
 
@@ -173,7 +190,11 @@ class RecordStream(SequentialStream):
                  rank: int = 0, world_size: int = 1):
         if not records:
             raise AlignDataError("no training records")
-        super().__init__(partial(_epochs, records, seed), make, counter, rank, world_size)
+        super().__init__(make, counter, rank, world_size)
+        self.records, self.seed = records, seed
+
+    def _open(self, start: int, saved: list[tuple[int, Any]]) -> Iterator:
+        return _epochs(self.records, self.seed, start)
 
 
 def _epochs(records: list, seed: int, start: int = 0) -> Iterator:
@@ -189,70 +210,40 @@ def _epochs(records: list, seed: int, start: int = 0) -> Iterator:
 
 class MixtureStream(SequentialStream):
     """Raw WebDataset samples of the manifest's datasets, mixed by weight: each dataset read as
-    resampled shards (webdataset's ResampledShards, so it never ends), shuffled in a buffer;
-    deterministic for a given seed. Every rank draws the same sequence of sample references
-    (omni/data/tar_index.py) and reads the bytes of its own samples only, so passing over other
-    ranks' samples, or a resume's consumed ones, reads no tar data: a resume draws the same
-    shards, shuffles and mixture picks up to its position (RNG draws, no reads) and goes on."""
+    resampled shards (never ending), shuffled in a buffer; deterministic for a given seed
+    (omni/data/pipeline.py). Every rank draws the same sequence of sample references
+    (omni/data/tar_index.py) and reads the bytes of its own samples only. A resume sets the
+    pipeline's saved state (RNGs, shard cursors, buffers of references) of the latest position at
+    or before its frontier and draws the few samples from there to it (a seek: the same cost at any
+    step); without a saved state (a checkpoint written before, or a dataset webdataset reads with
+    the bytes: remote, `pipe:`, .tar.gz) it draws every sample before the frontier (a replay)."""
 
     def __init__(self, entries: list[DatasetEntry], weights: list[float], seed: int, shuffle_buffer: int,
                  make: Callable[[dict], Any], counter: SkipCounter, rank: int = 0, world_size: int = 1):
-        def samples(start: int) -> Iterator[dict]:
-            out = mixture_samples(entries, weights, seed, shuffle_buffer, counter.handler)
-            for _ in range(start):
-                next(out)
-            return out
+        super().__init__(lambda sample: make(load(sample)), counter, rank, world_size)
+        self.entries, self.weights, self.seed, self.shuffle_buffer = entries, weights, seed, shuffle_buffer
 
-        super().__init__(samples, lambda sample: make(load(sample)), counter, rank, world_size)
+    def _open(self, start: int, saved: list[tuple[int, Any]]) -> Mixer:
+        mixer = mixture_samples(self.entries, self.weights, self.seed, self.shuffle_buffer, self.counter.handler)
+        at = max((p for p, _ in saved if p <= start), default=None)
+        if at is not None:
+            mixer.set_state(next(s for p, s in saved if p == at))
+        elif start:
+            log.info("data: the checkpoint holds no pipeline state at or before position %d (%s); replaying: drawing "
+                     "the %d samples before it again", start, "a dataset's shards are read with their bytes: remote, "
+                     "pipe: or .tar.gz" if mixer.state() is None else "written without one", start)
+        mixer.skip(start - (at or 0))
+        return mixer
 
-
-class DryShards:
-    """Resampling draws shards forever, so a dataset whose shards hold no sample (empty or unreadable
-    tars) would spin without a word: after `limit` shard draws in a row without a sample it stops the
-    run with a ConfigError naming the dataset and the last shard. Two pipeline stages share it, one
-    after the shard list and one after the tar reader; neither changes the sample sequence."""
-
-    def __init__(self, entry: DatasetEntry):
-        self.name, self.dry, self.last = entry.name, 0, "?"
-        self.limit = 50 + 2 * len(wds.shardlists.expand_urls(entry.urls))
-
-    def shards(self, src: Iterator[dict]) -> Iterator[dict]:
-        for shard in src:
-            self.dry += 1
-            self.last = shard.get("url", "?")
-            if self.dry > self.limit:
-                raise ConfigError(f"dataset {self.name}: {self.limit} shard reads in a row gave no sample "
-                                  f"(last: {self.last}); its shards are empty or unreadable: fix the manifest's urls")
-            yield shard
-
-    def samples(self, src: Iterator[dict]) -> Iterator[dict]:
-        for sample in src:
-            self.dry = 0
-            yield sample
+    def _reader_state(self) -> Any:
+        return self.samples.state()
 
 
 def mixture_samples(entries: list[DatasetEntry], weights: list[float], seed: int, shuffle_buffer: int,
-                    handler) -> Iterator[dict]:
+                    handler) -> Mixer:
     """Endless raw samples of all ranks together (MixtureStream's sequence before the rank's share);
     `handler`: webdataset's, for corrupt shards and members."""
-    pipes = []
-    for i, entry in enumerate(entries):
-        dry = DryShards(entry)
-        pipes.append(wds.DataPipeline(
-            # worker_seed: the same shard sequence on every rank (ranks stride over it)
-            wds.ResampledShards(entry.urls, seed=seed * 1000 + i, deterministic=True, worker_seed=lambda: 0),
-            dry.shards,
-            tar_samples(handler),
-            dry.samples,
-            wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 1000 + i)),
-        ))
-    return mix_by_weight([iter(p) for p in pipes], weights, random.Random(seed))
-
-
-def mix_by_weight(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
-    """Endless samples, each from a stream drawn by weight with `rng` (wds.RandomMix draws from the
-    global `random`, so it could not be seeded per stream)."""
-    total = sum(weights)
-    probs = [w / total for w in weights]
-    while True:
-        yield next(streams[rng.choices(range(len(streams)), probs)[0]])
+    readers = [Reader(Resampled(entry.urls, seed * 1000 + i), shuffle_buffer, random.Random(seed * 1000 + i), handler,
+                      DryShards(entry))
+               for i, entry in enumerate(entries)]
+    return Mixer(readers, weights, random.Random(seed))

@@ -1,5 +1,6 @@
 """Where every sample of a local `.tar` shard lies, so a stream hands out references and reads a
-sample's bytes only when it is made: passing over consumed samples on resume reads no tar data.
+sample's bytes only when it is made (omni/data/pipeline.py): passing over other ranks' samples, or
+a replayed resume's consumed ones, reads no tar data.
 
 A shard's index lists its samples as webdataset groups them (its own `group_by_keys`), each member
 as (offset, size) of its bytes, from the tar headers alone (tarfile seeks over the payloads). It is
@@ -7,7 +8,7 @@ built once per shard and cached under $XDG_CACHE_HOME/omni/tar-index (written at
 by the shard's path and valid while its size and mtime stay the same. A damaged shard keeps the
 samples before the damage and its one-line reason, which the stream reports, as a read error, each
 time it reads the shard. Shards that are not local uncompressed tars (URLs, `pipe:`, .tar.gz) are
-read by webdataset's own reader, with their bytes in the samples.
+read by webdataset's own reader, with their bytes in the samples (`seekable` tells them apart).
 """
 from __future__ import annotations
 
@@ -17,12 +18,11 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import webdataset as wds
 from webdataset.tariterators import group_by_keys
 
 SKIP_META = re.compile(r"__[^/]*__($|/)")  # tar_file_iterator's: webdataset's metadata members
@@ -120,23 +120,6 @@ def _save(cache: Path, content: dict) -> None:
         os.replace(f.name, cache)
     except OSError:
         pass
-
-
-def tar_samples(handler: Callable[[Exception], bool]) -> Callable[[Iterator[dict]], Iterator[dict]]:
-    """Pipeline stage in place of wds.tarfile_to_samples: each shard's samples, as references for
-    local tars (`load` reads them) and with their bytes otherwise; a damaged shard's reasons go to
-    `handler` after its readable samples, each time the shard is read."""
-    def stage(shards: Iterator[dict]) -> Iterator[dict]:
-        for shard in shards:
-            url = shard["url"]
-            if not seekable(url):
-                yield from wds.tariterators.tarfile_samples(iter([shard]), handler=handler)
-                continue
-            index = shard_index(url)
-            yield from index.samples  # shared, never changed: `load` makes the sample a new dict
-            for why in index.errors:
-                handler(ShardReadError(why))
-    return stage
 
 
 def load(sample: dict) -> dict:

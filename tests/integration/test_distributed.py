@@ -156,7 +156,7 @@ def test_shard_partition_with_decode_workers_resumes_step_for_step(tiny_corpus, 
     run resumes every worker's stream where it stopped (loss curve and weights step for step)."""
     _train(tmp_path / "straight", tiny_corpus, *SHARD, nproc=2)
     killed = _kill_and_resume(tiny_corpus, tmp_path, *SHARD, straight=tmp_path / "straight", kill_after=4)
-    state = torch.load(killed / "checkpoints/step-00000008/trainer_state.pt", weights_only=False)
+    state = torch.load(killed / "checkpoints/step-00000008/trainer_state.pt", weights_only=True)
     assert [s["workers"] for s in state["samples"]] == [2, 2]  # per rank: per-worker positions
     assert all(sum(s["consumed"]) >= 8 * 2 for s in state["samples"])
     losses = _losses(tmp_path / "straight")

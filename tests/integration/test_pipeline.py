@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -34,14 +35,18 @@ def test_stage_trains_logs_and_writes_a_loadable_model(tmp_path, tiny_corpus):
     assert not list((tmp_path / "run").glob(".final.tmp-*"))  # atomic write leaves no temp dirs
 
 
-def test_resume_from_a_mid_run_checkpoint_is_exact(tmp_path, tiny_corpus):
+def test_resume_from_a_mid_run_checkpoint_is_exact(tmp_path, tiny_corpus, caplog):
     args = ("init_from=null", "steps=6", "checkpoint.interval=3", "checkpoint.keep=1")
     straight = train_stage(_stage("1f_omni_alignment.yaml", tiny_corpus, *args), tmp_path / "a", progress=False)
     # run b: same config; then throw away its end state and resume from its step-3 checkpoint
     train_stage(_stage("1f_omni_alignment.yaml", tiny_corpus, *args), tmp_path / "b", progress=False)
     assert [p.name for p in (tmp_path / "b/checkpoints").iterdir()] == ["step-00000003"]
+    state = torch.load(tmp_path / "b/checkpoints/step-00000003/trainer_state.pt", weights_only=True)
+    assert state["samples"][0]["reader"]["read"] == 3 * 4  # the data pipeline's state: the resume seeks
     shutil.rmtree(tmp_path / "b/final")
-    resumed = train_stage(_stage("1f_omni_alignment.yaml", tiny_corpus, *args), tmp_path / "b", progress=False)
+    with caplog.at_level(logging.INFO):
+        resumed = train_stage(_stage("1f_omni_alignment.yaml", tiny_corpus, *args), tmp_path / "b", progress=False)
+    assert "resumed" in caplog.text and "replaying" not in caplog.text
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:

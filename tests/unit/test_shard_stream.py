@@ -15,7 +15,8 @@ from omni.config import ConfigError
 from omni.data.config import DataConfig
 from omni.data.loader import SkipCounter, TooManyBadSamples, decode_sample
 from omni.data.manifest import DatasetEntry, load_manifest
-from omni.data.sharded import ShardStream, take_every
+from omni.data.pipeline import take_every
+from omni.data.sharded import ShardStream
 from omni.data.stream import MixtureStream, RecordStream
 from omni.data.training import training_stream
 from omni.model.processor import OmniProcessor
