@@ -56,15 +56,18 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}  # freed tensors leave the r
 class Row:
     config: str                    # a stage or align config, relative to the repository
     overrides: tuple[str, ...]     # the stage's engine and precision
-    media: str                     # each sample's: image (one tile), tiles (AnyRes 2x2 + thumbnail), audio (30 s), pairs (text)
+    # each sample's media: image (one tile), tiles (AnyRes 2x2 + thumbnail), audio (one 30 s window),
+    # omni (an image, a video of max_frames frames and max_windows audio windows: every modality's
+    # parameters get gradients), pairs (text preference pairs)
+    media: str
     model: tuple[str, ...] = ()    # model overrides on top of WIDE (the towers' real widths)
 
 
 TINY, ALIGN = "stages/tiny/", "omni/align/configs/"
 ROWS = {
-    "sft ddp fp32": Row(TINY + "2_sft.yaml", ("engine=ddp", "precision=fp32"), "image"),
-    "sft fsdp2 fp32": Row(TINY + "2_sft.yaml", ("engine=fsdp2", "precision=fp32"), "image"),
-    "sft zero2 fp32": Row(TINY + "2_sft.yaml", ("engine=deepspeed", "zero_stage=2", "precision=fp32"), "image"),
+    "sft ddp fp32": Row(TINY + "2_sft.yaml", ("engine=ddp", "precision=fp32"), "omni"),
+    "sft fsdp2 fp32": Row(TINY + "2_sft.yaml", ("engine=fsdp2", "precision=fp32"), "omni"),
+    "sft zero2 fp32": Row(TINY + "2_sft.yaml", ("engine=deepspeed", "zero_stage=2", "precision=fp32"), "omni"),
     "projector ddp bf16": Row(TINY + "1a_image_projector.yaml", ("engine=ddp", "precision=bf16"), "image"),
     "dpo ddp fp32": Row(ALIGN + "tiny_dpo.yaml", ("engine=ddp", "precision=fp32", "dpo.precompute_ref=false"),
                         "pairs"),
@@ -113,14 +116,17 @@ def _samples(row: Row, model, proc, texts, rng, objective):
     if row.media == "pairs":
         return [objective.make({"prompt": t[: len(t) // 3], "chosen": t[len(t) // 3:], "rejected": t[: len(t) // 2],
                                 "__where__": f"pair {i}"}) for i, t in enumerate(texts)]
-    side = model.encoders["image"].image_size
-    media = {  # AnyRes: a square image twice the tile picks the 2x2 grid (+ thumbnail)
-        "image": lambda: {"image": [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))]},
-        "tiles": lambda: {"image": [Image.fromarray(rng.integers(0, 256, (2 * side, 2 * side, 3), dtype=np.uint8))]},
-        "audio": lambda: {"audio": [(0.1 * rng.standard_normal(model.encoders["audio"].window_samples))
-                                    .astype(np.float32)]},
+    side, cfg = model.encoders["image"].image_size, model.config
+    picture = lambda n: Image.fromarray(rng.integers(0, 256, (n, n, 3), dtype=np.uint8))  # noqa: E731
+    sound = lambda windows: (0.1 * rng.standard_normal(  # noqa: E731
+        windows * model.encoders["audio"].window_samples)).astype(np.float32)
+    media, tag = {  # AnyRes: a square image twice the tile picks the 2x2 grid (+ thumbnail)
+        "image": (lambda: {"image": [picture(side)]}, "<image>"),
+        "tiles": (lambda: {"image": [picture(2 * side)]}, "<image>"),
+        "audio": (lambda: {"audio": [sound(1)]}, "<audio>"),
+        "omni": (lambda: {"image": [picture(side)], "video": [[picture(side) for _ in range(cfg.video.max_frames)]],
+                          "audio": [sound(cfg.audio.max_windows)]}, "<image> <video> <audio>"),
     }[row.media]
-    tag = "<audio>" if row.media == "audio" else "<image>"
     return [proc([{"role": "user", "content": f"{tag} " + t[: len(t) // 4]},
                   {"role": "assistant", "content": t[len(t) // 4:]}], media()) for t in texts]
 
@@ -212,7 +218,8 @@ def planned(row: Row, seq_len: int, model_dir: str | None = None):
     from omni.train.engines import stage_layout
 
     cfg = stage_config(row, model_dir)
-    kind = {"image": "image", "tiles": "image", "audio": "audio", "pairs": "text"}[row.media]
+    kind = {"image": "image", "tiles": "image", "audio": "audio", "omni": "image+video+audio",
+            "pairs": "text"}[row.media]
     names = list(cfg.data.datasets) or ["records"]
     with tempfile.TemporaryDirectory() as d:
         stats = Path(d) / "stats.json"
@@ -238,8 +245,8 @@ def main() -> None:
             row = ROWS[name]
             if row.config.startswith(ALIGN) and model_dir is None:
                 model_dir = str(Path(scratch) / "wide")
-                subprocess.run([sys.executable, "-c", f"import bench.plan_vs_measured as m; m.save_wide_model({model_dir!r})"],
-                               cwd=ROOT, check=True, env=env)
+                save = f"import bench.plan_vs_measured as m; m.save_wide_model({model_dir!r})"
+                subprocess.run([sys.executable, "-c", save], cwd=ROOT, check=True, env=env)
             folder = model_dir if row.config.startswith(ALIGN) else None
             call = f"measure(m.ROWS[{name!r}], {args.tokens}, {args.steps}, {args.threads}, {folder!r})"
             code = f"import json, bench.plan_vs_measured as m; print(json.dumps(m.{call}))"
