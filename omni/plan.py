@@ -32,7 +32,8 @@ Accounting as omni's engines hold memory (bytes; N = data-parallel GPUs):
   `micro_batch` samples and all their media; a tower none of whose parameters train keeps none:
   its input needs no gradient, so autograd records nothing there):
   s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit (Korthikanti et al. 2022, "Reducing Activation
-  Recomputation", no sequence parallelism; the 5*a*s/h score term only for eager attention), or
+  Recomputation", no sequence parallelism; the 5*a*s/h score term only for eager attention; their
+  34 holds 19 for a 4h GELU MLP, which a SwiGLU LLM MLP of width r*h replaces by 2 + 8r), or
   2*s*b*h per layer plus one full layer with activation checkpointing;
   doubled in fp32;
 - logits: b*s*V*4 bytes (the fp32 logits the loss reads), or, above `CHUNKED_ABOVE_LOGITS`, one
@@ -111,13 +112,26 @@ class Plan:
         return "\n".join(lines)
 
 
+KORTHIKANTI_MLP = 19  # values per token and hidden unit a 4h GELU MLP keeps (of Korthikanti et al.'s 34)
+
+
+def gated_mlp_values(hidden: int, intermediate: int) -> float:
+    """Values per token and hidden unit a gated (SwiGLU) MLP of width r*h keeps in 16-bit: its input
+    (2), the gate's output, its activation, the up projection and their product (2r each). At
+    Qwen2-7B's r = 5.3 that is 44, more than twice the 4h GELU MLP's 19 Korthikanti et al. count."""
+    return 2 + 8 * intermediate / hidden
+
+
 def transformer_activation_bytes(tokens: int, batch: int, hidden: int, heads: int, layers: int,
-                                 checkpointing: bool, bytes_per_value: int, attention_scores: bool) -> float:
-    """Korthikanti et al. per-layer activation memory, scaled from 16-bit to the given width.
-    Fused attention kernels (FlashAttention, SDPA's memory-efficient path) never store the
-    a*s*s score matrix, so its 5*a*s/h term counts only for eager attention."""
+                                 checkpointing: bool, bytes_per_value: int, attention_scores: bool,
+                                 mlp: float = KORTHIKANTI_MLP) -> float:
+    """Korthikanti et al. per-layer activation memory, scaled from 16-bit to the given width: 34
+    values per token and hidden unit, 15 of attention and norms and `mlp` of the MLP (19 for their
+    4h GELU MLP; `gated_mlp_values` for a SwiGLU one). Fused attention kernels (FlashAttention,
+    SDPA's memory-efficient path) never store the a*s*s score matrix, so its 5*a*s/h term counts
+    only for eager attention."""
     scores = 5 * heads * tokens / hidden if attention_scores else 0
-    full_layer = tokens * batch * hidden * (34 + scores) * bytes_per_value / 2
+    full_layer = tokens * batch * hidden * (34 - KORTHIKANTI_MLP + mlp + scores) * bytes_per_value / 2
     if checkpointing:
         return layers * 2 * tokens * batch * hidden * bytes_per_value / 2 + full_layer
     return layers * full_layer
@@ -172,8 +186,10 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     vis_heads = next(getattr(m, "num_heads") for m in image.modules() if hasattr(m, "num_heads"))
     audio = model.encoders["audio"].encoder
     eager = model.config.llm.attn_implementation == "eager"
-    act = transformer_activation_bytes(tokens, b, llm.hidden_size, llm.num_attention_heads,
-                                       llm.num_hidden_layers, ckpt, width, eager)
+    gated = hasattr(model.llm.get_decoder().layers[0].mlp, "gate_proj")  # Qwen2, Llama: SwiGLU
+    act = transformer_activation_bytes(tokens, b, llm.hidden_size, llm.num_attention_heads, llm.num_hidden_layers,
+                                       ckpt, width, eager, gated_mlp_values(llm.hidden_size, llm.intermediate_size)
+                                       if gated else KORTHIKANTI_MLP)
     images, windows = media_per_micro_batch(model, samples, b, tokens, modalities)
     # a tower keeps activations for backward only when something in it trains: a frozen tower's
     # input (pixels, mel frames) needs no gradient, so autograd records nothing there
@@ -245,7 +261,7 @@ def autocast_copies(model, trains, adapted: set, rank: int, engine: str) -> int:
     layers and the root in bf16 already: only the towers' are cast there."""
     count = 0
     for name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.Embedding, torch.nn.LayerNorm)) or "norm" in type(mod).__name__.lower():
+        if isinstance(mod, torch.nn.Embedding) or type(mod).__name__.endswith(("Norm", "NormFp32")):
             continue
         if engine == "fsdp2" and not name.startswith("encoders."):
             continue

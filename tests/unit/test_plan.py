@@ -313,3 +313,16 @@ def test_zero2_holds_an_fp32_master_partition_and_its_reduction_buckets():
     assert _rows(cpu)["gradient"] == pytest.approx(4 * p / GIB)
     assert cpu.step == [("AdamW per-tensor temporaries (fp32)", pytest.approx(8 * p / GIB))]
     assert "master" not in _rows(plan_stage(cfg, 4, 80, "zero3", 64))
+
+
+def test_a_swiglu_llm_mlp_keeps_2_plus_8r_values_per_token():
+    """The LLM's gated MLP keeps its input and four r*h-wide tensors (gate, its SiLU, up, their
+    product): widening it from r = 4 to 8 adds 8 * 4 = 32 values per token and hidden unit per
+    layer, by hand on tiny 2_sft (2 layers, 32 rows of 256 tokens, h = 128, fp32: 2 x 16 bits)."""
+    def llm_activations(intermediate):
+        cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml", ["activation_checkpointing=false"])
+        cfg.model_overrides += [f"llm.hf_config.intermediate_size={intermediate}"]
+        return _rows(plan_stage(cfg, 1, 80, "ddp", 256))["activations"]
+
+    assert meta_model("tiny").llm.config.hidden_size == 128
+    assert llm_activations(1024) - llm_activations(512) == pytest.approx(2 * 256 * 32 * 128 * 32 * 2 / GIB)
