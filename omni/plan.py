@@ -186,7 +186,7 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     vis_heads = next(getattr(m, "num_heads") for m in image.modules() if hasattr(m, "num_heads"))
     audio = model.encoders["audio"].encoder
     eager = model.config.llm.attn_implementation == "eager"
-    gated = hasattr(model.llm.get_decoder().layers[0].mlp, "gate_proj")  # Qwen2, Llama: SwiGLU
+    gated = any(hasattr(m, "gate_proj") for m in model.llm.modules())  # Qwen2, Llama: a SwiGLU MLP
     act = transformer_activation_bytes(tokens, b, llm.hidden_size, llm.num_attention_heads, llm.num_hidden_layers,
                                        ckpt, width, eager, gated_mlp_values(llm.hidden_size, llm.intermediate_size)
                                        if gated else KORTHIKANTI_MLP)
