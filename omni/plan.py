@@ -9,6 +9,16 @@ Accounting as omni's engines hold memory (bytes; N = data-parallel GPUs):
 - gradients: 4 bytes per trainable parameter (fp32, like the parameters);
 - optimizer: AdamW's two fp32 moments, 8 bytes per trainable parameter (no separate master copy:
   the fp32 parameters are it) — 16 bytes per trainable parameter in all, as in ZeRO's accounting;
+  but DeepSpeed's ZeRO-2 steps an fp32 clone of its partition of the flattened weights (4 more
+  bytes per trainable parameter, sharded; ZeRO-3 under autocast steps the partition itself), and
+  its gradients pass through two fp32 reduction buckets of `reduce_bucket_size` elements
+  (allocated whole on a GPU; on a CPU resident where gradients were copied in: one bucket's worth);
+- autocast's bf16 copies (bf16 stages): autocast caches the bf16 cast of every fp32 trainable
+  weight a matmul reads, and backward keeps it: 2 bytes per such weight, of the whole (gathered)
+  weight (FSDP2's bf16 policy gathers the LLM and root in bf16 already: the towers' only);
+- the optimizer step is a phase of its own: activations are freed, the weights, gradients and
+  optimizer state stay, and AdamW adds its temporaries (`optimizer_step_temporaries`: foreach on
+  CUDA, 4 bytes per trainable parameter; per tensor on CPU); the plan's total is the larger phase;
 - sharding: ddp replicates everything; ZeRO-2 shards gradients and optimizer state; ZeRO-3 and
   FSDP2 also shard the weights (each across N), and then hold gathered copies while a unit runs
   (in buffers of their own: on one process too):
@@ -19,18 +29,22 @@ Accounting as omni's engines hold memory (bytes; N = data-parallel GPUs):
   over its `audio.max_windows` windows, no more than the row's tokens hold (`media_per_micro_batch`);
   with an `omni data stats` file, only the media kinds the stage's datasets hold, and their longest
   sample as the row length; a packed micro-batch is one row of `tokens_per_pack` tokens holding
-  `micro_batch` samples and all their media):
+  `micro_batch` samples and all their media; a tower none of whose parameters train keeps none:
+  its input needs no gradient, so autograd records nothing there):
   s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit (Korthikanti et al. 2022, "Reducing Activation
-  Recomputation", no sequence parallelism; the 5*a*s/h score term only for eager attention), or
+  Recomputation", no sequence parallelism; the 5*a*s/h score term only for eager attention; their
+  34 holds 19 for a 4h GELU MLP, which a SwiGLU LLM MLP of width r*h replaces by 2 + 8r), or
   2*s*b*h per layer plus one full layer with activation checkpointing;
   doubled in fp32;
 - logits: b*s*V*4 bytes (the fp32 logits the loss reads), or, above `CHUNKED_ABOVE_LOGITS`, one
   chunk's fp32 logits and their gradient (omni/model/lm_loss.py);
-- preference objectives (dpo, rm): a micro-batch of b pairs is 2b rows (chosen, then rejected);
+- preference objectives (dpo, rm): a micro-batch of b pairs is 2b rows (chosen, then rejected),
+  whose sequence log-probs read the whole rows' fp32 logits (never chunked);
   DPO's reference model (`dpo.reference` or `init_from`, not for reference-free losses) is loaded
   whole in fp32 on every process (omni/align/objectives/dpo.py): with `dpo.precompute_ref` it
   scores the pairs before training and is freed (a phase of its own: the plan's total is the larger
-  of the two phases), else it stays next to the policy through training.
+  of the two phases), else it stays next to the policy through training, its logits of the same
+  rows next to the policy's.
 It is an estimate (no allocator fragmentation, no temporary buffers): keep ~10% headroom.
 
 The model planned is the stage's own (its preset with `model_overrides`, or its `init_from` folder),
@@ -58,18 +72,25 @@ from omni.train.lora import target_modules
 from omni.train.qlora import NF4_BYTES, base_linears
 
 GIB = 1024 ** 3
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce_bucket_size (omni's config keeps it)
 PAIRED = ("dpo", "rm")  # objectives whose micro-batch of b pairs is 2b rows (omni/align/objectives/pairs.py)
 
 
 @dataclass
 class Plan:
-    rows: list[tuple[str, float]]   # (component, GiB per GPU) while training
+    rows: list[tuple[str, float]]   # (component, GiB per GPU) from forward through backward
     gpu_gib: float
     before: list[tuple[str, float]] = field(default_factory=list)  # a phase before training (DPO's reference)
+    held: int = 0                   # the first `held` rows stay through the optimizer step
+    step: list[tuple[str, float]] = field(default_factory=list)  # what the optimizer step adds to them
+
+    @property
+    def step_total(self) -> float:
+        return sum(v for _, v in self.rows[:self.held]) + sum(v for _, v in self.step)
 
     @property
     def total(self) -> float:
-        return max(sum(v for _, v in self.rows), sum(v for _, v in self.before))
+        return max(sum(v for _, v in self.rows), sum(v for _, v in self.before), self.step_total)
 
     @property
     def fits(self) -> bool:
@@ -81,30 +102,48 @@ class Plan:
             lines += [f"{'before: ' + name:<48}{gib:>10.2f}" for name, gib in self.before]
             lines.append(f"{'(freed before training)':<48}{sum(v for _, v in self.before):>10.2f}")
         lines += [f"{name:<48}{gib:>10.2f}" for name, gib in self.rows]
+        if self.step:
+            lines.append(f"{'(forward and backward)':<48}{sum(v for _, v in self.rows):>10.2f}")
+            lines += [f"{'step: ' + name:<48}{gib:>10.2f}" for name, gib in self.step]
+            lines.append(f"{'(optimizer step: held rows + its own)':<48}{self.step_total:>10.2f}")
         lines.append(f"{'total':<48}{self.total:>10.2f}")
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"{verdict} in {self.gpu_gib:g} GiB (90% usable)")
         return "\n".join(lines)
 
 
+KORTHIKANTI_MLP = 19  # values per token and hidden unit a 4h GELU MLP keeps (of Korthikanti et al.'s 34)
+
+
+def gated_mlp_values(hidden: int, intermediate: int) -> float:
+    """Values per token and hidden unit a gated (SwiGLU) MLP of width r*h keeps in 16-bit: its input
+    (2), the gate's output, its activation, the up projection and their product (2r each). At
+    Qwen2-7B's r = 5.3 that is 44, more than twice the 4h GELU MLP's 19 Korthikanti et al. count."""
+    return 2 + 8 * intermediate / hidden
+
+
 def transformer_activation_bytes(tokens: int, batch: int, hidden: int, heads: int, layers: int,
-                                 checkpointing: bool, bytes_per_value: int, attention_scores: bool) -> float:
-    """Korthikanti et al. per-layer activation memory, scaled from 16-bit to the given width.
-    Fused attention kernels (FlashAttention, SDPA's memory-efficient path) never store the
-    a*s*s score matrix, so its 5*a*s/h term counts only for eager attention."""
+                                 checkpointing: bool, bytes_per_value: int, attention_scores: bool,
+                                 mlp: float = KORTHIKANTI_MLP) -> float:
+    """Korthikanti et al. per-layer activation memory, scaled from 16-bit to the given width: 34
+    values per token and hidden unit, 15 of attention and norms and `mlp` of the MLP (19 for their
+    4h GELU MLP; `gated_mlp_values` for a SwiGLU one). Fused attention kernels (FlashAttention,
+    SDPA's memory-efficient path) never store the a*s*s score matrix, so its 5*a*s/h term counts
+    only for eager attention."""
     scores = 5 * heads * tokens / hidden if attention_scores else 0
-    full_layer = tokens * batch * hidden * (34 + scores) * bytes_per_value / 2
+    full_layer = tokens * batch * hidden * (34 - KORTHIKANTI_MLP + mlp + scores) * bytes_per_value / 2
     if checkpointing:
         return layers * 2 * tokens * batch * hidden * bytes_per_value / 2 + full_layer
     return layers * full_layer
 
 
 def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None = None, seq_len: int = 4096,
-               stats: str | Path | None = None) -> Plan:
+               stats: str | Path | None = None, device: str = "cuda") -> Plan:
     """`engine`: a memory layout of omni/train/engines.py (`LAYOUTS`: what each shards over the N
     GPUs); None: the stage's own (`engine`, `zero_stage`). `stats`: an `omni data stats` stats.json
     of the stage's data: its datasets' longest sample is the unpacked `seq_len`, and only the media
-    kinds they hold are planned (`stats_for_stage`)."""
+    kinds they hold are planned (`stats_for_stage`). `device`: where the steps run ("cuda", or
+    "cpu": the optimizer's temporaries differ, `optimizer_step_temporaries`)."""
     modalities = MEDIA_KINDS
     if stats is not None:
         seq_len, modalities = stats_for_stage(cfg, stats)
@@ -121,8 +160,8 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     weight_bytes = sum(p.numel() * (4 if trains(f"{m}.{n}".lstrip(".")) or computes_in_fp32(mod) else frozen_bytes)
                        for m, mod in model.named_modules() for n, p in mod.named_parameters(recurse=False))
     weights_label = "fp32" + (", frozen bf16" if frozen_bytes == 2 and trainable < total else "")
+    adapted = set(target_modules(model, cfg.lora.targets)) if cfg.lora.enabled else set()
     if cfg.lora.enabled:  # the adapters train; a QLoRA base holds the LLM's Linear weights in NF4
-        adapted = set(target_modules(model, cfg.lora.targets))
         adapters = sum(cfg.lora.rank * (m.in_features + m.out_features)
                        for name, m in model.named_modules() if name in adapted)
         trainable += adapters
@@ -147,9 +186,16 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     vis_heads = next(getattr(m, "num_heads") for m in image.modules() if hasattr(m, "num_heads"))
     audio = model.encoders["audio"].encoder
     eager = model.config.llm.attn_implementation == "eager"
-    act = transformer_activation_bytes(tokens, b, llm.hidden_size, llm.num_attention_heads,
-                                       llm.num_hidden_layers, ckpt, width, eager)
+    gated = any(hasattr(m, "gate_proj") for m in model.llm.modules())  # Qwen2, Llama: a SwiGLU MLP
+    act = transformer_activation_bytes(tokens, b, llm.hidden_size, llm.num_attention_heads, llm.num_hidden_layers,
+                                       ckpt, width, eager, gated_mlp_values(llm.hidden_size, llm.intermediate_size)
+                                       if gated else KORTHIKANTI_MLP)
     images, windows = media_per_micro_batch(model, samples, b, tokens, modalities)
+    # a tower keeps activations for backward only when something in it trains: a frozen tower's
+    # input (pixels, mel frames) needs no gradient, so autograd records nothing there
+    tower_trains = {kind: any(trains(n) for n in names if n.startswith(f"encoders.{kind}."))
+                    or any(a.startswith(f"encoders.{kind}.") for a in adapted) for kind in ("image", "audio")}
+    images, windows = images * tower_trains["image"], windows * tower_trains["audio"]
     act += transformer_activation_bytes(image.num_patches, images, image.out_dim, vis_heads,
                                         len(vis_blocks), ckpt, width, eager)
     act += transformer_activation_bytes(audio.positional_embedding.shape[0], windows, model.encoders["audio"].out_dim,
@@ -159,21 +205,70 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
         ("gradients (fp32)", trainable * 4 / shard_g / GIB),
         ("optimizer (AdamW moments)", trainable * 8 / shard_o / GIB),
     ]
-    if LAYOUTS[engine][0]:  # gathered into buffers of their own, one process too
+    if engine == "zero2":  # DeepSpeed's ZeRO-2 steps an fp32 clone of its partition, not the module's weights
+        rows.append(("master weights (ZeRO-2's fp32 partition)", trainable * 4 / shard_o / GIB))
+        # gradients pass through its two reduction buckets (overlap_comm) on their way to the partition:
+        # allocated whole on a GPU, resident on a CPU only where gradients were copied in
+        bucket = 2 * DEEPSPEED_REDUCE_BUCKET if device == "cuda" else min(trainable, DEEPSPEED_REDUCE_BUCKET)
+        rows.append(("gradient reduction buckets (fp32)", 4 * bucket / GIB))
+    dpo_reference = cfg.method == "dpo" and cfg.dpo.loss_type not in REFERENCE_FREE
+    reference = ("reference model (fp32, whole)", 4 * total / GIB)  # the policy's architecture
+    if dpo_reference and not cfg.dpo.precompute_ref:  # held next to the policy through training
+        rows.append(reference)
+    held = len(rows)
+    if LAYOUTS[engine][0]:  # gathered into buffers of their own, one process too; freed by the optimizer step
         gathered = 2 if engine == "fsdp2" and cfg.precision == "bf16" else 4
         rows.append(("gathered units (root + 2 largest)", _gathered_params(model) * gathered / GIB))
+    step = [optimizer_step_temporaries(model, trains, adapted, cfg.lora.rank, engine, shard_o, device)]
+    if cfg.precision == "bf16":  # autocast keeps a bf16 copy of every fp32 trainable matmul weight it casts
+        cast = autocast_copies(model, trains, adapted, cfg.lora.rank, engine)
+        rows.append(("bf16 copies of trainable weights (autocast)", 2 * cast / GIB))  # of gathered weights: whole
     logits = b * tokens * llm.vocab_size
-    logits_row = (("logits (fp32, chunked)", 2 * CHUNK_LOGITS * 4 / GIB) if logits > CHUNKED_ABOVE_LOGITS
-                  else ("logits (fp32)", logits * 4 / GIB))
+    if cfg.method in PAIRED:  # sequence log-probs read every row's whole logits (no labels: no chunked loss)
+        logits_row = ("logits (fp32, whole rows)", logits * 4 / GIB)
+    elif logits > CHUNKED_ABOVE_LOGITS:
+        logits_row = ("logits (fp32, chunked)", 2 * CHUNK_LOGITS * 4 / GIB)
+    else:
+        logits_row = ("logits (fp32)", logits * 4 / GIB)
     rows += [(f"activations (b={b}, {tokens} tok, {images} img, {windows} aud)", act / GIB), logits_row]
     before = []
-    if cfg.method == "dpo" and cfg.dpo.loss_type not in REFERENCE_FREE:
-        reference = ("reference model (fp32, whole)", 4 * total / GIB)  # the policy's architecture
-        if cfg.dpo.precompute_ref:
-            before = [reference, logits_row]   # no-grad scoring: its logits, no activations kept
-        else:
-            rows.append(reference)
-    return Plan(rows, gpu_gib, before)
+    if dpo_reference and cfg.dpo.precompute_ref:
+        before = [reference, logits_row]   # no-grad scoring: its logits, no activations kept
+    elif dpo_reference:  # its logits of the same rows next to the policy's
+        rows.append(("reference's logits (fp32, whole rows)", logits_row[1]))
+    return Plan(rows, gpu_gib, before, held, step)
+
+
+def optimizer_step_temporaries(model, trains, adapted: set, rank: int, engine: str, shards: int,
+                               device: str) -> tuple[str, float]:
+    """AdamW's temporaries while it steps (activations are freed by then): torch's AdamW runs
+    foreach over each parameter group on CUDA, so its sqrt of the second moment is one temporary
+    per trainable parameter (4 bytes each, of this rank's shard); elsewhere (CPU) it runs one tensor
+    at a time, two temporaries (the sqrt and its quotient) of the largest tensor. DeepSpeed hands
+    the optimizer one flat fp32 partition per group: that is the largest tensor there."""
+    sizes = [p.numel() for n, p in model.named_parameters() if trains(n)]
+    sizes += [rank * max(m.in_features, m.out_features) for n, m in model.named_modules() if n in adapted]
+    if device == "cuda":
+        return "AdamW foreach temporaries (fp32)", 4 * sum(sizes) / shards / GIB
+    largest = sum(sizes) if engine.startswith("zero") else max(sizes, default=0)
+    return "AdamW per-tensor temporaries (fp32)", 2 * 4 * largest / shards / GIB
+
+
+def autocast_copies(model, trains, adapted: set, rank: int, engine: str) -> int:
+    """Parameters autocast casts to bf16 and keeps (its cache holds casts of fp32 leaf tensors that
+    require grad; autograd keeps them for backward): trainable weights and biases of the matmul
+    layers (not embeddings, not norms) and LoRA adapters. FSDP2's bf16 policy gathers the LLM
+    layers and the root in bf16 already: only the towers' are cast there."""
+    count = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Embedding) or type(mod).__name__.endswith(("Norm", "NormFp32")):
+            continue
+        if engine == "fsdp2" and not name.startswith("encoders."):
+            continue
+        count += sum(p.numel() for n, p in mod.named_parameters(recurse=False) if trains(f"{name}.{n}".lstrip(".")))
+        if name in adapted:
+            count += rank * (mod.in_features + mod.out_features)
+    return count
 
 
 MEDIA_KINDS = ("image", "video", "audio")

@@ -139,9 +139,44 @@ def test_dpo_plans_pairs_and_its_reference_model():
     assert "reference" not in _rows(pre) and pre.total == pytest.approx(max(sum(v for _, v in pre.rows),
                                                                             sum(v for _, v in pre.before)))
     assert _rows(held)["reference"] == pytest.approx(4 * p / GIB)
-    assert held.total == pytest.approx(free.total + 4 * p / GIB)
+    # the reference's logits of the same rows sit next to the policy's
+    forward = lambda plan: sum(v for _, v in plan.rows)  # noqa: E731
+    assert forward(held) == pytest.approx(forward(free) + 4 * p / GIB + _rows(held)["logits"])
+    assert held.step_total == pytest.approx(free.step_total + 4 * p / GIB)  # held through the step too
     assert not free.before and "reference" not in _rows(free)
     assert "before: reference model" in pre.table()
+
+
+def test_dpo_logits_are_whole_rows_even_where_sft_would_chunk(qwen2_7b):
+    """DPO's sequence log-probs read whole fp32 logits (no labels reach the model, so no chunked
+    loss): 16 pairs = 32 rows x 4096 tokens x 152,064 vocabulary x 4 bytes, by hand."""
+    cfg, sft = (load_stage(ROOT / f"omni/align/configs/tiny_{m}.yaml", ["preset=7b", "init_from=null"])
+                for m in ("dpo", "sft"))
+    cfg.model_overrides += qwen2_7b
+    sft.model_overrides += qwen2_7b
+    assert cfg.batch.micro_batch == 16
+    plan = plan_stage(cfg, 8, 80, "fsdp2", 4096)
+    assert dict(plan.before)["logits (fp32, whole rows)"] == pytest.approx(32 * 4096 * 152064 * 4 / GIB)
+    assert _rows(plan_stage(sft, 8, 80, "fsdp2", 4096))["logits"] == pytest.approx(2 * 4 * CHUNK_LOGITS / GIB)
+
+
+def test_a_frozen_tower_keeps_no_activations():
+    """Stage 1a trains the image projector only: pixels need no gradient, so the frozen vision tower
+    records nothing for backward. Training the tower too adds its blocks' activations: by hand, 2
+    blocks x 64 patches x 128 images (32 samples x 4 video frames) x width 128 x 34 values x 4 bytes."""
+    frozen = load_stage(ROOT / "stages/tiny/1a_image_projector.yaml")
+    tower = load_stage(ROOT / "stages/tiny/1a_image_projector.yaml",
+                       ["trainable=[projectors.image.*, encoders.image.*]"])
+    model = meta_model("tiny")
+    image = model.encoders["image"]
+    assert (image.num_patches, image.out_dim, model.config.video.max_frames) == (64, 128, 4)
+    by_hand = 2 * 64 * (32 * 4) * 128 * 34 * 4 / 2
+    f = dict(plan_stage(frozen, 1, 80, "ddp", 256).rows)
+    t = dict(plan_stage(tower, 1, 80, "ddp", 256).rows)
+    (f_label, f_act), = [(k, v) for k, v in f.items() if k.startswith("activations")]
+    (t_label, t_act), = [(k, v) for k, v in t.items() if k.startswith("activations")]
+    assert " 0 img" in f_label and " 128 img" in t_label
+    assert t_act - f_act == pytest.approx(by_hand / GIB)
 
 
 def test_an_align_config_without_a_model_folder_names_the_preset_to_plan_from():
@@ -171,8 +206,9 @@ def test_media_per_micro_batch_is_what_the_processor_makes_within_the_row():
 
 
 def test_7b_video_stage_plans_its_frames(qwen2_7b):
-    """Stage 1d's packed row (4 samples) holds 4 videos of 48 frames: 192 frames through SigLIP."""
-    cfg = load_stage(ROOT / "stages/7b/1d_video.yaml")
+    """Stage 1d's packed row (4 samples) holds 4 videos of 48 frames: 192 frames through SigLIP
+    (with the tower trained: stage 1d's own frozen tower keeps none)."""
+    cfg = load_stage(ROOT / "stages/7b/1d_video.yaml", ["trainable=[projectors.video.*, encoders.image.*]"])
     cfg.model_overrides += qwen2_7b
     model = meta_model("7b", qwen2_7b)
     assert model.config.video.max_frames == 48 and cfg.batch.micro_batch == 4
@@ -225,3 +261,68 @@ def test_lora_plans_its_adapters_and_qlora_a_4bit_llm_base():
     assert adapted["weights"] - base["weights"] == pytest.approx(4 * adapters / GIB)
     assert adapted["weights"] - quantized["weights"] == pytest.approx(linear * (4 - NF4_BYTES) / GIB)
     assert quantized["optimizer"] == adapted["optimizer"]
+
+
+def test_bf16_plans_autocasts_copies_of_the_trainable_matmul_weights():
+    """Under bf16, autocast caches a bf16 copy of each fp32 trainable weight a matmul reads and backward
+    keeps it: stage 1a on ddp trains the image projector (two Linear layers): 2 bytes per parameter.
+    FSDP2's bf16 policy gathers the root (the projectors) in bf16 already: nothing to copy. fp32: none."""
+    model = meta_model("tiny")
+    proj = model.projectors["image"]
+    assert {type(m).__name__ for m in proj.modules() if any(True for _ in m.parameters(recurse=False))} == {"Linear"}
+    n = sum(p.numel() for p in proj.parameters())
+
+    def copies(*overrides):
+        cfg = load_stage(ROOT / "stages/tiny/1a_image_projector.yaml", list(overrides))
+        return dict(plan_stage(cfg, 1, 80, seq_len=64).rows).get("bf16 copies of trainable weights (autocast)")
+
+    assert copies("precision=bf16") == pytest.approx(2 * n / GIB)
+    assert copies("precision=bf16", "engine=fsdp2") == 0
+    assert copies("precision=fp32") is None
+
+
+def test_the_optimizer_step_is_a_phase_with_adams_temporaries():
+    """Activations are freed by the optimizer step; AdamW's temporaries are there instead. CUDA
+    (foreach): 4 bytes per trainable parameter; CPU (one tensor at a time): two temporaries of the
+    largest trainable tensor, 8 bytes per element. By hand on the tiny 2_sft stage (all trainable)."""
+    cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml")
+    params = [p.numel() for p in meta_model("tiny").parameters()]
+    p, largest = sum(params), max(params)
+    gpu, cpu = (plan_stage(cfg, 1, 80, "ddp", 64, device=d) for d in ("cuda", "cpu"))
+    assert gpu.step == [("AdamW foreach temporaries (fp32)", pytest.approx(4 * p / GIB))]
+    assert cpu.step == [("AdamW per-tensor temporaries (fp32)", pytest.approx(8 * largest / GIB))]
+    held = 16 * p / GIB  # weights, gradients, moments
+    assert gpu.step_total == pytest.approx(held + 4 * p / GIB)
+    assert gpu.total == pytest.approx(max(sum(v for _, v in gpu.rows), gpu.step_total))  # the larger phase
+    assert "step: AdamW foreach temporaries" in gpu.table()
+
+
+def test_zero2_holds_an_fp32_master_partition_and_its_reduction_buckets():
+    """DeepSpeed's ZeRO-2 steps an fp32 clone of its partition (4 bytes per trainable parameter / N)
+    and reduces gradients through two buckets of reduce_bucket_size fp32 elements, allocated whole
+    on a GPU; on a CPU only the gradients copied into one are resident. Its optimizer steps one flat
+    partition, so on a CPU the per-tensor temporaries are the whole partition's."""
+    from omni.plan import DEEPSPEED_REDUCE_BUCKET
+
+    cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml", ["engine=deepspeed", "zero_stage=2"])
+    p = sum(x.numel() for x in meta_model("tiny").parameters())
+    gpu = _rows(plan_stage(cfg, 4, 80, seq_len=64))
+    cpu = plan_stage(cfg, 1, 80, seq_len=64, device="cpu")
+    assert gpu["master"] == pytest.approx(4 * p / 4 / GIB)
+    assert gpu["gradient"] == pytest.approx(2 * 4 * DEEPSPEED_REDUCE_BUCKET / GIB)
+    assert _rows(cpu)["gradient"] == pytest.approx(4 * p / GIB)
+    assert cpu.step == [("AdamW per-tensor temporaries (fp32)", pytest.approx(8 * p / GIB))]
+    assert "master" not in _rows(plan_stage(cfg, 4, 80, "zero3", 64))
+
+
+def test_a_swiglu_llm_mlp_keeps_2_plus_8r_values_per_token():
+    """The LLM's gated MLP keeps its input and four r*h-wide tensors (gate, its SiLU, up, their
+    product): widening it from r = 4 to 8 adds 8 * 4 = 32 values per token and hidden unit per
+    layer, by hand on tiny 2_sft (2 layers, 32 rows of 256 tokens, h = 128, fp32: 2 x 16 bits)."""
+    def llm_activations(intermediate):
+        cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml", ["activation_checkpointing=false"])
+        cfg.model_overrides += [f"llm.hf_config.intermediate_size={intermediate}"]
+        return _rows(plan_stage(cfg, 1, 80, "ddp", 256))["activations"]
+
+    assert meta_model("tiny").llm.config.hidden_size == 128
+    assert llm_activations(1024) - llm_activations(512) == pytest.approx(2 * 256 * 32 * 128 * 32 * 2 / GIB)
