@@ -16,9 +16,9 @@ Accounting as omni's engines hold memory (bytes; N = data-parallel GPUs):
 - autocast's bf16 copies (bf16 stages): autocast caches the bf16 cast of every fp32 trainable
   weight a matmul reads, and backward keeps it: 2 bytes per such weight, of the whole (gathered)
   weight (FSDP2's bf16 policy gathers the LLM and root in bf16 already: the towers' only);
-- the optimizer step is a phase of its own: activations are freed, the weights, gradients and
-  optimizer state stay, and AdamW adds its temporaries (`optimizer_step_temporaries`: foreach on
-  CUDA, 4 bytes per trainable parameter; per tensor on CPU); the plan's total is the larger phase;
+- the optimizer step adds nothing: omni's AdamW is torch's fused kernel, which updates weights and
+  moments in place (no temporaries on CUDA or CPU; the per-tensor and foreach paths would add one
+  to three fp32 copies of a tensor or of every trainable parameter);
 - sharding: ddp replicates everything; ZeRO-2 shards gradients and optimizer state; ZeRO-3 and
   FSDP2 also shard the weights (each across N), and then hold gathered copies while a unit runs
   (in buffers of their own: on one process too):
@@ -81,16 +81,10 @@ class Plan:
     rows: list[tuple[str, float]]   # (component, GiB per GPU) from forward through backward
     gpu_gib: float
     before: list[tuple[str, float]] = field(default_factory=list)  # a phase before training (DPO's reference)
-    held: int = 0                   # the first `held` rows stay through the optimizer step
-    step: list[tuple[str, float]] = field(default_factory=list)  # what the optimizer step adds to them
-
-    @property
-    def step_total(self) -> float:
-        return sum(v for _, v in self.rows[:self.held]) + sum(v for _, v in self.step)
 
     @property
     def total(self) -> float:
-        return max(sum(v for _, v in self.rows), sum(v for _, v in self.before), self.step_total)
+        return max(sum(v for _, v in self.rows), sum(v for _, v in self.before))
 
     @property
     def fits(self) -> bool:
@@ -102,10 +96,6 @@ class Plan:
             lines += [f"{'before: ' + name:<48}{gib:>10.2f}" for name, gib in self.before]
             lines.append(f"{'(freed before training)':<48}{sum(v for _, v in self.before):>10.2f}")
         lines += [f"{name:<48}{gib:>10.2f}" for name, gib in self.rows]
-        if self.step:
-            lines.append(f"{'(forward and backward)':<48}{sum(v for _, v in self.rows):>10.2f}")
-            lines += [f"{'step: ' + name:<48}{gib:>10.2f}" for name, gib in self.step]
-            lines.append(f"{'(optimizer step: held rows + its own)':<48}{self.step_total:>10.2f}")
         lines.append(f"{'total':<48}{self.total:>10.2f}")
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"{verdict} in {self.gpu_gib:g} GiB (90% usable)")
@@ -143,7 +133,7 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     GPUs); None: the stage's own (`engine`, `zero_stage`). `stats`: an `omni data stats` stats.json
     of the stage's data: its datasets' longest sample is the unpacked `seq_len`, and only the media
     kinds they hold are planned (`stats_for_stage`). `device`: where the steps run ("cuda", or
-    "cpu": the optimizer's temporaries differ, `optimizer_step_temporaries`)."""
+    "cpu": DeepSpeed's reduction buckets are resident only where gradients were copied in)."""
     modalities = MEDIA_KINDS
     if stats is not None:
         seq_len, modalities = stats_for_stage(cfg, stats)
@@ -215,11 +205,9 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
     reference = ("reference model (fp32, whole)", 4 * total / GIB)  # the policy's architecture
     if dpo_reference and not cfg.dpo.precompute_ref:  # held next to the policy through training
         rows.append(reference)
-    held = len(rows)
     if LAYOUTS[engine][0]:  # gathered into buffers of their own, one process too; freed by the optimizer step
         gathered = 2 if engine == "fsdp2" and cfg.precision == "bf16" else 4
         rows.append(("gathered units (root + 2 largest)", _gathered_params(model) * gathered / GIB))
-    step = [optimizer_step_temporaries(model, trains, adapted, cfg.lora.rank, engine, shard_o, device)]
     if cfg.precision == "bf16":  # autocast keeps a bf16 copy of every fp32 trainable matmul weight it casts
         cast = autocast_copies(model, trains, adapted, cfg.lora.rank, engine)
         rows.append(("bf16 copies of trainable weights (autocast)", 2 * cast / GIB))  # of gathered weights: whole
@@ -236,22 +224,7 @@ def plan_stage(cfg: StageConfig, gpus: int, gpu_gib: float, engine: str | None =
         before = [reference, logits_row]   # no-grad scoring: its logits, no activations kept
     elif dpo_reference:  # its logits of the same rows next to the policy's
         rows.append(("reference's logits (fp32, whole rows)", logits_row[1]))
-    return Plan(rows, gpu_gib, before, held, step)
-
-
-def optimizer_step_temporaries(model, trains, adapted: set, rank: int, engine: str, shards: int,
-                               device: str) -> tuple[str, float]:
-    """AdamW's temporaries while it steps (activations are freed by then): torch's AdamW runs
-    foreach over each parameter group on CUDA, so its sqrt of the second moment is one temporary
-    per trainable parameter (4 bytes each, of this rank's shard); elsewhere (CPU) it runs one tensor
-    at a time, two temporaries (the sqrt and its quotient) of the largest tensor. DeepSpeed hands
-    the optimizer one flat fp32 partition per group: that is the largest tensor there."""
-    sizes = [p.numel() for n, p in model.named_parameters() if trains(n)]
-    sizes += [rank * max(m.in_features, m.out_features) for n, m in model.named_modules() if n in adapted]
-    if device == "cuda":
-        return "AdamW foreach temporaries (fp32)", 4 * sum(sizes) / shards / GIB
-    largest = sum(sizes) if engine.startswith("zero") else max(sizes, default=0)
-    return "AdamW per-tensor temporaries (fp32)", 2 * 4 * largest / shards / GIB
+    return Plan(rows, gpu_gib, before)
 
 
 def autocast_copies(model, trains, adapted: set, rank: int, engine: str) -> int:

@@ -142,7 +142,6 @@ def test_dpo_plans_pairs_and_its_reference_model():
     # the reference's logits of the same rows sit next to the policy's
     forward = lambda plan: sum(v for _, v in plan.rows)  # noqa: E731
     assert forward(held) == pytest.approx(forward(free) + 4 * p / GIB + _rows(held)["logits"])
-    assert held.step_total == pytest.approx(free.step_total + 4 * p / GIB)  # held through the step too
     assert not free.before and "reference" not in _rows(free)
     assert "before: reference model" in pre.table()
 
@@ -281,27 +280,10 @@ def test_bf16_plans_autocasts_copies_of_the_trainable_matmul_weights():
     assert copies("precision=fp32") is None
 
 
-def test_the_optimizer_step_is_a_phase_with_adams_temporaries():
-    """Activations are freed by the optimizer step; AdamW's temporaries are there instead. CUDA
-    (foreach): 4 bytes per trainable parameter; CPU (one tensor at a time): two temporaries of the
-    largest trainable tensor, 8 bytes per element. By hand on the tiny 2_sft stage (all trainable)."""
-    cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml")
-    params = [p.numel() for p in meta_model("tiny").parameters()]
-    p, largest = sum(params), max(params)
-    gpu, cpu = (plan_stage(cfg, 1, 80, "ddp", 64, device=d) for d in ("cuda", "cpu"))
-    assert gpu.step == [("AdamW foreach temporaries (fp32)", pytest.approx(4 * p / GIB))]
-    assert cpu.step == [("AdamW per-tensor temporaries (fp32)", pytest.approx(8 * largest / GIB))]
-    held = 16 * p / GIB  # weights, gradients, moments
-    assert gpu.step_total == pytest.approx(held + 4 * p / GIB)
-    assert gpu.total == pytest.approx(max(sum(v for _, v in gpu.rows), gpu.step_total))  # the larger phase
-    assert "step: AdamW foreach temporaries" in gpu.table()
-
-
 def test_zero2_holds_an_fp32_master_partition_and_its_reduction_buckets():
     """DeepSpeed's ZeRO-2 steps an fp32 clone of its partition (4 bytes per trainable parameter / N)
     and reduces gradients through two buckets of reduce_bucket_size fp32 elements, allocated whole
-    on a GPU; on a CPU only the gradients copied into one are resident. Its optimizer steps one flat
-    partition, so on a CPU the per-tensor temporaries are the whole partition's."""
+    on a GPU; on a CPU only the gradients copied into one are resident."""
     from omni.plan import DEEPSPEED_REDUCE_BUCKET
 
     cfg = load_stage(ROOT / "stages/tiny/2_sft.yaml", ["engine=deepspeed", "zero_stage=2"])
@@ -311,7 +293,6 @@ def test_zero2_holds_an_fp32_master_partition_and_its_reduction_buckets():
     assert gpu["master"] == pytest.approx(4 * p / 4 / GIB)
     assert gpu["gradient"] == pytest.approx(2 * 4 * DEEPSPEED_REDUCE_BUCKET / GIB)
     assert _rows(cpu)["gradient"] == pytest.approx(4 * p / GIB)
-    assert cpu.step == [("AdamW per-tensor temporaries (fp32)", pytest.approx(8 * p / GIB))]
     assert "master" not in _rows(plan_stage(cfg, 4, 80, "zero3", 64))
 
 
