@@ -21,10 +21,14 @@ EPILOG = """examples:
 
 def _synth(args) -> None:
     from omni.data.synth import SynthConfig, write_corpus
+    from omni.speech.synth import SpeechSynthError
 
     cfg = SynthConfig(out_dir=args.out, train_per_task=args.train_per_task,
-                      val_per_task=args.val_per_task, seed=args.seed)
-    path = write_corpus(cfg, progress=not args.quiet)
+                      val_per_task=args.val_per_task, seed=args.seed, voice=args.voice)
+    try:
+        path = write_corpus(cfg, progress=not args.quiet)
+    except SpeechSynthError as e:
+        sys.exit(f"omni synth: {e}")
     print(f"manifest: {path}")
 
 
@@ -60,6 +64,8 @@ def _eval(args) -> None:
     from omni.eval import evaluate, format_table, not_learned, write_results
 
     datasets = args.datasets.split(",") if args.datasets else None
+    if args.speech:
+        return _eval_speech(args, datasets)
     results = evaluate(args.model, args.data, split=args.split, datasets=datasets, limit=args.limit,
                        batch_size=args.batch_size, progress=not args.quiet, device=args.device, dtype=args.dtype)
     print(format_table(results))
@@ -71,6 +77,19 @@ def _eval(args) -> None:
             sys.exit("not learned (accuracy must beat chance and the blanked control by --min-gain):\n  "
                      + "\n  ".join(failures))
         print(f"every task beats chance and its blanked control by >= {args.min_gain}")
+
+
+def _eval_speech(args, datasets) -> None:
+    from omni.speech_eval import evaluate_speech, format_speech_table, write_speech_results
+
+    if args.min_gain is not None:
+        sys.exit("omni eval: --min-gain scores text answers; with --speech read the table (spoken vs blanked, chance)")
+    results = evaluate_speech(args.model, args.data, split=args.split, datasets=datasets, limit=args.limit,
+                              batch_size=args.batch_size, progress=not args.quiet, device=args.device,
+                              dtype=args.dtype)
+    print(format_speech_table(results))
+    if args.out:
+        print(f"wrote {write_speech_results(results, args.out)}")
 
 
 def _chat(args) -> None:
@@ -200,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-per-task", type=positive_int, default=2000)
     p.add_argument("--val-per-task", type=positive_int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--voice", help="also write each answer spoken by espeak-ng in this voice (e.g. en, en-us, en+f3) "
+                                   "as KEY.answer.wav, for the speech_out stage; needs `make speech-synth`")
     p.set_defaults(func=_synth)
 
     overrides_help = "dotted key=value overrides of the stage YAML, e.g. optim.lr=1e-4 steps=100"
@@ -240,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=out_folder, help="folder for eval.json")
     p.add_argument("--min-gain", type=float, metavar="G",
                    help="exit 1 unless every task's accuracy beats chance and its blanked control by G")
+    p.add_argument("--speech", action="store_true",
+                   help="score spoken answers instead (a model with a talker, a corpus with answer.wav): the words "
+                        "heard vs chance and a talker with the thinker blanked (eval_speech.json)")
     add_placement_arguments(p)
     p.set_defaults(func=_eval)
 

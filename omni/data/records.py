@@ -29,7 +29,7 @@ from omni.data.loader import SkipCounter, chat_turns, decode_media, read_json, s
 from omni.data.loader import where as sample_where
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
-from omni.modalities import EXTENSIONS
+from omni.modalities import EXTENSIONS, SPOKEN_ANSWER
 from omni.model.fusion import IGNORE
 from omni.model.processor import Example
 
@@ -75,11 +75,14 @@ def read_records(spec: str | Path, split: str = "train", datasets: list[str] | N
 
 def record_from_raw(raw: dict) -> dict:
     """A WebDataset sample (docs/data_format.md) as a record: its json fields, its media members
-    kept as undecoded bytes under `__media__`, and where it came from (`__where__`)."""
+    kept as undecoded bytes under `__media__`, its spoken answer's bytes (if any) under
+    `__speech__`, and where it came from (`__where__`)."""
     rec = read_json(raw)
-    media = {k: v for k, v in raw.items() if k.rpartition(".")[2].lower() in _MEDIA_EXTS}
+    media = {k: v for k, v in raw.items() if k.rpartition(".")[2].lower() in _MEDIA_EXTS and k != SPOKEN_ANSWER}
     if media:
         rec["__media__"] = media
+    if SPOKEN_ANSWER in raw:
+        rec["__speech__"] = raw[SPOKEN_ANSWER]
     rec["__where__"] = sample_where(raw)
     return rec
 

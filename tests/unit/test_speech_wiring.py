@@ -1,0 +1,111 @@
+"""Speech out wired into the data and the model: spoken answers in the corpus that no other stage
+sees, the talker as a `talker.*` part of OmniModel chosen by stage globs, and the talker and fitted
+codec kept in the model folder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import webdataset as wds
+import yaml
+
+from omni.config import ConfigError
+from omni.data import synth
+from omni.data.loader import decode_media
+from omni.data.records import record_from_raw
+from omni.model.load import load_model
+from omni.model.omni_model import OmniModel
+from omni.model.speech import answer_wave, fit_codec, speak, thinker_states
+from omni.modalities import SPOKEN_ANSWER
+from omni.presets import build_preset
+from omni.train.optim import set_trainable
+
+SMALL = dict(train_per_task=6, val_per_task=2, samples_per_shard=4, seed=0)
+
+
+def _samples(manifest):
+    spec = yaml.safe_load(manifest.read_text())
+    return {(e["task"], e["split"]): list(wds.WebDataset(str(manifest.parent / e["urls"]), shardshuffle=False))
+            for e in spec["datasets"]}
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    """The same small corpus written without and with a voice."""
+    plain = synth.write_corpus(synth.SynthConfig(out_dir=str(tmp_path_factory.mktemp("plain")), **SMALL), False)
+    voiced = synth.write_corpus(synth.SynthConfig(out_dir=str(tmp_path_factory.mktemp("voiced")), voice="en",
+                                                  **SMALL), False)
+    return _samples(plain), _samples(voiced)
+
+
+def test_a_voice_adds_the_spoken_answer_and_changes_nothing_else(corpora):
+    plain, voiced = corpora
+    assert plain.keys() == voiced.keys()
+    spoken_by_answer: dict[str, bytes] = {}
+    for key in plain:
+        for a, b in zip(plain[key], voiced[key], strict=True):
+            assert SPOKEN_ANSWER not in a and SPOKEN_ANSWER in b
+            assert {k: v for k, v in b.items() if k not in (SPOKEN_ANSWER, "__url__")} == \
+                {k: v for k, v in a.items() if k != "__url__"}
+            answer = json.loads(b["json"])["answer"]
+            assert spoken_by_answer.setdefault(answer, b[SPOKEN_ANSWER]) == b[SPOKEN_ANSWER]  # one rendering per answer
+    waves = {a: answer_wave(w, 16_000) for a, w in spoken_by_answer.items()}
+    assert all(0.2 < len(w) / 16_000 < 3 and abs(w).max() > 0.1 for w in waves.values())
+    assert len({w.tobytes() for w in waves.values()}) == len(waves)  # different words sound different
+
+
+def test_the_spoken_answer_is_no_input_medium(corpora):
+    _, voiced = corpora
+    raw = voiced["audio_note", "train"][0]
+    rec = record_from_raw(raw)
+    assert rec["__speech__"] == raw[SPOKEN_ANSWER] and SPOKEN_ANSWER not in rec["__media__"]
+    assert len(decode_media(raw, "here")["audio"]) == 1  # the tone only, not the spoken answer too
+
+
+def test_the_talker_is_a_part_chosen_by_globs_and_leaves_the_rest_of_init_alone():
+    torch.manual_seed(0)
+    plain, _ = OmniModel.from_config(build_preset("tiny"))
+    torch.manual_seed(0)
+    model, _ = OmniModel.from_config(build_preset("tiny", ["talker.enabled=true"]))
+    assert plain.talker is None
+    before = dict(plain.named_parameters())
+    names = [n for n, _ in model.named_parameters()]
+    assert any(n.startswith("talker.decoder.") for n in names)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if not n.startswith("talker."))
+    trainable = set_trainable(model, ["talker.*"])
+    assert trainable and all(n.startswith("talker.") for n in trainable)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("llm."))
+
+
+def test_presets_name_their_codecs():
+    assert build_preset("7b").talker.codec == "mimi" and build_preset("7b").talker.codec_pretrained == "kyutai/mimi"
+    assert build_preset("tiny").talker.codec == "tiny" and not build_preset("tiny").talker.enabled
+    with pytest.raises(ConfigError, match="codec_pretrained"):
+        build_preset("tiny", ["talker.codec=mimi"])
+
+
+def test_talker_and_fitted_codec_are_saved_and_loaded_with_the_model(tmp_path, corpora):
+    _, voiced = corpora
+    torch.manual_seed(0)
+    plain, tokenizer = OmniModel.from_config(build_preset("tiny"))
+    plain.save_pretrained(tmp_path / "thinker", tokenizer)
+    model, _ = load_model(tmp_path / "thinker", ["talker.enabled=true"])  # a fresh talker on a saved thinker
+    assert model.codec is None
+    waves = [answer_wave(raw[SPOKEN_ANSWER], 16_000) for raw in voiced["image_colour", "train"]]
+    model.codec = fit_codec(model.config.talker, waves, seed=0)
+    model.save_pretrained(tmp_path / "spoken", tokenizer)
+    again, _ = load_model(tmp_path / "spoken")
+    assert again.talker is not None and again.codec is not None
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in again.named_parameters())
+    assert torch.equal(again.codec.encode(waves[0]), model.codec.encode(waves[0]))
+    with pytest.raises(ConfigError, match="unexpected"):  # a saved talker's weights never vanish silently
+        load_model(tmp_path / "spoken", ["talker.enabled=false"])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    labels = torch.tensor([[-100, -100, 7, 8]])
+    for m in (model, again):
+        m.eval()
+    states = [thinker_states(m, ids, torch.ones_like(ids), labels, None) for m in (model, again)]
+    assert [s[0][0].shape for s in states] == [(2, model.llm.config.hidden_size)] * 2
+    spoken = [speak(m, s, max_frames=5) for m, s in zip((model, again), states)]
+    assert torch.equal(spoken[0][0], spoken[1][0])
