@@ -196,7 +196,7 @@ def load_model(path: str | Path, overrides: list[str] = (), weights: bool = True
         floating = {k for k, p in model.named_parameters(remove_duplicate=False) if p.is_floating_point()}
         state = read_weights(path, meta.get(CHECKSUMS), dtype if isinstance(dtype, str) else None, verify, floating)
         _load_state(model, state, path, overrides, fresh)
-    if cfg.talker.enabled:
+    if weights and cfg.talker.enabled:  # not for an architecture-only skeleton (omni plan, ranks fed by rank 0)
         model.codec = load_codec(cfg, path)
     tokenizer = _saved_tokenizer(path) if where.name == HF_CONFIG else AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
     return model, tokenizer
