@@ -19,13 +19,11 @@ from tqdm.auto import tqdm
 from omni.config import ConfigError
 from omni.data.loader import SkipCounter, decode_sample, split_stream, where
 from omni.data.manifest import load_manifest
-from omni.data.records import last_span
 from omni.errors import SampleError
 from omni.eval import answer_matches
 from omni.modalities import SPOKEN_ANSWER
 from omni.model.generate import LocalGenerator
-from omni.model.processor import collate
-from omni.model.speech import answer_wave, frame_accuracy, speak, thinker_states
+from omni.model.speech import answer_states, answer_wave, frame_accuracy, speak
 from omni.speech.match import nearest_word
 
 SPEECH_EVAL_FILE = "eval_speech.json"
@@ -50,31 +48,19 @@ def _samples(entry, limit: int | None) -> list[tuple]:
     return out
 
 
-def _states(generator: LocalGenerator, prompts: list, media: list, answers: list[str]):
-    """The thinker's (hidden, embeddings) at each answer's tokens, teacher-forced on that answer."""
-    examples = []
-    for prompt, m, answer in zip(prompts, media, answers, strict=True):
-        ex = generator.processor([*prompt, {"role": "assistant", "content": answer}], m)
-        ex.labels = last_span(ex.labels)
-        examples.append(ex)
-    batch = collate(examples, generator.tokenizer.pad_token_id).to(generator.device)
-    return thinker_states(generator.model, batch.input_ids, batch.attention_mask, batch.labels,
-                          generator._media(batch.media))
-
-
 def _batch_scores(generator: LocalGenerator, chunk: list[tuple], candidates: dict, max_new_tokens: int) -> dict:
     model, codec = generator.model, generator.model.codec
     prompts, media, refs, spoken = zip(*chunk, strict=True)
     said = generator.generate([generator.prompt(p, m, max_new_tokens) for p, m in zip(prompts, media)],
                               max_new_tokens)
-    states = _states(generator, prompts, media, said)
+    states = answer_states(generator, prompts, media, said)
     out = {"spoken": 0, "blanked": 0, "text": sum(answer_matches(s, r) for s, r in zip(said, refs))}
     for key, blank in (("spoken", False), ("blanked", True)):
         for codes, ref in zip(speak(model, states, model.config.talker.max_frames, blank), refs):
             heard = nearest_word(codec.decode(codes), candidates, codec.sample_rate)[0] if codes.shape[1] else None
             out[key] += heard == ref
     targets = [codec.encode(answer_wave(b, codec.sample_rate)) for b in spoken]
-    out["frames_right"], out["frames"] = frame_accuracy(model, _states(generator, prompts, media, refs), targets)
+    out["frames_right"], out["frames"] = frame_accuracy(model, answer_states(generator, prompts, media, refs), targets)
     return out
 
 

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from omni.cli.args import out_folder, positive_float, positive_int
+from omni.cli.args import out_folder, positive_float, positive_int, wav_path
 
 EPILOG = """examples:
   omni synth --out runs/quickstart/synth
@@ -109,6 +109,9 @@ def _chat(args) -> None:
     except SampleError as e:
         sys.exit(str(e))
     generator = LocalGenerator.load(args.model, batch_size=1, device=args.device, dtype=args.dtype)
+    if args.speak and (getattr(generator.model, "talker", None) is None or generator.model.codec is None):
+        sys.exit(f"--speak: {args.model} has no talker to speak with; train a speech_out stage on it "
+                 "(stages/tiny/3_speech_out.yaml, docs/speech_out.md)")
     augmenter = None
     if args.pas:
         from omni.align.pas import PromptAugmenter
@@ -118,7 +121,8 @@ def _chat(args) -> None:
     history: list[dict] = []
     if args.prompt is not None:
         try:
-            _chat_turn(generator, history, args.prompt, media, args.max_new_tokens, augmenter, interactive=False)
+            _chat_turn(generator, history, args.prompt, media, args.max_new_tokens, augmenter, interactive=False,
+                       speak_to=args.speak)
         except bad_turn as e:
             sys.exit(f"--prompt: {_turn_error(e)}")
         return
@@ -138,7 +142,8 @@ def _chat(args) -> None:
             continue
         turn += 1
         try:
-            _chat_turn(generator, history, text, media, args.max_new_tokens, augmenter, interactive=True)
+            _chat_turn(generator, history, text, media, args.max_new_tokens, augmenter, interactive=True,
+                       speak_to=args.speak)
         except bad_turn as e:  # the turn is dropped, the session and its history go on
             print(f"turn {turn}: {_turn_error(e)}", file=sys.stderr, flush=True)
 
@@ -161,8 +166,10 @@ def _turn_error(e: BaseException) -> str:
 
 
 def _chat_turn(generator, history: list[dict], text: str, media: dict, max_new_tokens: int, augmenter,
-               interactive: bool) -> None:
-    """Answer one user turn, streaming; `history` gains the turn and its answer only when both worked."""
+               interactive: bool, speak_to: str | None = None) -> None:
+    """Answer one user turn, streaming; `history` gains the turn and its answer only when both worked.
+    `speak_to`: also write the answer spoken by the model's talker to this WAV file (each turn's
+    answer replaces the last)."""
     from omni.inference import with_placeholders
 
     if augmenter is not None:  # PAS: the complement goes to the model, and is shown
@@ -184,6 +191,14 @@ def _chat_turn(generator, history: list[dict], text: str, media: dict, max_new_t
             print(piece, end="", flush=True)
     finally:
         print(flush=True)  # the error of a turn that fails while it streams goes on a line of its own
+    if speak_to:
+        import soundfile
+
+        from omni.model.speech import speak_answer
+
+        wave = speak_answer(generator, messages, media, answer.strip())
+        soundfile.write(speak_to, wave, generator.model.codec.sample_rate, subtype="PCM_16")
+        print(f"spoken answer: {speak_to}", file=sys.stderr, flush=True)
     history += [messages[-1], {"role": "assistant", "content": answer.strip()}]
 
 
@@ -292,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put a PAS model (`omni align pas train`) or an endpoint serving one in front: each of "
                         "your turns gets its complementary instruction before the model answers (docs/align.md)")
     p.add_argument("--pas-endpoint-model", default="default", help="model name to ask a --pas endpoint for")
+    p.add_argument("--speak", metavar="OUT.wav", type=wav_path,
+                   help="also write the answer spoken by the model's talker to this WAV file (a model trained "
+                        "with a speech_out stage; interactive: each turn's answer replaces the last)")
     add_placement_arguments(p)
     p.set_defaults(func=_chat)
 

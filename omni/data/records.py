@@ -31,7 +31,7 @@ from omni.data.manifest import load_manifest
 from omni.errors import SampleError
 from omni.modalities import EXTENSIONS, SPOKEN_ANSWER
 from omni.model.fusion import IGNORE
-from omni.model.processor import Example
+from omni.model.processor import Example, last_span
 
 _MEDIA_EXTS = {e for exts in EXTENSIONS.values() for e in exts}
 
@@ -128,19 +128,6 @@ def preference_messages(rec: dict) -> tuple[list[dict], list[dict], list[dict]]:
     if not prompt or prompt[-1]["role"] != "user":
         raise AlignDataError(f"{where}: field 'prompt' must be a string or messages ending with a user turn")
     return prompt, prompt + _reply(rec["chosen"], where, "chosen"), prompt + _reply(rec["rejected"], where, "rejected")
-
-
-def last_span(labels: torch.Tensor) -> torch.Tensor:
-    """Keep only the last run of label tokens (the final assistant reply); the rest becomes IGNORE."""
-    on = (labels != IGNORE).nonzero().flatten()
-    if len(on) == 0:
-        return labels
-    start = int(on[-1])
-    while start > 0 and labels[start - 1] != IGNORE:
-        start -= 1
-    out = labels.clone()
-    out[:start] = IGNORE
-    return out
 
 
 def sft_example(processor, rec: dict, turns: str = "all") -> Example:

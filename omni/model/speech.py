@@ -130,3 +130,29 @@ def speak(model, states, max_frames: int, blank_thinker: bool = False) -> list[t
     dummy = [torch.zeros(model.talker.config.codebooks, 0, dtype=torch.long)] * len(states)
     batch = talker_batch(states, dummy, model.talker.config.codebook_size, blank_thinker)
     return model.talker.generate(batch, max_frames)
+
+
+def answer_states(generator, prompts: list, media: list, answers: list[str]):
+    """The thinker's (hidden, embeddings) at each answer's tokens, teacher-forced on prompt + that
+    answer (a LocalGenerator's model, processor and placement)."""
+    from omni.model.processor import collate, last_span
+
+    examples = []
+    for prompt, m, answer in zip(prompts, media, answers, strict=True):
+        ex = generator.processor([*prompt, {"role": "assistant", "content": answer}], m)
+        ex.labels = last_span(ex.labels)  # the last reply only: earlier turns are context
+        examples.append(ex)
+    batch = collate(examples, generator.tokenizer.pad_token_id).to(generator.device)
+    return thinker_states(generator.model, batch.input_ids, batch.attention_mask, batch.labels,
+                          generator._media(batch.media))
+
+
+@torch.no_grad()
+def speak_answer(generator, prompt: list[dict], media: dict, answer: str) -> np.ndarray:
+    """`answer` to the conversation `prompt` spoken by the model's talker: a wave at its codec's rate."""
+    model = generator.model
+    if model.talker is None or model.codec is None:
+        raise ConfigError("this model has no talker to speak with: train a speech_out stage on it first "
+                          "(docs/speech_out.md)")
+    codes = speak(model, answer_states(generator, [prompt], [media], [answer]), model.config.talker.max_frames)[0]
+    return model.codec.decode(codes.cpu())

@@ -5,14 +5,19 @@ the corpus's recording of every candidate answer), far above chance and above th
 everything the thinker hands it blanked; the held-out codec frames are mostly right too."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import soundfile
+import webdataset as wds
 
 from omni.data.synth import SynthConfig, write_corpus
+from omni.modalities import SPOKEN_ANSWER
 from omni.speech_eval import evaluate_speech, format_speech_table
 from omni.train.config import load_stage
 from omni.train.trainer import train_stage
+from tests.helpers import cli_error
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = {"image": "image_colour", "video": "video_colour_change", "audio": "audio_note",
@@ -55,3 +60,31 @@ def test_held_out_questions_are_answered_with_the_right_spoken_words(speaking_mo
         assert r["spoken_accuracy"] >= r["chance"] + 0.5, (key, r)
         assert r["spoken_accuracy"] >= r["blanked_accuracy"] + 0.5, (key, r)
         assert r["frame_accuracy"] >= 0.5, (key, r)
+
+
+def test_chat_speak_writes_the_spoken_answer(speaking_model, spoken_corpus, tmp_path, capsys):
+    """`omni chat --speak OUT.wav` writes a WAV whose word (DTW against the corpus's recordings of the
+    task's answers) is the answer the chat printed."""
+    from omni.cli.main import main
+    from omni.model.speech import answer_wave
+    from omni.speech.match import nearest_word
+
+    shard = next((spoken_corpus.parent / "shards").glob("image_colour-val-*.tar"))
+    raws = list(wds.WebDataset(str(shard), shardshuffle=False))
+    candidates = {json.loads(r["json"])["answer"]: r[SPOKEN_ANSWER] for r in raws}
+    image = tmp_path / "shape.png"
+    image.write_bytes(raws[0]["png"])
+    out = tmp_path / "answer.wav"
+    main(["chat", str(speaking_model), "--image", str(image), "--prompt", "What colour is the shape?",
+          "--max-new-tokens", "4", "--speak", str(out)])
+    said = capsys.readouterr().out.strip()
+    assert said in candidates, said
+    wave, rate = soundfile.read(out, dtype="float32")
+    heard, _ = nearest_word(wave, {a: answer_wave(b, rate) for a, b in candidates.items()}, rate)
+    assert heard == said
+
+
+def test_chat_speak_needs_a_talker(trained_tiny, tmp_path):
+    line = cli_error("chat", str(trained_tiny), "--prompt", "What is two plus three?", "--speak",
+                     str(tmp_path / "a.wav"))
+    assert "no talker" in line and "speech_out" in line

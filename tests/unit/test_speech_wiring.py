@@ -16,7 +16,7 @@ from omni.data.loader import decode_media
 from omni.data.records import record_from_raw
 from omni.model.load import load_model
 from omni.model.omni_model import OmniModel
-from omni.model.speech import answer_wave, fit_codec, speak, thinker_states
+from omni.model.speech import answer_wave, code_count, fit_codec, speak, thinker_states
 from omni.modalities import SPOKEN_ANSWER
 from omni.presets import build_preset
 from omni.train.optim import set_trainable
@@ -109,3 +109,18 @@ def test_talker_and_fitted_codec_are_saved_and_loaded_with_the_model(tmp_path, c
     assert [s[0][0].shape for s in states] == [(2, model.llm.config.hidden_size)] * 2
     spoken = [speak(m, s, max_frames=5) for m, s in zip((model, again), states)]
     assert torch.equal(spoken[0][0], spoken[1][0])
+
+
+def test_the_summed_loss_over_the_codes_counted_is_the_mean_loss():
+    """The speech_out objective divides the talker's summed loss by `code_count` over the step; for
+    one micro-batch that must be the talker's own mean, so no code is counted twice or left out."""
+    torch.manual_seed(0)
+    model, _ = OmniModel.from_config(build_preset("tiny", ["talker.enabled=true"]))
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 8, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9], [-100, -100, -100, 8, -100]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    codes = [torch.randint(0, 64, (4, 7)), torch.randint(0, 64, (4, 3))]
+    summed = model(ids, mask, labels, speech=codes, num_items_in_batch=code_count(codes, 64)).loss
+    mean = model(ids, mask, labels, speech=codes).loss
+    assert code_count(codes, 64) == 4 * (7 + 3) + 2 * (4 + 3 + 2 + 1)  # frames, plus each codebook's EOS run
+    assert torch.allclose(summed, mean, rtol=1e-6)
