@@ -13,12 +13,14 @@ from encoders import load_audio
 from encoders.audio import SAMPLE_RATE
 from omni.config import ConfigError
 from omni.model.fusion import IGNORE
+from omni.model.processor import collate as collate_examples
+from omni.model.processor import last_span
 from omni.presets import ModelConfig, TalkerSection
 from omni.speech.codec import Codec
 from omni.speech.delay import delay, pad_id
 from omni.speech.talker import Talker, TalkerBatch, TalkerConfig, collate
 
-CODEC_FILES = ("tiny_codec.json", "tiny_codec.safetensors")  # TinyCodec.save's, beside the model's weights
+TINY_CODEC_CONFIG = "tiny_codec.json"  # TinyCodec.save writes it (and its codebooks) beside the model's weights
 
 
 def build_talker(section: TalkerSection, thinker_hidden_size: int) -> Talker:
@@ -36,21 +38,21 @@ def load_codec(cfg: ModelConfig, folder: str | Path | None) -> Codec | None:
         from omni.speech.mimi_codec import MimiCodec
 
         return check_codec(MimiCodec(section.codec_pretrained, section.codebooks), section)
-    if folder is None or not (Path(folder) / CODEC_FILES[0]).is_file():
+    if folder is None or not (Path(folder) / TINY_CODEC_CONFIG).is_file():
         return None
     from omni.speech.tiny_codec import TinyCodec
 
     return check_codec(TinyCodec.load(folder), section)
 
 
-def fit_codec(section: TalkerSection, waves: list[np.ndarray], seed: int) -> Codec:
-    """A tiny codec fitted on `waves` (16 kHz) with the talker's codebook layout."""
+def fit_codec(section: TalkerSection, spoken: list[bytes], seed: int) -> Codec:
+    """A tiny codec with the talker's codebook layout, fitted on these spoken answers (audio files)."""
     from omni.speech.tiny_codec import TinyCodec, TinyCodecConfig
 
     if section.codec != "tiny":
         raise ConfigError(f"talker.codec {section.codec} is pretrained; only the tiny codec is fitted on the corpus")
     config = TinyCodecConfig(codebooks=section.codebooks, codebook_size=section.codebook_size)
-    return TinyCodec.fit(waves, config, seed=seed)
+    return TinyCodec.fit([answer_wave(b, config.sample_rate) for b in spoken], config, seed=seed)
 
 
 def answer_wave(data: bytes, sample_rate: int) -> np.ndarray:
@@ -132,17 +134,16 @@ def speak(model, states, max_frames: int, blank_thinker: bool = False) -> list[t
     return model.talker.generate(batch, max_frames)
 
 
+@torch.no_grad()
 def answer_states(generator, prompts: list, media: list, answers: list[str]):
     """The thinker's (hidden, embeddings) at each answer's tokens, teacher-forced on prompt + that
     answer (a LocalGenerator's model, processor and placement)."""
-    from omni.model.processor import collate, last_span
-
     examples = []
     for prompt, m, answer in zip(prompts, media, answers, strict=True):
         ex = generator.processor([*prompt, {"role": "assistant", "content": answer}], m)
         ex.labels = last_span(ex.labels)  # the last reply only: earlier turns are context
         examples.append(ex)
-    batch = collate(examples, generator.tokenizer.pad_token_id).to(generator.device)
+    batch = collate_examples(examples, generator.tokenizer.pad_token_id).to(generator.device)
     return thinker_states(generator.model, batch.input_ids, batch.attention_mask, batch.labels,
                           generator._media(batch.media))
 

@@ -4,6 +4,7 @@ codec kept in the model folder."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from omni.modalities import SPOKEN_ANSWER
 from omni.presets import build_preset
 from omni.train.optim import set_trainable
 
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(train_per_task=6, val_per_task=2, samples_per_shard=4, seed=0)
 
 
@@ -31,12 +33,17 @@ def _samples(manifest):
 
 
 @pytest.fixture(scope="module")
-def corpora(tmp_path_factory):
+def manifests(tmp_path_factory):
     """The same small corpus written without and with a voice."""
     plain = synth.write_corpus(synth.SynthConfig(out_dir=str(tmp_path_factory.mktemp("plain")), **SMALL), False)
     voiced = synth.write_corpus(synth.SynthConfig(out_dir=str(tmp_path_factory.mktemp("voiced")), voice="en",
                                                   **SMALL), False)
-    return _samples(plain), _samples(voiced)
+    return plain, voiced
+
+
+@pytest.fixture(scope="module")
+def corpora(manifests):
+    return tuple(_samples(m) for m in manifests)
 
 
 def test_a_voice_adds_the_spoken_answer_and_changes_nothing_else(corpora):
@@ -92,8 +99,9 @@ def test_talker_and_fitted_codec_are_saved_and_loaded_with_the_model(tmp_path, c
     plain.save_pretrained(tmp_path / "thinker", tokenizer)
     model, _ = load_model(tmp_path / "thinker", ["talker.enabled=true"])  # a fresh talker on a saved thinker
     assert model.codec is None
-    waves = [answer_wave(raw[SPOKEN_ANSWER], 16_000) for raw in voiced["image_colour", "train"]]
-    model.codec = fit_codec(model.config.talker, waves, seed=0)
+    spoken = [raw[SPOKEN_ANSWER] for raw in voiced["image_colour", "train"]]
+    waves = [answer_wave(b, 16_000) for b in spoken]
+    model.codec = fit_codec(model.config.talker, spoken, seed=0)
     model.save_pretrained(tmp_path / "spoken", tokenizer)
     again, _ = load_model(tmp_path / "spoken")
     assert again.talker is not None and again.codec is not None
@@ -124,3 +132,28 @@ def test_the_summed_loss_over_the_codes_counted_is_the_mean_loss():
     mean = model(ids, mask, labels, speech=codes).loss
     assert code_count(codes, 64) == 4 * (7 + 3) + 2 * (4 + 3 + 2 + 1)  # frames, plus each codebook's EOS run
     assert torch.allclose(summed, mean, rtol=1e-6)
+
+
+def test_a_pretrained_codec_trains_through_the_same_stage(manifests, tmp_path):
+    """The Mimi route end to end: a speech_out stage on a (random-init, real-class) Mimi codec trains,
+    and its model folder names the codec instead of copying it."""
+    from omni.speech.mimi_codec import MimiCodec
+    from omni.train.config import load_stage
+    from omni.train.trainer import train_stage
+    from transformers import MimiConfig, MimiModel
+
+    from tests.helpers import TINY_MIMI
+
+    torch.manual_seed(0)
+    MimiModel(MimiConfig(**TINY_MIMI)).save_pretrained(tmp_path / "mimi")
+    overrides = ["talker.enabled=true", "talker.codec=mimi", f"talker.codec_pretrained={tmp_path / 'mimi'}",
+                 "talker.codebooks=2", "talker.codebook_size=64"]
+    cfg = load_stage(ROOT / "stages/tiny/3_speech_out.yaml", [
+        "init_from=null", f"data.manifest={manifests[1]}", "steps=2", "batch.micro_batch=4", "log.interval=1",
+        f"model_overrides=[{', '.join(overrides)}]", "data.datasets={audio_note: 1.0}"])
+    final = train_stage(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert not (final / "tiny_codec.json").exists()
+    model, _ = load_model(final)
+    assert isinstance(model.codec, MimiCodec) and model.codec.codebooks == 2

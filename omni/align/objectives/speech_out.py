@@ -62,13 +62,13 @@ class SpeechOut(Objective):
             raise ConfigError("method speech_out trains the talker, and this model has none: add "
                               "`talker.enabled=true` to the stage's model_overrides")
         if model.codec is None:
-            model.codec = load_codec(model.config, None) or fit_codec(model.config.talker, self._fit_waves(train),
+            model.codec = load_codec(model.config, None) or fit_codec(model.config.talker, self._fit_spoken(train),
                                                                       self.cfg.seed)
         self.codec, self.codebook_size = model.codec, model.config.talker.codebook_size
         self._codes: dict[bytes, torch.Tensor] = {}
         return module
 
-    def _fit_waves(self, train: list | None) -> list:
+    def _fit_spoken(self, train: list | None) -> list[bytes]:
         """Distinct spoken answers of the first samples of each training dataset."""
         data = self.cfg.data
         if train is not None:
@@ -83,10 +83,7 @@ class SpeechOut(Objective):
             raise ConfigError(f"{data.manifest or data.records}: no sample has a spoken answer ({SPOKEN_ANSWER}) to "
                               "fit the tiny codec on; write the corpus with `omni synth --voice en`")
         log.info("fitting the tiny codec on %d distinct spoken answers", len(spoken))
-        return [answer_wave(b, self.codec_rate()) for b in sorted(spoken)]
-
-    def codec_rate(self) -> int:
-        return getattr(getattr(self, "codec", None), "sample_rate", 16_000)  # the tiny codec's, before it exists
+        return sorted(spoken)
 
     def answer_codes(self, record: dict) -> torch.Tensor:
         """The codec codes of the record's spoken answer (cached per distinct recording)."""
