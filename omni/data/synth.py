@@ -8,7 +8,7 @@
 A sample is one `__key__` ("{task}-{split}-{i:06d}") with
     json  {"messages": [user, assistant], "task", "source": "synth", "answer"}
     png | mp4 | wav   one medium of a kind; several of one kind as 0.png, 1.png, ...
-    answer.wav        with `voice` set: the answer spoken by espeak-ng (16 kHz mono PCM), the
+    answer.wav        with `voice` set: the answer spoken by espeak-ng (16 kHz mono PCM, silence trimmed), the
                       speech_out stage's target; not an input medium (omni.modalities.SPOKEN_ANSWER)
 The k-th `<image>` / `<video>` / `<audio>` placeholder binds to that kind's k-th file.
 
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import av
+import librosa
 import numpy as np
 import yaml
 from PIL import Image
@@ -54,6 +55,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from omni.modalities import PLACEHOLDERS, SPOKEN_ANSWER
+from omni.speech.match import TRIM_DB
 from omni.speech.synth import speak
 from omni.tiny_world import (
     CHANGE_WINDOW_S,
@@ -386,7 +388,9 @@ def write_corpus(cfg: SynthConfig, progress: bool = True) -> Path:
                 writer = TarWriter(str(shard), mtime=0.0)
             if cfg.voice is not None:
                 if sample.answer not in spoken:
-                    spoken[sample.answer] = _wav(speak(sample.answer, SAMPLE_RATE, cfg.voice))
+                    # espeak-ng pads its speech with silence: the talker need not learn to say it
+                    words, _ = librosa.effects.trim(speak(sample.answer, SAMPLE_RATE, cfg.voice), top_db=TRIM_DB)
+                    spoken[sample.answer] = _wav(words)
                 sample = dataclasses.replace(sample, spoken=spoken[sample.answer])
             writer.write(sample.to_wds())
             bar.update()

@@ -60,6 +60,11 @@ def test_held_out_questions_are_answered_with_the_right_spoken_words(speaking_mo
         assert r["spoken_accuracy"] >= r["chance"] + 0.5, (key, r)
         assert r["spoken_accuracy"] >= r["blanked_accuracy"] + 0.5, (key, r)
         assert r["frame_accuracy"] >= 0.5, (key, r)
+    # the stage's own held-out scoring (teacher-forced codec frames) saw the talker learn
+    stage = json.loads((Path(speaking_model).parent / "eval.json").read_text())
+    print(f"speech_out held-out frame accuracy {stage['before']['frame_accuracy']:.3f} -> "
+          f"{stage['after']['frame_accuracy']:.3f} over {stage['after']['codes']} codes")
+    assert stage["after"]["frame_accuracy"] >= stage["before"]["frame_accuracy"] + 0.3
 
 
 def test_chat_speak_writes_the_spoken_answer(speaking_model, spoken_corpus, tmp_path, capsys):
