@@ -4,7 +4,8 @@ Per held-out sample: the thinker answers greedily in text; it is run again teach
 answer, and the talker speaks codec codes from its hidden states and answer embeddings; the codec
 decodes them to audio; the word matcher (DTW over log-mel, omni/speech/match.py) picks the nearest
 of the task's candidate answers, each heard as the corpus's own recording of it (`answer.wav`).
-Right when the nearest candidate is the reference answer. Beside it: chance (1/k for k candidate
+Right when the nearest candidate is the reference answer (speech is cut at twice the longest
+candidate: nothing longer can be heard as one). Beside it: chance (1/k for k candidate
 answers), the same pipeline with everything the thinker hands the talker blanked to zeros (so any
 accuracy above chance there is a talker prior, not what the thinker said), the thinker's text
 accuracy, and the talker's codec-frame accuracy teacher-forced on the reference answer's codes.
@@ -24,7 +25,7 @@ from omni.eval import answer_matches
 from omni.modalities import SPOKEN_ANSWER
 from omni.model.generate import LocalGenerator
 from omni.model.speech import answer_states, answer_wave, frame_accuracy, speak
-from omni.speech.match import nearest_word
+from omni.speech.match import log_mel, nearest_mel
 
 SPEECH_EVAL_FILE = "eval_speech.json"
 
@@ -48,18 +49,21 @@ def _samples(entry, limit: int | None) -> list[tuple]:
     return out
 
 
-def _batch_scores(generator: LocalGenerator, chunk: list[tuple], candidates: dict, max_new_tokens: int) -> dict:
+def _batch_scores(generator: LocalGenerator, chunk: list[tuple], candidates: dict, max_new_tokens: int,
+                  max_frames: int) -> dict:
+    """Summed results of one batch; `candidates`: each candidate answer's log-mel (`log_mel`)."""
     model, codec = generator.model, generator.model.codec
     prompts, media, refs, spoken = zip(*chunk, strict=True)
     said = generator.generate([generator.prompt(p, m, max_new_tokens) for p, m in zip(prompts, media)],
                               max_new_tokens)
     states = answer_states(generator, prompts, media, said)
     out = {"spoken": 0, "blanked": 0, "text": sum(answer_matches(s, r) for s, r in zip(said, refs))}
-    for key, blank in (("spoken", False), ("blanked", True)):
-        for codes, ref in zip(speak(model, states, model.config.talker.max_frames, blank), refs):
-            heard = nearest_word(codec.decode(codes), candidates, codec.sample_rate)[0] if codes.shape[1] else None
-            out[key] += heard == ref
     targets = [codec.encode(answer_wave(b, codec.sample_rate)) for b in spoken]
+    for key, blank in (("spoken", False), ("blanked", True)):
+        for codes, ref in zip(speak(model, states, max_frames, blank), refs):
+            heard = nearest_mel(log_mel(codec.decode(codes), codec.sample_rate), candidates)[0] \
+                if codes.shape[1] else None
+            out[key] += heard == ref
     out["frames_right"], out["frames"] = frame_accuracy(model, answer_states(generator, prompts, media, refs), targets)
     return out
 
@@ -81,11 +85,16 @@ def evaluate_speech(model_dir: str | Path, manifest_path: str | Path, split: str
         samples = _samples(entry, limit)
         if not samples:
             raise ConfigError(f"{manifest_path}: dataset {entry.name} ({split}) has no sample with a spoken answer")
-        rate = generator.model.codec.sample_rate
-        candidates = {ref: answer_wave(b, rate) for _, _, ref, b in samples}  # each candidate as the corpus says it
+        codec = generator.model.codec
+        spoken = {ref: answer_wave(b, codec.sample_rate) for _, _, ref, b in samples}  # as the corpus says each
+        candidates = {ref: log_mel(wave, codec.sample_rate) for ref, wave in spoken.items()}
+        # nothing longer than twice the longest candidate can be heard as one: speech is cut there
+        longest = max(len(wave) for wave in spoken.values()) / codec.sample_rate * codec.frame_rate
+        max_frames = min(generator.model.config.talker.max_frames, int(2 * longest) + 1)
         totals: dict[str, int] = {}
         for i in tqdm(range(0, len(samples), batch_size), desc=f"{key} (speech)", disable=not progress, leave=False):
-            for k, v in _batch_scores(generator, samples[i:i + batch_size], candidates, max_new_tokens).items():
+            for k, v in _batch_scores(generator, samples[i:i + batch_size], candidates, max_new_tokens,
+                                      max_frames).items():
                 totals[k] = totals.get(k, 0) + int(v)
         n = len(samples)
         results[key] = {"task": entry.task or entry.name, "n": n, "candidates": len(candidates),

@@ -107,7 +107,7 @@ class Talker(nn.Module):
         """[B, L, hidden] inputs -> [B, L, K, vocab]. `cache`: the keys and values of the positions
         before `embeds` (`mask` covers them too), extended in place (generation)."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[1] - embeds.shape[1]:]
-        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
                            use_cache=cache is not None).last_hidden_state
         return self.head(out).unflatten(-1, (self.config.codebooks, self.vocab))
 
