@@ -8,7 +8,8 @@ Right when the nearest candidate is the reference answer (speech is cut at twice
 candidate: nothing longer can be heard as one). Beside it: chance (1/k for k candidate
 answers), the same pipeline with everything the thinker hands the talker blanked to zeros (so any
 accuracy above chance there is a talker prior, not what the thinker said), the thinker's text
-accuracy, and the talker's codec-frame accuracy teacher-forced on the reference answer's codes.
+accuracy, how often the word heard is the thinker's own text answer (right or wrong: the talker's
+fidelity), and the talker's codec-frame accuracy teacher-forced on the reference answer's codes.
 """
 from __future__ import annotations
 
@@ -57,13 +58,15 @@ def _batch_scores(generator: LocalGenerator, chunk: list[tuple], candidates: dic
     said = generator.generate([generator.prompt(p, m, max_new_tokens) for p, m in zip(prompts, media)],
                               max_new_tokens)
     states = answer_states(generator, prompts, media, said)
-    out = {"spoken": 0, "blanked": 0, "text": sum(answer_matches(s, r) for s, r in zip(said, refs))}
+    out = {"spoken": 0, "blanked": 0, "agree": 0, "text": sum(answer_matches(s, r) for s, r in zip(said, refs))}
     targets = [codec.encode(answer_wave(b, codec.sample_rate)) for b in spoken]
     for key, blank in (("spoken", False), ("blanked", True)):
-        for codes, ref in zip(speak(model, states, max_frames, blank), refs):
+        for codes, ref, text in zip(speak(model, states, max_frames, blank), refs, said, strict=True):
             heard = nearest_mel(log_mel(codec.decode(codes), codec.sample_rate), candidates)[0] \
                 if codes.shape[1] else None
             out[key] += heard == ref
+            if not blank:  # the talker says what the thinker wrote, right or wrong
+                out["agree"] += heard is not None and answer_matches(text, heard)
     out["frames_right"], out["frames"] = frame_accuracy(model, answer_states(generator, prompts, media, refs), targets)
     return out
 
@@ -100,15 +103,18 @@ def evaluate_speech(model_dir: str | Path, manifest_path: str | Path, split: str
         results[key] = {"task": entry.task or entry.name, "n": n, "candidates": len(candidates),
                         "chance": 1.0 / len(candidates), "spoken_accuracy": totals["spoken"] / n,
                         "blanked_accuracy": totals["blanked"] / n, "text_accuracy": totals["text"] / n,
+                        "spoken_matches_text": totals["agree"] / n,
                         "frame_accuracy": totals["frames_right"] / max(totals["frames"], 1)}
     return results
 
 
 def format_speech_table(results: dict) -> str:
-    lines = [f"{'modality':<14}{'task':<22}{'n':>5}{'spoken':>9}{'blanked':>9}{'chance':>8}{'text':>7}{'frames':>8}"]
+    lines = [f"{'modality':<14}{'task':<22}{'n':>5}{'spoken':>9}{'blanked':>9}{'chance':>8}{'text':>7}"
+             f"{'said=text':>10}{'frames':>8}"]
     for key, r in results.items():
         lines.append(f"{key:<14}{r['task']:<22}{r['n']:>5}{r['spoken_accuracy']:>9.3f}{r['blanked_accuracy']:>9.3f}"
-                     f"{r['chance']:>8.3f}{r['text_accuracy']:>7.3f}{r['frame_accuracy']:>8.3f}")
+                     f"{r['chance']:>8.3f}{r['text_accuracy']:>7.3f}{r['spoken_matches_text']:>10.3f}"
+                     f"{r['frame_accuracy']:>8.3f}")
     return "\n".join(lines)
 
 
