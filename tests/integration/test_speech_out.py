@@ -4,8 +4,8 @@ image, video, audio and image+audio questions with speech whose word (DTW agains
 recording of every candidate answer) is as right as the thinker's text, above chance and above the
 same talker with everything the thinker hands it blanked, and, where this short thinker has learned
 the task (image, video), the thinker's own answer and >= 90 % right; held-out codec frames are right
-too. About 6 minutes on 2 unloaded cores (thinker 250 steps, talker 150). `omni chat --speak` writes
-the spoken answer."""
+too. `omni chat --speak` writes the spoken answer. The module took 10.6 min on 2 cores shared at load
+average ~8 (thinker 250 steps: 230 s; talker 150 steps: 110 s; the rest synth and the evals)."""
 from __future__ import annotations
 
 import json
