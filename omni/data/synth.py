@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import av
-import librosa
 import numpy as np
 import yaml
 from PIL import Image
@@ -55,8 +54,6 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from omni.modalities import PLACEHOLDERS, SPOKEN_ANSWER
-from omni.speech.match import TRIM_DB
-from omni.speech.synth import speak
 from omni.tiny_world import (
     CHANGE_WINDOW_S,
     COLOUR_RGB,
@@ -197,6 +194,18 @@ def _wav(signal: np.ndarray) -> bytes:
         w.setframerate(SAMPLE_RATE)
         w.writeframes(pcm.tobytes())
     return buf.getvalue()
+
+
+def _spoken(text: str, voice: str) -> bytes:
+    """`text` spoken by espeak-ng as wav bytes, without the silence it pads speech with (the talker
+    need not learn to say it). Imported here: librosa is only needed for a corpus with a voice."""
+    import librosa
+
+    from omni.speech.match import TRIM_DB
+    from omni.speech.synth import speak
+
+    words, _ = librosa.effects.trim(speak(text, SAMPLE_RATE, voice), top_db=TRIM_DB)
+    return _wav(words)
 
 
 def _tone(rng: np.random.Generator, hz: float, clip_s: float) -> tuple[tuple, bytes]:
@@ -388,9 +397,7 @@ def write_corpus(cfg: SynthConfig, progress: bool = True) -> Path:
                 writer = TarWriter(str(shard), mtime=0.0)
             if cfg.voice is not None:
                 if sample.answer not in spoken:
-                    # espeak-ng pads its speech with silence: the talker need not learn to say it
-                    words, _ = librosa.effects.trim(speak(sample.answer, SAMPLE_RATE, cfg.voice), top_db=TRIM_DB)
-                    spoken[sample.answer] = _wav(words)
+                    spoken[sample.answer] = _spoken(sample.answer, cfg.voice)
                 sample = dataclasses.replace(sample, spoken=spoken[sample.answer])
             writer.write(sample.to_wds())
             bar.update()
