@@ -10,3 +10,6 @@ EXTENSIONS = {  # WebDataset member extensions of each kind
     "video": ("mp4", "webm"),
     "audio": ("wav", "flac", "mp3"),
 }
+# A sample's spoken answer (the assistant reply as audio, docs/data_format.md): a member of its own,
+# never one of the sample's input media, so stages that do not speak never see it.
+SPOKEN_ANSWER = "answer.wav"

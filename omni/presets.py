@@ -47,6 +47,36 @@ class ProjectorConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+CODECS = ("tiny", "mimi")
+
+
+@dataclass
+class TalkerSection:
+    """The speech-out talker (omni/speech/talker.py) and the codec whose frames it speaks
+    (docs/speech_out.md). Off unless `enabled` (a speech_out stage turns it on with the model
+    override `talker.enabled=true`); its parameters are then `talker.*`."""
+    enabled: bool = False
+    codec: str = "tiny"                 # "tiny": residual-VQ log-mel fitted on the corpus; "mimi": pretrained
+    codec_pretrained: str | None = None  # mimi: an HF name or folder (kyutai/mimi)
+    codebooks: int = 4                  # codebooks the talker predicts (mimi: its first N)
+    codebook_size: int = 64             # entries per codebook (mimi: must be the checkpoint's, 2048)
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 128
+    max_positions: int = 1024           # conditioning + speech steps of one answer
+    max_frames: int = 250               # longest answer speech generated, in codec frames
+
+    def __post_init__(self):
+        if self.codec not in CODECS:
+            raise ConfigError(f"talker.codec: {self.codec!r} is not one of {list(CODECS)}")
+        if self.codec == "mimi" and not self.codec_pretrained:
+            raise ConfigError("talker.codec_pretrained: codec mimi loads a pretrained Mimi; name one (kyutai/mimi)")
+        if min(self.codebooks, self.codebook_size, self.max_frames) < 1:
+            raise ConfigError("talker.codebooks, talker.codebook_size and talker.max_frames must be >= 1")
+
+
 @dataclass
 class ModelConfig:
     name: str
@@ -59,6 +89,7 @@ class ModelConfig:
     # a preset names its tokenizer with its LLM and changing llm.pretrained changes both
     tokenizer: str | None = None
     anyres: AnyResConfig = field(default_factory=AnyResConfig)  # image tiling; max_tiles 0: one tile
+    talker: TalkerSection = field(default_factory=TalkerSection)  # speech out; off unless talker.enabled
 
     def __post_init__(self):
         missing = [m for m in MODALITIES if m not in self.projectors]
@@ -81,6 +112,10 @@ _SIZES: dict[str, dict[str, Any]] = {
         anyres=dict(max_tiles=9, thumbnail=True),  # LLaVA-OneVision style: up to 3x3 tiles + thumbnail
         conv_stride=4,
         tokenizer=None,
+        # Mimi's first 8 of 32 codebooks at 12.5 frames/s (Moshi's semantic + 7 acoustic levels)
+        talker=dict(codec="mimi", codec_pretrained="kyutai/mimi", codebooks=8, codebook_size=2048,
+                    hidden_size=1024, layers=12, heads=16, kv_heads=4, intermediate_size=4096,
+                    max_positions=4096, max_frames=1500),
     ),
     "small": dict(
         llm=dict(hf_config=dict(
@@ -95,6 +130,8 @@ _SIZES: dict[str, dict[str, Any]] = {
         anyres=dict(max_tiles=0),
         conv_stride=4,
         tokenizer=TINY_TOKENIZER,  # offline; the LLM's vocabulary is larger, so its head is real-sized
+        talker=dict(codec="tiny", codebooks=4, codebook_size=256, hidden_size=512, layers=4, heads=8, kv_heads=2,
+                    intermediate_size=2048, max_positions=2048, max_frames=1000),
     ),
     "tiny": dict(
         llm=dict(hf_config=dict(
@@ -109,6 +146,8 @@ _SIZES: dict[str, dict[str, Any]] = {
         anyres=dict(max_tiles=0),  # one 32-px tile; `anyres.max_tiles=4` turns tiling on
         conv_stride=4,
         tokenizer=TINY_TOKENIZER,
+        talker=dict(codec="tiny", codebooks=4, codebook_size=64, hidden_size=128, layers=2, heads=4, kv_heads=2,
+                    intermediate_size=256, max_positions=1024, max_frames=250),
     ),
 }
 
@@ -133,6 +172,7 @@ def _preset_dict(name: str) -> dict:
         },
         tokenizer=s["tokenizer"],
         anyres=s["anyres"],
+        talker=s["talker"],
     )
 
 

@@ -12,6 +12,12 @@ import pytest
 from PIL import Image
 
 
+# a random-init Mimi codec of the real class, small enough for unit tests (4 codebooks of 64)
+TINY_MIMI = dict(hidden_size=32, num_filters=4, upsampling_ratios=[8, 5, 4, 2], codebook_size=64, codebook_dim=16,
+                 num_quantizers=4, vector_quantization_hidden_dimension=16, upsample_groups=32, num_hidden_layers=1,
+                 intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, sliding_window=16)
+
+
 def write_mp4(path, num_frames: int, rate, width: int = 32, height: int = 32) -> None:
     """mpeg4/yuv420p clip whose frames get brighter one by one (keep width >= 32: dmlc/decord#336)."""
     with av.open(str(path), "w") as container:

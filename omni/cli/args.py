@@ -42,3 +42,13 @@ def port_number(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"{text} is not a port (1 to 65535)")
     return value
+
+
+def wav_path(text: str) -> str:
+    """A WAV file to write: a .wav name whose folder exists and that is not a folder itself."""
+    path = Path(text)
+    if path.suffix.lower() != ".wav":
+        raise argparse.ArgumentTypeError(f"{text} must end in .wav (the spoken answer is written as WAV)")
+    if path.is_dir() or not path.resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a file path in an existing folder")
+    return text

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from omni.cli.args import out_folder, positive_float, positive_int
+from omni.cli.args import out_folder, positive_float, positive_int, wav_path
 
 EPILOG = """examples:
   omni synth --out runs/quickstart/synth
@@ -21,10 +21,14 @@ EPILOG = """examples:
 
 def _synth(args) -> None:
     from omni.data.synth import SynthConfig, write_corpus
+    from omni.speech.synth import SpeechSynthError
 
     cfg = SynthConfig(out_dir=args.out, train_per_task=args.train_per_task,
-                      val_per_task=args.val_per_task, seed=args.seed)
-    path = write_corpus(cfg, progress=not args.quiet)
+                      val_per_task=args.val_per_task, seed=args.seed, voice=args.voice)
+    try:
+        path = write_corpus(cfg, progress=not args.quiet)
+    except SpeechSynthError as e:
+        sys.exit(f"omni synth: {e}")
     print(f"manifest: {path}")
 
 
@@ -60,6 +64,8 @@ def _eval(args) -> None:
     from omni.eval import evaluate, format_table, not_learned, write_results
 
     datasets = args.datasets.split(",") if args.datasets else None
+    if args.speech:
+        return _eval_speech(args, datasets)
     results = evaluate(args.model, args.data, split=args.split, datasets=datasets, limit=args.limit,
                        batch_size=args.batch_size, progress=not args.quiet, device=args.device, dtype=args.dtype)
     print(format_table(results))
@@ -71,6 +77,19 @@ def _eval(args) -> None:
             sys.exit("not learned (accuracy must beat chance and the blanked control by --min-gain):\n  "
                      + "\n  ".join(failures))
         print(f"every task beats chance and its blanked control by >= {args.min_gain}")
+
+
+def _eval_speech(args, datasets) -> None:
+    from omni.speech_eval import evaluate_speech, format_speech_table, write_speech_results
+
+    if args.min_gain is not None:
+        sys.exit("omni eval: --min-gain scores text answers; with --speech read the table (spoken vs blanked, chance)")
+    results = evaluate_speech(args.model, args.data, split=args.split, datasets=datasets, limit=args.limit,
+                              batch_size=args.batch_size, progress=not args.quiet, device=args.device,
+                              dtype=args.dtype)
+    print(format_speech_table(results))
+    if args.out:
+        print(f"wrote {write_speech_results(results, args.out)}")
 
 
 def _chat(args) -> None:
@@ -90,6 +109,9 @@ def _chat(args) -> None:
     except SampleError as e:
         sys.exit(str(e))
     generator = LocalGenerator.load(args.model, batch_size=1, device=args.device, dtype=args.dtype)
+    if args.speak and (getattr(generator.model, "talker", None) is None or generator.model.codec is None):
+        sys.exit(f"--speak: {args.model} has no talker to speak with; train a speech_out stage on it "
+                 "(stages/tiny/3_speech_out.yaml, docs/speech_out.md)")
     augmenter = None
     if args.pas:
         from omni.align.pas import PromptAugmenter
@@ -99,7 +121,8 @@ def _chat(args) -> None:
     history: list[dict] = []
     if args.prompt is not None:
         try:
-            _chat_turn(generator, history, args.prompt, media, args.max_new_tokens, augmenter, interactive=False)
+            _chat_turn(generator, history, args.prompt, media, args.max_new_tokens, augmenter, interactive=False,
+                       speak_to=args.speak)
         except bad_turn as e:
             sys.exit(f"--prompt: {_turn_error(e)}")
         return
@@ -119,7 +142,8 @@ def _chat(args) -> None:
             continue
         turn += 1
         try:
-            _chat_turn(generator, history, text, media, args.max_new_tokens, augmenter, interactive=True)
+            _chat_turn(generator, history, text, media, args.max_new_tokens, augmenter, interactive=True,
+                       speak_to=args.speak)
         except bad_turn as e:  # the turn is dropped, the session and its history go on
             print(f"turn {turn}: {_turn_error(e)}", file=sys.stderr, flush=True)
 
@@ -142,8 +166,10 @@ def _turn_error(e: BaseException) -> str:
 
 
 def _chat_turn(generator, history: list[dict], text: str, media: dict, max_new_tokens: int, augmenter,
-               interactive: bool) -> None:
-    """Answer one user turn, streaming; `history` gains the turn and its answer only when both worked."""
+               interactive: bool, speak_to: str | None = None) -> None:
+    """Answer one user turn, streaming; `history` gains the turn and its answer only when both worked.
+    `speak_to`: also write the answer spoken by the model's talker to this WAV file (each turn's
+    answer replaces the last)."""
     from omni.inference import with_placeholders
 
     if augmenter is not None:  # PAS: the complement goes to the model, and is shown
@@ -165,6 +191,14 @@ def _chat_turn(generator, history: list[dict], text: str, media: dict, max_new_t
             print(piece, end="", flush=True)
     finally:
         print(flush=True)  # the error of a turn that fails while it streams goes on a line of its own
+    if speak_to:
+        import soundfile
+
+        from omni.model.speech import speak_answer
+
+        wave = speak_answer(generator, messages, media, answer.strip())
+        soundfile.write(speak_to, wave, generator.model.codec.sample_rate, subtype="PCM_16")
+        print(f"spoken answer: {speak_to}", file=sys.stderr, flush=True)
     history += [messages[-1], {"role": "assistant", "content": answer.strip()}]
 
 
@@ -200,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-per-task", type=positive_int, default=2000)
     p.add_argument("--val-per-task", type=positive_int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--voice", help="also write each answer spoken by espeak-ng in this voice (e.g. en, en-us, en+f3) "
+                                   "as KEY.answer.wav, for the speech_out stage; needs `make speech-synth`")
     p.set_defaults(func=_synth)
 
     overrides_help = "dotted key=value overrides of the stage YAML, e.g. optim.lr=1e-4 steps=100"
@@ -240,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=out_folder, help="folder for eval.json")
     p.add_argument("--min-gain", type=float, metavar="G",
                    help="exit 1 unless every task's accuracy beats chance and its blanked control by G")
+    p.add_argument("--speech", action="store_true",
+                   help="score spoken answers instead (a model with a talker, a corpus with answer.wav): the words "
+                        "heard vs chance and a talker with the thinker blanked (eval_speech.json)")
     add_placement_arguments(p)
     p.set_defaults(func=_eval)
 
@@ -268,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put a PAS model (`omni align pas train`) or an endpoint serving one in front: each of "
                         "your turns gets its complementary instruction before the model answers (docs/align.md)")
     p.add_argument("--pas-endpoint-model", default="default", help="model name to ask a --pas endpoint for")
+    p.add_argument("--speak", metavar="OUT.wav", type=wav_path,
+                   help="also write the answer spoken by the model's talker to this WAV file (a model trained "
+                        "with a speech_out stage; interactive: each turn's answer replaces the last)")
     add_placement_arguments(p)
     p.set_defaults(func=_chat)
 

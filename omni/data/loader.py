@@ -21,7 +21,7 @@ from PIL import Image
 from encoders import load_audio
 from omni.data.manifest import DatasetEntry
 from omni.errors import SampleError
-from omni.modalities import EXTENSIONS, PLACEHOLDERS
+from omni.modalities import EXTENSIONS, PLACEHOLDERS, SPOKEN_ANSWER
 
 ROLES = ("system", "user", "assistant")
 # typed content parts (OpenAI / transformers chat format) -> the modality whose placeholder they stand for
@@ -156,11 +156,14 @@ def read_meta(raw: dict) -> dict:
 def decode_media(members: dict, place: str) -> dict[str, list]:
     """Media members (`0.jpg`, `1.wav`, `mp4`, ...) -> decoded media by modality, each in index order
     (a bare `jpg` is index 0): images as RGB PIL images, audio as waveforms, video as its bytes
-    (the processor samples frames). `place` names the sample in errors. Other members are ignored."""
+    (the processor samples frames). `place` names the sample in errors. Other members, and the
+    spoken answer (`answer.wav`, an output, not an input), are ignored."""
     media: dict[str, list] = {}
     for modality, exts in EXTENSIONS.items():
         found = []
         for key, value in members.items():
+            if key == SPOKEN_ANSWER:
+                continue
             stem, _, ext = key.rpartition(".") if "." in key else ("", "", key)
             if ext.lower() in exts:
                 index = int(stem) if stem.isdigit() else 0

@@ -29,9 +29,9 @@ from omni.data.loader import SkipCounter, chat_turns, decode_media, read_json, s
 from omni.data.loader import where as sample_where
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
-from omni.modalities import EXTENSIONS
+from omni.modalities import EXTENSIONS, SPOKEN_ANSWER
 from omni.model.fusion import IGNORE
-from omni.model.processor import Example
+from omni.model.processor import Example, last_span
 
 _MEDIA_EXTS = {e for exts in EXTENSIONS.values() for e in exts}
 
@@ -75,11 +75,14 @@ def read_records(spec: str | Path, split: str = "train", datasets: list[str] | N
 
 def record_from_raw(raw: dict) -> dict:
     """A WebDataset sample (docs/data_format.md) as a record: its json fields, its media members
-    kept as undecoded bytes under `__media__`, and where it came from (`__where__`)."""
+    kept as undecoded bytes under `__media__`, its spoken answer's bytes (if any) under
+    `__speech__`, and where it came from (`__where__`)."""
     rec = read_json(raw)
-    media = {k: v for k, v in raw.items() if k.rpartition(".")[2].lower() in _MEDIA_EXTS}
+    media = {k: v for k, v in raw.items() if k.rpartition(".")[2].lower() in _MEDIA_EXTS and k != SPOKEN_ANSWER}
     if media:
         rec["__media__"] = media
+    if SPOKEN_ANSWER in raw:
+        rec["__speech__"] = raw[SPOKEN_ANSWER]
     rec["__where__"] = sample_where(raw)
     return rec
 
@@ -125,19 +128,6 @@ def preference_messages(rec: dict) -> tuple[list[dict], list[dict], list[dict]]:
     if not prompt or prompt[-1]["role"] != "user":
         raise AlignDataError(f"{where}: field 'prompt' must be a string or messages ending with a user turn")
     return prompt, prompt + _reply(rec["chosen"], where, "chosen"), prompt + _reply(rec["rejected"], where, "rejected")
-
-
-def last_span(labels: torch.Tensor) -> torch.Tensor:
-    """Keep only the last run of label tokens (the final assistant reply); the rest becomes IGNORE."""
-    on = (labels != IGNORE).nonzero().flatten()
-    if len(on) == 0:
-        return labels
-    start = int(on[-1])
-    while start > 0 and labels[start - 1] != IGNORE:
-        start -= 1
-    out = labels.clone()
-    out[:start] = IGNORE
-    return out
 
 
 def sft_example(processor, rec: dict, turns: str = "all") -> Example:

@@ -8,6 +8,8 @@
 A sample is one `__key__` ("{task}-{split}-{i:06d}") with
     json  {"messages": [user, assistant], "task", "source": "synth", "answer"}
     png | mp4 | wav   one medium of a kind; several of one kind as 0.png, 1.png, ...
+    answer.wav        with `voice` set: the answer spoken by espeak-ng (16 kHz mono PCM, silence trimmed), the
+                      speech_out stage's target; not an input medium (omni.modalities.SPOKEN_ANSWER)
 The k-th `<image>` / `<video>` / `<audio>` placeholder binds to that kind's k-th file.
 
 Tasks (answers are lowercase words from the fixed lists below; every question needs its media):
@@ -33,6 +35,7 @@ The same config writes byte-identical shards (tar mtime 0, bit-exact mp4 muxing)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -50,7 +53,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from omni.modalities import PLACEHOLDERS
+from omni.modalities import PLACEHOLDERS, SPOKEN_ANSWER
 from omni.tiny_world import (
     CHANGE_WINDOW_S,
     COLOUR_RGB,
@@ -85,6 +88,10 @@ class SynthConfig:
     # Clip length; a tone lasts 0.3-0.8 of it and ends within its first 95 %. An audio encoder that
     # crops clips shorter than this can miss the tone: match it to the encoder's window instead.
     audio_seconds: float = 1.0
+    # an espeak-ng voice (e.g. "en", "en-us", "en+f3"): every sample also gets its answer spoken as
+    # answer.wav; None: no spoken answers (and no espeak-ng needed). Spoken answers draw nothing from
+    # the samples' random streams, so every other member is the same with or without them.
+    voice: str | None = None
 
     def validate(self) -> None:
         if self.image_size < 16 or self.image_size % 2:
@@ -106,6 +113,7 @@ class Sample:
     answer: str
     params: tuple  # semantic layout; a val sample never shares one with train (text_arith excepted)
     media: dict  # kind -> list of encoded files, in placeholder order
+    spoken: bytes | None = None  # the answer spoken (answer.wav), when the corpus has a voice
 
     def to_wds(self) -> dict:
         """The sample as a WebDataset dict: json plus media files, all as bytes."""
@@ -126,6 +134,8 @@ class Sample:
                 out[ext] = files[0]
             else:
                 out.update({f"{i}.{ext}": f for i, f in enumerate(files)})
+        if self.spoken is not None:
+            out[SPOKEN_ANSWER] = self.spoken
         return out
 
 
@@ -184,6 +194,18 @@ def _wav(signal: np.ndarray) -> bytes:
         w.setframerate(SAMPLE_RATE)
         w.writeframes(pcm.tobytes())
     return buf.getvalue()
+
+
+def _spoken(text: str, voice: str) -> bytes:
+    """`text` spoken by espeak-ng as wav bytes, without the silence it pads speech with (the talker
+    need not learn to say it). Imported here: librosa is only needed for a corpus with a voice."""
+    import librosa
+
+    from omni.speech.match import TRIM_DB
+    from omni.speech.synth import speak
+
+    words, _ = librosa.effects.trim(speak(text, SAMPLE_RATE, voice), top_db=TRIM_DB)
+    return _wav(words)
 
 
 def _tone(rng: np.random.Generator, hz: float, clip_s: float) -> tuple[tuple, bytes]:
@@ -359,6 +381,7 @@ def write_corpus(cfg: SynthConfig, progress: bool = True) -> Path:
             for old in shard_dir.glob(f"{task}-{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
                 old.unlink()
 
+    spoken: dict[str, bytes] = {}  # each distinct answer is rendered once: espeak-ng is deterministic
     total = len(TASKS) * (cfg.train_per_task + cfg.val_per_task)
     bar = tqdm(total=total, unit="sample", desc="synth", disable=not progress)
     entries = []
@@ -372,6 +395,10 @@ def write_corpus(cfg: SynthConfig, progress: bool = True) -> Path:
                     writer.close()
                 shard = shard_dir / f"{task}-{split}-{(n - 1) // cfg.samples_per_shard:06d}.tar"
                 writer = TarWriter(str(shard), mtime=0.0)
+            if cfg.voice is not None:
+                if sample.answer not in spoken:
+                    spoken[sample.answer] = _spoken(sample.answer, cfg.voice)
+                sample = dataclasses.replace(sample, spoken=spoken[sample.answer])
             writer.write(sample.to_wds())
             bar.update()
         writer.close()

@@ -31,6 +31,7 @@ from omni.model.omni_model import (
     OmniModel,
     attention_backend,
 )
+from omni.model.speech import load_codec
 from omni.presets import model_config_from_dict, model_config_to_dict
 
 HF_CONFIG = "config.json"
@@ -182,16 +183,21 @@ def load_model(path: str | Path, overrides: list[str] = (), weights: bool = True
     else:
         raise FileNotFoundError(f"{path}: not an omni model folder ({CONFIG} + {WEIGHTS}) nor an omni export "
                                 f"({HF_CONFIG} with model_type {MODEL_TYPE!r})")
+    saved_talker = bool((data.get("talker") or {}).get("enabled"))
     cfg = model_config_from_dict(apply_overrides(data, list(overrides), where=f"{where} with overrides"))
     text = dict(text)
     llm_config = AutoConfig.for_model(text.pop("model_type"), **text)
     llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=attention_backend(cfg.llm.attn_implementation))
     model = OmniModel(cfg, llm, token_ids, pretrained=False)
+    # a talker switched on by an override (talker.enabled=true) for a model saved without one starts fresh
+    fresh = ("talker.",) if cfg.talker.enabled and not saved_talker else ()
     if weights:
         verify = verify_by_default() if verify is None else verify
         floating = {k for k, p in model.named_parameters(remove_duplicate=False) if p.is_floating_point()}
         state = read_weights(path, meta.get(CHECKSUMS), dtype if isinstance(dtype, str) else None, verify, floating)
-        _load_state(model, state, path, overrides)
+        _load_state(model, state, path, overrides, fresh)
+    if weights and cfg.talker.enabled:  # not for an architecture-only skeleton (omni plan, ranks fed by rank 0)
+        model.codec = load_codec(cfg, path)
     tokenizer = _saved_tokenizer(path) if where.name == HF_CONFIG else AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
     return model, tokenizer
 
@@ -220,8 +226,9 @@ def _saved_tokenizer(path: Path):
     return cls.from_pretrained(path)
 
 
-def _load_state(model, state: dict, path: Path, overrides) -> None:
-    """Strict: every parameter comes from `state`, except an LM output embedding tied to its input."""
+def _load_state(model, state: dict, path: Path, overrides, fresh: tuple[str, ...] = ()) -> None:
+    """Strict: every parameter comes from `state`, except an LM output embedding tied to its input
+    and the parts named by the prefixes in `fresh` (new parts, left at their initialisation)."""
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
@@ -229,7 +236,8 @@ def _load_state(model, state: dict, path: Path, overrides) -> None:
         raise ConfigError(f"{path}: weights do not fit the model config{after}: {e}") from None
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
-    missing = [k for k in result.missing_keys if k not in params or params[k].data_ptr() not in loaded_ptrs]
+    missing = [k for k in result.missing_keys if (k not in params or params[k].data_ptr() not in loaded_ptrs)
+               and not k.startswith(fresh)]
     if missing or result.unexpected_keys:
         raise ConfigError(f"{path}: weights do not match the model: missing {missing[:5]}, "
                           f"unexpected {result.unexpected_keys[:5]}")

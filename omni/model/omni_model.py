@@ -31,6 +31,7 @@ from omni.model.batch import MediaBatch
 from omni.model.composition import OmniComposition
 from omni.model.integrity import CHECKSUMS, check_recorded
 from omni.model.lm_loss import CHUNKED_ABOVE_LOGITS, chunked_lm_loss
+from omni.model.speech import build_talker, speech_loss
 from omni.model.varlen_attention import NAME as SDPA_VARLEN
 from omni.presets import ModelConfig, model_config_to_dict
 from omni.tokenizer import load_tokenizer, placeholder_ids
@@ -109,6 +110,9 @@ class OmniModel(OmniComposition, nn.Module):
             image_cfg = dataclasses.replace(image_cfg, pretrained=None)
             audio_cfg = dataclasses.replace(audio_cfg, checkpoint=None)
         self.compose(llm, image_cfg, audio_cfg, projector_specs(cfg), token_ids, cfg.llm.norm_head)
+        # speech out (omni/model/speech.py), built last so the other parts' random init is the same with or without it
+        self.talker = build_talker(cfg.talker, llm.config.hidden_size) if cfg.talker.enabled else None
+        self.codec = None  # the talker's codec: load_model / a speech_out stage sets it; saved with the model
 
     # ---- construction and persistence -------------------------------------------------
     @classmethod
@@ -134,6 +138,8 @@ class OmniModel(OmniComposition, nn.Module):
                 "llm_config": self.llm.config.to_dict(), CHECKSUMS: {WEIGHTS: file_sha256(out_dir / WEIGHTS)}}
         (out_dir / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
         tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
+        if self.codec is not None and hasattr(self.codec, "save"):  # a fitted codec; a pretrained one is named
+            self.codec.save(out_dir)
 
     def load_weights(self, model_dir: str | Path, absent: set[str] = frozenset()) -> None:
         """Weights of a `save_pretrained` folder into this model, in place (what a resume reads),
@@ -194,10 +200,19 @@ class OmniModel(OmniComposition, nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, labels=None, media: MediaBatch | None = None,
-                position_ids=None, num_items_in_batch: float | None = None, blank: tuple[str, ...] = ()):
+                position_ids=None, num_items_in_batch: float | None = None, blank: tuple[str, ...] = (),
+                speech: list[torch.Tensor] | None = None):
         """`num_items_in_batch`: divide the summed token losses by this instead of taking the mean
         (the trainer passes the label tokens of the whole step, so accumulation and data
-        parallelism weigh every token equally). `blank`: see `embed`."""
+        parallelism weigh every token equally). `blank`: see `embed`. `speech`: codec codes
+        [codebooks, frames] of each row's spoken answer (the tokens `labels` marks): the loss is then
+        the talker's over those codes, the thinker run teacher-forced (omni/model/speech.py)."""
+        if speech is not None:
+            if self.talker is None:
+                raise ConfigError("this model has no talker: set the model override talker.enabled=true")
+            loss = speech_loss(self, input_ids, attention_mask, labels, media, speech, position_ids,
+                               num_items_in_batch, blank)
+            return CausalLMOutputWithPast(loss=loss)
         embeds = self.embed(input_ids, media, blank)
         if labels is not None and labels.numel() * self.llm.config.vocab_size > self.chunked_loss_above:
             return self.chunked_forward(embeds, attention_mask, labels, position_ids, num_items_in_batch)

@@ -260,3 +260,16 @@ def collate(examples: list[Example], pad_id: int, left_pad: bool = False) -> Bat
         sl = slice(length - n, length) if left_pad else slice(0, n)
         ids[i, sl], labels[i, sl], mask[i, sl] = e.input_ids, e.labels, 1
     return Batch(ids, mask, labels, MediaBatch.concat([e.media for e in examples]))
+
+
+def last_span(labels: torch.Tensor) -> torch.Tensor:
+    """Keep only the last run of label tokens (the final assistant reply); the rest becomes IGNORE."""
+    on = (labels != IGNORE).nonzero().flatten()
+    if len(on) == 0:
+        return labels
+    start = int(on[-1])
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    out = labels.clone()
+    out[:start] = IGNORE
+    return out

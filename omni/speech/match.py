@@ -25,8 +25,12 @@ def dtw_cost(a: np.ndarray, b: np.ndarray) -> float:
 
 def nearest_word(wave: np.ndarray, candidates: dict[str, np.ndarray], sample_rate: int) -> tuple[str, dict[str, float]]:
     """The candidate word whose rendering is nearest to `wave` by DTW, and every candidate's cost."""
+    return nearest_mel(log_mel(wave, sample_rate), {word: log_mel(ref, sample_rate) for word, ref in candidates.items()})
+
+
+def nearest_mel(heard: np.ndarray, candidates: dict[str, np.ndarray]) -> tuple[str, dict[str, float]]:
+    """`nearest_word` on log-mels (`log_mel`) already computed: many utterances against the same candidates."""
     if not candidates:
         raise ValueError("nearest_word: no candidate words to compare against")
-    heard = log_mel(wave, sample_rate)
-    costs = {word: dtw_cost(heard, log_mel(ref, sample_rate)) for word, ref in candidates.items()}
+    costs = {word: dtw_cost(heard, ref) for word, ref in candidates.items()}
     return min(costs, key=costs.get), costs

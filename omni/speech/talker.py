@@ -14,7 +14,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Qwen2Config, Qwen2Model
+from transformers import Cache, DynamicCache, Qwen2Config, Qwen2Model
 
 from omni.speech.delay import delay, eos_id, pad_id, undelay
 
@@ -103,21 +103,28 @@ class Talker(nn.Module):
         mask = torch.cat([batch.text_mask, torch.ones_like(batch.text_mask[:, :1])], dim=1)
         return torch.cat([cond * batch.text_mask[..., None], start], dim=1), mask
 
-    def logits(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, L, hidden] inputs -> [B, L, K, vocab]."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    def logits(self, embeds: torch.Tensor, mask: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """[B, L, hidden] inputs -> [B, L, K, vocab]. `cache`: the keys and values of the positions
+        before `embeds` (`mask` covers them too), extended in place (generation)."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[1] - embeds.shape[1]:]
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+                           use_cache=cache is not None).last_hidden_state
         return self.head(out).unflatten(-1, (self.config.codebooks, self.vocab))
 
-    def forward(self, batch: TalkerBatch) -> torch.Tensor:
-        """Mean cross-entropy over every predicted code (teacher forcing)."""
+    def teacher_forced(self, batch: TalkerBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, S, K, vocab] of every step given the true steps before it, and their labels [B, S, K]."""
         prefix, prefix_mask = self.prefix(batch)
         steps = batch.steps.shape[2]
         embeds = torch.cat([prefix, self.embed_steps(batch.steps[:, :, :-1])], dim=1)
         mask = torch.cat([prefix_mask, batch.steps_mask[:, :-1]], dim=1)
-        logits = self.logits(embeds, mask)[:, -steps:]  # position N + j predicts step j
-        return F.cross_entropy(logits.reshape(-1, self.vocab), targets(batch, self.config.codebook_size).reshape(-1),
-                               ignore_index=IGNORE)
+        return self.logits(embeds, mask)[:, -steps:], targets(batch, self.config.codebook_size)  # N + j predicts j
+
+    def forward(self, batch: TalkerBatch, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over every predicted code (teacher forcing): their mean, or their sum
+        (`reduction="sum"`, for a trainer that divides by the codes of the whole step)."""
+        logits, labels = self.teacher_forced(batch)
+        return F.cross_entropy(logits.reshape(-1, self.vocab).float(), labels.reshape(-1), ignore_index=IGNORE,
+                               reduction=reduction)
 
     @torch.no_grad()
     def generate(self, batch: TalkerBatch, max_frames: int) -> list[torch.Tensor]:
@@ -126,23 +133,23 @@ class Talker(nn.Module):
         k, size = self.config.codebooks, self.config.codebook_size
         embeds, mask = self.prefix(batch)
         b = embeds.shape[0]
-        end = torch.full((b,), max_frames)  # frames per answer, once codebook 0 says EOS
-        taken = []
+        end = torch.full((b,), max_frames, device=embeds.device)  # frames per answer, once codebook 0 says EOS
+        taken, cache = [], DynamicCache()
         for step in range(max_frames + k):
-            scores = self.logits(embeds, mask)[:, -1]  # [B, K, vocab]
+            scores = self.logits(embeds, mask, cache)[:, -1]  # [B, K, vocab]; embeds: the positions not cached
             scores[:, :, pad_id(size)] = -torch.inf
             scores[:, 1:, eos_id(size)] = -torch.inf
             if step >= max_frames:
                 scores[:, 0, :size] = -torch.inf
             col = scores.argmax(-1)
             end = torch.where((col[:, 0] == eos_id(size)) & (end > step), torch.full_like(end, step), end)
-            books = torch.arange(k)
+            books = torch.arange(k, device=embeds.device)
             col[books[None, :].expand(b, k) > step] = pad_id(size)
             col[(step >= end[:, None] + books[None, :])] = eos_id(size)
             taken.append(col)
             if bool((step >= end + k - 1).all()):
                 break
-            embeds = torch.cat([embeds, self.embed_steps(col[:, :, None])], dim=1)
+            embeds = self.embed_steps(col[:, :, None])
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         steps = torch.stack(taken, dim=2)
         return [undelay(steps[i], size) for i in range(b)]

@@ -11,7 +11,7 @@ from omni.presets import PRESETS, build_preset
 from omni.train.config import load_schedule, load_stage
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE_FILES = sorted(p for p in (ROOT / "stages").rglob("*.yaml") if p.name != "schedule.yaml")
+STAGE_FILES = sorted(p for p in (ROOT / "stages").rglob("*.yaml") if not p.name.startswith("schedule"))
 
 
 @pytest.mark.parametrize("path", STAGE_FILES, ids=lambda p: str(p.relative_to(ROOT)))

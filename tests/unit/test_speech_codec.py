@@ -10,6 +10,7 @@ from omni.speech.mimi_codec import MimiCodec
 from omni.speech.synth import speak
 from omni.speech.tiny_codec import TinyCodec, TinyCodecConfig
 from omni.tiny_world import COLOURS, NOTES, NUMBERS, SHAPES
+from tests.helpers import TINY_MIMI
 
 RATE = TinyCodecConfig().sample_rate
 WORDS = COLOURS + NOTES + NUMBERS
@@ -73,9 +74,6 @@ def test_tiny_codec_refuses_too_little_audio_and_bad_codes(tmp_path):
         TinyCodec.load(tmp_path)
 
 
-TINY_MIMI = dict(hidden_size=32, num_filters=4, upsampling_ratios=[8, 5, 4, 2], codebook_size=64, codebook_dim=16,
-                 num_quantizers=4, vector_quantization_hidden_dimension=16, upsample_groups=32, num_hidden_layers=1,
-                 intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, sliding_window=16)
 
 
 @pytest.fixture(scope="module")

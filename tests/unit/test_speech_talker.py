@@ -85,3 +85,28 @@ def test_talker_overfits_one_spoken_answer_and_speaks_it_back():
     assert short.shape == (CONFIG.codebooks, 5)
     for k in range(CONFIG.codebooks):
         assert torch.equal(short[k, :6 - k], codes[k, :6 - k][:5])
+
+
+def test_cached_generation_is_the_step_by_step_argmax_of_the_whole_sequence():
+    """`generate` decodes with a KV cache; each code it takes must be the argmax of the talker run on
+    the whole sequence so far without a cache (rows of different lengths, left-padded, included), so
+    the cache changes nothing but the cost."""
+    torch.manual_seed(0)
+    talker = Talker(CONFIG, THINKER).eval()
+    batch = collate([answer(2, 1, 3), answer(6, 1, 4)], CONFIG.codebook_size)
+    max_frames, size = 6, CONFIG.codebook_size
+    for row, codes in enumerate(talker.generate(batch, max_frames=max_frames)):
+        n, frames = int(batch.text_mask[row].sum()), codes.shape[1]
+        one = collate([(batch.hidden[row, -n:], batch.text[row, -n:], codes)], size)
+        prefix, _ = talker.prefix(one)
+        steps = one.steps[0]  # [K, frames + K]
+        with torch.no_grad():
+            embeds = torch.cat([prefix, talker.embed_steps(one.steps[:, :, :-1])], dim=1)
+            logits = talker.logits(embeds, torch.ones(1, embeds.shape[1], dtype=torch.long))[0, -steps.shape[1]:]
+        for k in range(CONFIG.codebooks):  # every code taken, at steps k .. k + frames - 1
+            chosen = logits[k:k + frames, k, :size].argmax(-1)
+            assert torch.equal(chosen, steps[k, k:k + frames]), (row, k)
+        if frames < max_frames:  # codebook 0 chose to end there
+            end = logits[frames, 0].clone()
+            end[size] = -torch.inf  # PAD is never chosen
+            assert int(end.argmax()) == size + 1, row

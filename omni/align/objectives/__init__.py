@@ -6,5 +6,6 @@ from omni.align.objectives.base import Objective
 from omni.align.objectives.dpo import DPO
 from omni.align.objectives.rm import RM
 from omni.align.objectives.sft import SFT
+from omni.align.objectives.speech_out import SpeechOut
 
-OBJECTIVES: dict[str, type[Objective]] = {c.name: c for c in (SFT, DPO, RM)}
+OBJECTIVES: dict[str, type[Objective]] = {c.name: c for c in (SFT, DPO, RM, SpeechOut)}

@@ -1,0 +1,159 @@
+"""The talker part of an OmniModel (docs/speech_out.md): building it from the preset's `talker:`
+section, its codec (fitted and kept in the model folder for the tiny codec, loaded by name for
+Mimi), what the thinker hands it (hidden states and embeddings of the answer tokens), its training
+loss and its spoken answers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from encoders import load_audio
+from encoders.audio import SAMPLE_RATE
+from omni.config import ConfigError
+from omni.model.fusion import IGNORE
+from omni.model.processor import collate as collate_examples
+from omni.model.processor import last_span
+from omni.presets import ModelConfig, TalkerSection
+from omni.speech.codec import Codec
+from omni.speech.delay import delay, pad_id
+from omni.speech.talker import Talker, TalkerBatch, TalkerConfig, collate
+
+TINY_CODEC_CONFIG = "tiny_codec.json"  # TinyCodec.save writes it (and its codebooks) beside the model's weights
+
+
+def build_talker(section: TalkerSection, thinker_hidden_size: int) -> Talker:
+    return Talker(TalkerConfig(hidden_size=section.hidden_size, layers=section.layers, heads=section.heads,
+                               kv_heads=section.kv_heads, intermediate_size=section.intermediate_size,
+                               max_positions=section.max_positions, codebooks=section.codebooks,
+                               codebook_size=section.codebook_size), thinker_hidden_size)
+
+
+def load_codec(cfg: ModelConfig, folder: str | Path | None) -> Codec | None:
+    """The talker's codec: Mimi from `talker.codec_pretrained`; the tiny codec from the model
+    folder when a speech_out stage has fitted it there (None before that)."""
+    section = cfg.talker
+    if section.codec == "mimi":
+        from omni.speech.mimi_codec import MimiCodec
+
+        return check_codec(MimiCodec(section.codec_pretrained, section.codebooks), section)
+    if folder is None or not (Path(folder) / TINY_CODEC_CONFIG).is_file():
+        return None
+    from omni.speech.tiny_codec import TinyCodec
+
+    return check_codec(TinyCodec.load(folder), section)
+
+
+def fit_codec(section: TalkerSection, spoken: list[bytes], seed: int) -> Codec:
+    """A tiny codec with the talker's codebook layout, fitted on these spoken answers (audio files)."""
+    from omni.speech.tiny_codec import TinyCodec, TinyCodecConfig
+
+    if section.codec != "tiny":
+        raise ConfigError(f"talker.codec {section.codec} is pretrained; only the tiny codec is fitted on the corpus")
+    config = TinyCodecConfig(codebooks=section.codebooks, codebook_size=section.codebook_size)
+    return TinyCodec.fit([answer_wave(b, config.sample_rate) for b in spoken], config, seed=seed)
+
+
+def answer_wave(data: bytes, sample_rate: int) -> np.ndarray:
+    """A spoken answer's audio file (any format load_audio reads) as mono float32 at `sample_rate`."""
+    wave = load_audio(data)
+    if sample_rate == SAMPLE_RATE:
+        return wave
+    import librosa
+
+    return librosa.resample(wave, orig_sr=SAMPLE_RATE, target_sr=sample_rate).astype(np.float32)
+
+
+def check_codec(codec: Codec, section: TalkerSection) -> Codec:
+    if (codec.codebooks, codec.codebook_size) != (section.codebooks, section.codebook_size):
+        raise ConfigError(f"talker: the codec has {codec.codebooks} codebooks of {codec.codebook_size}, the talker "
+                          f"predicts {section.codebooks} of {section.codebook_size}; set talker.codebooks and "
+                          "talker.codebook_size to the codec's")
+    return codec
+
+
+def code_count(codes: list[torch.Tensor], codebook_size: int) -> int:
+    """The codes the talker is scored on for these answers (its training loss's units): every
+    delayed step but each codebook's leading PADs."""
+    return sum(int((delay(c, codebook_size) != pad_id(codebook_size)).sum()) for c in codes)
+
+
+def thinker_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                   media, position_ids=None, blank: tuple[str, ...] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row, (hidden states [N, H], input embeddings [N, H]) of the thinker at its answer tokens
+    (labels != IGNORE), the thinker run teacher-forced on the whole sequence."""
+    embeds = model.embed(input_ids, media, blank)
+    hidden = model.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                     use_cache=False).last_hidden_state
+    text = model.llm.get_input_embeddings()(input_ids)
+    answer = labels != IGNORE
+    return [(hidden[i][answer[i]], text[i][answer[i]]) for i in range(input_ids.shape[0])]
+
+
+def talker_batch(states: list[tuple[torch.Tensor, torch.Tensor]], codes: list[torch.Tensor], codebook_size: int,
+                 blank_thinker: bool = False) -> TalkerBatch:
+    """The talker's batch for these answers (`collate`'s layout), keeping the conditioning's autograd
+    graph so that a jointly trained thinker gets gradients. `blank_thinker`: everything the thinker
+    gives is zero (the control showing that the talker speaks what the thinker says, not a prior)."""
+    if blank_thinker:
+        states = [(torch.zeros_like(h), torch.zeros_like(t)) for h, t in states]
+    device, n = states[0][0].device, max(h.shape[0] for h, _ in states)
+    layout = collate([(torch.zeros(h.shape[0], 1), torch.zeros(h.shape[0], 1), c.cpu())
+                      for (h, _), c in zip(states, codes, strict=True)], codebook_size)
+    pad = lambda x: torch.cat([x.new_zeros(n - x.shape[0], x.shape[1]), x])  # noqa: E731 - left padding
+    return TalkerBatch(hidden=torch.stack([pad(h) for h, _ in states]), text=torch.stack([pad(t) for _, t in states]),
+                       text_mask=layout.text_mask.to(device), steps=layout.steps.to(device),
+                       steps_mask=layout.steps_mask.to(device))
+
+
+def speech_loss(model, input_ids, attention_mask, labels, media, codes: list[torch.Tensor], position_ids=None,
+                num_items_in_batch: float | None = None, blank: tuple[str, ...] = ()) -> torch.Tensor:
+    """The talker's cross-entropy over every code of these spoken answers, summed and divided by
+    `num_items_in_batch` (the step's codes), or its mean."""
+    states = thinker_states(model, input_ids, attention_mask, labels, media, position_ids, blank)
+    batch = talker_batch(states, codes, model.talker.config.codebook_size)
+    if num_items_in_batch is None:
+        return model.talker(batch)
+    return model.talker(batch, reduction="sum") / num_items_in_batch
+
+
+@torch.no_grad()
+def frame_accuracy(model, states, codes: list[torch.Tensor]) -> tuple[int, int]:
+    """(right, scored): teacher-forced codes whose argmax is the target, over every scored code."""
+    logits, labels = model.talker.teacher_forced(talker_batch(states, codes, model.talker.config.codebook_size))
+    scored = labels != IGNORE
+    return int((logits.argmax(-1)[scored] == labels[scored]).sum()), int(scored.sum())
+
+
+@torch.no_grad()
+def speak(model, states, max_frames: int, blank_thinker: bool = False) -> list[torch.Tensor]:
+    """Greedy codec codes [K, T] the talker speaks for each answer's thinker states."""
+    dummy = [torch.zeros(model.talker.config.codebooks, 0, dtype=torch.long)] * len(states)
+    batch = talker_batch(states, dummy, model.talker.config.codebook_size, blank_thinker)
+    return model.talker.generate(batch, max_frames)
+
+
+@torch.no_grad()
+def answer_states(generator, prompts: list, media: list, answers: list[str]):
+    """The thinker's (hidden, embeddings) at each answer's tokens, teacher-forced on prompt + that
+    answer (a LocalGenerator's model, processor and placement)."""
+    examples = []
+    for prompt, m, answer in zip(prompts, media, answers, strict=True):
+        ex = generator.processor([*prompt, {"role": "assistant", "content": answer}], m)
+        ex.labels = last_span(ex.labels)  # the last reply only: earlier turns are context
+        examples.append(ex)
+    batch = collate_examples(examples, generator.tokenizer.pad_token_id).to(generator.device)
+    return thinker_states(generator.model, batch.input_ids, batch.attention_mask, batch.labels,
+                          generator._media(batch.media))
+
+
+@torch.no_grad()
+def speak_answer(generator, prompt: list[dict], media: dict, answer: str) -> np.ndarray:
+    """`answer` to the conversation `prompt` spoken by the model's talker: a wave at its codec's rate."""
+    model = generator.model
+    if model.talker is None or model.codec is None:
+        raise ConfigError("this model has no talker to speak with: train a speech_out stage on it first "
+                          "(docs/speech_out.md)")
+    codes = speak(model, answer_states(generator, [prompt], [media], [answer]), model.config.talker.max_frames)[0]
+    return model.codec.decode(codes.cpu())

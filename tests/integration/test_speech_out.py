@@ -1,0 +1,105 @@
+"""Speech out end to end (issue point 1): a tiny thinker trained briefly on the synthetic world, then
+the speech_out stage (thinker frozen, talker trained on the corpus's spoken answers), answers held-out
+image, video, audio and image+audio questions with speech whose word (DTW against the corpus's
+recording of every candidate answer) is as right as the thinker's text, above chance and above the
+same talker with everything the thinker hands it blanked, and, where this short thinker has learned
+the task (image, video), the thinker's own answer and >= 90 % right; held-out codec frames are right
+too. `omni chat --speak` writes the spoken answer. The module took 10.6 min on 2 cores shared at load
+average ~8 (thinker 250 steps: 230 s; talker 150 steps: 110 s; the rest synth and the evals)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile
+import webdataset as wds
+
+from omni.data.synth import SynthConfig, write_corpus
+from omni.modalities import SPOKEN_ANSWER
+from omni.speech_eval import evaluate_speech, format_speech_table
+from omni.train.config import load_stage
+from omni.train.trainer import train_stage
+from tests.helpers import cli_error
+
+ROOT = Path(__file__).resolve().parents[2]
+TASKS = {"image": "image_colour", "video": "video_colour_change", "audio": "audio_note",
+         "image+audio": "image_audio_side"}
+MIX = "{image_colour: 1.0, video_colour_change: 1.0, audio_note: 1.0, image_audio_side: 2.0}"
+
+
+@pytest.fixture(scope="module")
+def spoken_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spoken-synth")
+    return write_corpus(SynthConfig(out_dir=str(out), train_per_task=THINKER["train_per_task"],
+                                    val_per_task=24, samples_per_shard=200, voice="en"), progress=False)
+
+
+THINKER = dict(train_per_task=400, steps=250, lr="2e-3", micro_batch=32)
+SPEECH = dict(steps=150, lr="3e-3", micro_batch=32)
+
+
+@pytest.fixture(scope="module")
+def speaking_model(spoken_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("speech-out")
+    thinker = train_stage(load_stage(ROOT / "stages/tiny/2_sft.yaml", [
+        f"data.manifest={spoken_corpus}", "init_from=null", f"steps={THINKER['steps']}",
+        f"optim.lr={THINKER['lr']}", f"batch.micro_batch={THINKER['micro_batch']}", f"data.datasets={MIX}"]),
+        root / "thinker", progress=False)
+    cfg = load_stage(ROOT / "stages/tiny/3_speech_out.yaml", [
+        f"data.manifest={spoken_corpus}", f"init_from={thinker}", f"steps={SPEECH['steps']}",
+        f"optim.lr={SPEECH['lr']}", f"batch.micro_batch={SPEECH['micro_batch']}", f"data.datasets={MIX}",
+        f"data.eval={spoken_corpus}", "data.eval_limit=0"])
+    return train_stage(cfg, root / "speech", progress=False)
+
+
+def test_held_out_questions_are_answered_with_the_right_spoken_words(speaking_model, spoken_corpus):
+    results = evaluate_speech(speaking_model, spoken_corpus, datasets=list(TASKS.values()), progress=False)
+    print("\n" + format_speech_table(results))
+    assert set(results) == set(TASKS)
+    for key, r in results.items():
+        assert r["n"] >= 20 and r["candidates"] >= 5, key
+        # speech loses (almost) nothing against the thinker's text, and carries what the thinker gives
+        assert r["spoken_accuracy"] >= r["text_accuracy"] - 0.1, (key, r)
+        assert r["spoken_accuracy"] >= max(r["chance"], r["blanked_accuracy"]) + 0.15, (key, r)
+        assert r["frame_accuracy"] >= 0.9, (key, r)
+    # this short thinker learns the image and video questions fully (audio and image+audio partly:
+    # >= 90 % there needs the schedule's thinker, docs/speech_out.md "Tiny results"); there the talker
+    # says the thinker's own answer and the spoken answer is right >= 90 %, far above both controls
+    for key in ("image", "video"):
+        r = results[key]
+        assert r["spoken_matches_text"] >= 0.9 and r["spoken_accuracy"] >= 0.9, r
+        assert r["spoken_accuracy"] >= max(r["chance"], r["blanked_accuracy"]) + 0.5, r
+    # the stage's own held-out scoring (teacher-forced codec frames) saw the talker learn
+    stage = json.loads((Path(speaking_model).parent / "eval.json").read_text())
+    print(f"speech_out held-out frame accuracy {stage['before']['frame_accuracy']:.3f} -> "
+          f"{stage['after']['frame_accuracy']:.3f} over {stage['after']['codes']} codes")
+    assert stage["after"]["frame_accuracy"] >= stage["before"]["frame_accuracy"] + 0.3
+
+
+def test_chat_speak_writes_the_spoken_answer(speaking_model, spoken_corpus, tmp_path, capsys):
+    """`omni chat --speak OUT.wav` writes a WAV whose word (DTW against the corpus's recordings of the
+    task's answers) is the answer the chat printed."""
+    from omni.cli.main import main
+    from omni.model.speech import answer_wave
+    from omni.speech.match import nearest_word
+
+    shard = next((spoken_corpus.parent / "shards").glob("image_colour-val-*.tar"))
+    raws = list(wds.WebDataset(str(shard), shardshuffle=False))
+    candidates = {json.loads(r["json"])["answer"]: r[SPOKEN_ANSWER] for r in raws}
+    image = tmp_path / "shape.png"
+    image.write_bytes(raws[0]["png"])
+    out = tmp_path / "answer.wav"
+    main(["chat", str(speaking_model), "--image", str(image), "--prompt", "What colour is the shape?",
+          "--max-new-tokens", "4", "--speak", str(out)])
+    said = capsys.readouterr().out.strip()
+    assert said in candidates, said
+    wave, rate = soundfile.read(out, dtype="float32")
+    heard, _ = nearest_word(wave, {a: answer_wave(b, rate) for a, b in candidates.items()}, rate)
+    assert heard == said
+
+
+def test_chat_speak_needs_a_talker(trained_tiny, tmp_path):
+    line = cli_error("chat", str(trained_tiny), "--prompt", "What is two plus three?", "--speak",
+                     str(tmp_path / "a.wav"))
+    assert "no talker" in line and "speech_out" in line
