@@ -57,6 +57,10 @@ def quantize_base(model: nn.Module, compute_dtype: torch.dtype) -> int:
                                      quant_type=QUANT_TYPE, module=q)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        # on a CPU with avx512_bf16, bitsandbytes repacks the weight for a bf16 kernel at the first
+        # eval-mode no-grad forward: ~1e-2 off the training kernel, and a layout dequantize_4bit (the
+        # merge into final/) cannot read. One layout and one kernel for training, eval and merging.
+        q.support_avx512bf16_for_cpu = False
         model.llm.set_submodule(name, q.to(linear.weight.device))  # .to quantises the weight
         replaced += 1
     log.info("qlora: %d LLM Linear layers held in 4-bit %s (compute %s)", replaced, QUANT_TYPE,
