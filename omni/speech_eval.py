@@ -25,7 +25,7 @@ from omni.errors import SampleError
 from omni.eval import answer_matches
 from omni.modalities import SPOKEN_ANSWER
 from omni.model.generate import LocalGenerator
-from omni.model.speech import answer_states, answer_wave, frame_accuracy, speak
+from omni.model.speech import answer_states, answer_wave, speak, teacher_forced_scores
 from omni.speech.match import log_mel, nearest_mel
 
 SPEECH_EVAL_FILE = "eval_speech.json"
@@ -67,7 +67,8 @@ def _batch_scores(generator: LocalGenerator, chunk: list[tuple], candidates: dic
             out[key] += heard == ref
             if not blank:  # the talker says what the thinker wrote, right or wrong
                 out["agree"] += heard is not None and answer_matches(text, heard)
-    out["frames_right"], out["frames"] = frame_accuracy(model, answer_states(generator, prompts, media, refs), targets)
+    reference = answer_states(generator, prompts, media, refs)  # teacher-forced on the reference answers
+    _, out["frames_right"], out["frames"] = teacher_forced_scores(model, reference, targets)
     return out
 
 

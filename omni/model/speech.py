@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from encoders import load_audio
 from encoders.audio import SAMPLE_RATE
@@ -119,11 +120,14 @@ def speech_loss(model, input_ids, attention_mask, labels, media, codes: list[tor
 
 
 @torch.no_grad()
-def frame_accuracy(model, states, codes: list[torch.Tensor]) -> tuple[int, int]:
-    """(right, scored): teacher-forced codes whose argmax is the target, over every scored code."""
+def teacher_forced_scores(model, states, codes: list[torch.Tensor]) -> tuple[float, int, int]:
+    """(summed cross-entropy, right, scored) of one teacher-forced talker pass over these answers:
+    right = codes whose argmax is the target, of every scored code."""
     logits, labels = model.talker.teacher_forced(talker_batch(states, codes, model.talker.config.codebook_size))
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
     scored = labels != IGNORE
-    return int((logits.argmax(-1)[scored] == labels[scored]).sum()), int(scored.sum())
+    return float(loss), int((logits.argmax(-1)[scored] == labels[scored]).sum()), int(scored.sum())
 
 
 @torch.no_grad()

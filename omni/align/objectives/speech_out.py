@@ -25,9 +25,8 @@ from omni.model.speech import (
     answer_wave,
     code_count,
     fit_codec,
-    frame_accuracy,
     load_codec,
-    talker_batch,
+    teacher_forced_scores,
     thinker_states,
 )
 
@@ -128,7 +127,5 @@ class SpeechOut(Objective):
     def score(self, module, batch, blank=()):
         t = batch.thinker
         states = thinker_states(module, t.input_ids, t.attention_mask, t.labels, t.media, blank=blank)
-        count = code_count(batch.codes, self.codebook_size)
-        loss = float(module.talker(talker_batch(states, batch.codes, self.codebook_size), reduction="sum"))
-        right, scored = frame_accuracy(module, states, batch.codes)
-        return {"loss": loss / max(count, 1), "frame_accuracy": right / max(scored, 1), "codes": count}
+        loss, right, scored = teacher_forced_scores(module, states, batch.codes)
+        return {"loss": loss / max(scored, 1), "frame_accuracy": right / max(scored, 1), "codes": scored}
