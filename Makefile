@@ -22,7 +22,7 @@ setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile -r requirements.lock
+	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -31,7 +31,7 @@ eval-env: $(EVAL_STAMP)
 
 $(EVAL_STAMP): requirements-eval.lock pyproject.toml
 	test -x $(EVAL_VENV)/bin/python || $(PYTHON) -m venv $(EVAL_VENV)
-	$(EVAL_VENV)/bin/python -m pip install --quiet --no-compile -r requirements-eval.lock
+	$(EVAL_VENV)/bin/python -m pip install --quiet -r requirements-eval.lock
 	$(EVAL_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(EVAL_STAMP)
 
