@@ -13,6 +13,11 @@ EVAL_VENV  = .venv-eval
 EVAL_STAMP = $(EVAL_VENV)/.omni-installed
 LMMS_EVAL  = 0.7.3
 
+# pip installs without byte-compiling (half its time: the venvs hold ~22,000 .py files, a run imports a
+# sixth of them); Python compiles a module when it is first imported and keeps the .pyc in the venv, even
+# where the environment sets PYTHONDONTWRITEBYTECODE (docs/benchmarks.md, "Quickstart").
+unexport PYTHONDONTWRITEBYTECODE
+
 BROWSER = /usr/bin/chromium
 ESPEAK  = /usr/bin/espeak-ng
 
@@ -22,7 +27,7 @@ setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-compile -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -31,7 +36,7 @@ eval-env: $(EVAL_STAMP)
 
 $(EVAL_STAMP): requirements-eval.lock pyproject.toml
 	test -x $(EVAL_VENV)/bin/python || $(PYTHON) -m venv $(EVAL_VENV)
-	$(EVAL_VENV)/bin/python -m pip install --quiet -r requirements-eval.lock
+	$(EVAL_VENV)/bin/python -m pip install --quiet --no-compile -r requirements-eval.lock
 	$(EVAL_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(EVAL_STAMP)
 
