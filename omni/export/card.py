@@ -79,7 +79,8 @@ def _architecture(model) -> list[str]:
         t = cfg.talker
         codec = (f"the pretrained Mimi `{t.codec_pretrained}` (transformers `MimiModel`, first {t.codebooks} codebooks)"
                  if t.codec == "mimi" else f"a tiny codec: {t.codebooks} residual codebooks of {t.codebook_size} "
-                 "log-mel frames fitted on the training speech (`tiny_codec.*`), decoded with librosa's Griffin-Lim")
+                 "entries over log-mel frames, fitted on the training speech (`tiny_codec.*`), decoded with librosa's "
+                 "Griffin-Lim")
         lines.append(f"- **Speech out**: a talker ({t.layers}-layer Qwen2 decoder, width {t.hidden_size}) reads the "
                      f"LLM's hidden states at its answer and speaks codec frames (at most {t.max_frames}) of {codec}.")
     return lines

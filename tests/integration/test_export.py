@@ -271,6 +271,8 @@ def test_an_export_speaks_as_omni_does(consumer, speaking, media, codec):
     assert ({"tiny_codec.json", "tiny_codec.safetensors"} <= files) == (codec == "tiny")
     config = json.loads((export_dir / "config.json").read_text())["talker_config"]
     assert config["codec"] == codec and config["max_frames"] == SPEECH_FRAMES
+    card = (export_dir / "README.md").read_text()
+    assert "text and speech out" in card and "| talker (speech out) |" in card and "generate_speech" in card
     again, _ = load_model(export_dir)  # omni reads the export back with its talker and codec
     assert type(again.codec) is type(model.codec)
     for k, v in model.state_dict().items():
