@@ -83,11 +83,12 @@ def _merged_lora(cfg: StageConfig, objective, ckpt: Path, engine: str, out: Path
         apply_lora(base, cfg.lora)
         full.update(dequantized_state(base, {}))
     merged = merge(module, _checked(ckpt, module, full))
-    return save_model_dir(_with_codec(module, ckpt), tokenizer, out, merged)
+    return save_model_dir(module, tokenizer, out, merged)
 
 
 def _skeleton(cfg: StageConfig, objective, ckpt: Path):
-    """The trained module (the objective's wrapper included) on the meta device, and the tokenizer."""
+    """The trained module (the objective's wrapper included, with a talker's fitted codec) on the meta
+    device, and the tokenizer."""
     try:
         model, tokenizer = init_model(cfg, skeleton=True)
     except FileNotFoundError as e:

@@ -165,3 +165,23 @@ def test_7b_transformers_model_has_omnimodel_keys_and_shapes(qwen2_7b):
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert ours == {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     assert sum(v.numel() for v in model.parameters()) == sum(v.numel() for v in hf.parameters())
+
+
+def test_the_pickle_check_takes_a_safetensors_header_length_of_128_mod_256(tmp_path):
+    """A safetensors file starts with its header's length: 0x80, pickle's first byte, one time in 32."""
+    import pickle
+
+    from safetensors.torch import save_file
+
+    from omni.export.writer import ExportError, _check_no_pickles
+
+    weights = tmp_path / "model.safetensors"
+    for pad in range(300):
+        save_file({"w": torch.zeros(2)}, str(weights), metadata={"pad": "x" * pad})
+        if weights.read_bytes()[0] == 0x80:
+            break
+    assert weights.read_bytes()[0] == 0x80
+    _check_no_pickles(tmp_path)
+    weights.write_bytes(pickle.dumps({"w": [0.0, 0.0]}))
+    with pytest.raises(ExportError, match="model.safetensors: looks like a pickle"):
+        _check_no_pickles(tmp_path)
