@@ -40,6 +40,8 @@ def _parameter_table(model) -> list[tuple[str, int]]:
             ("image tower (shared by video)", count(model.encoders["image"])),
             ("audio tower (whisper encoder)", count(model.encoders["audio"]))]
     rows += [(f"{m} projector ({model.config.projectors[m].kind})", count(model.projectors[m])) for m in MODALITIES]
+    if model.talker is not None:
+        rows.append(("talker (speech out)", count(model.talker)))
     rows.append(("total", count(model)))
     return rows
 
@@ -73,6 +75,14 @@ def _architecture(model) -> list[str]:
         ("- **Fusion**: each `<image>` / `<video>` / `<audio>` placeholder is expanded by the processor to exactly "
          "the projector's token count; the projected features replace those positions in the LLM's input embeddings."),
     ]
+    if model.talker is not None:
+        t = cfg.talker
+        codec = (f"the pretrained Mimi `{t.codec_pretrained}` (transformers `MimiModel`, first {t.codebooks} codebooks)"
+                 if t.codec == "mimi" else f"a tiny codec: {t.codebooks} residual codebooks of {t.codebook_size} "
+                 "entries over log-mel frames, fitted on the training speech (`tiny_codec.*`), decoded with librosa's "
+                 "Griffin-Lim")
+        lines.append(f"- **Speech out**: a talker ({t.layers}-layer Qwen2 decoder, width {t.hidden_size}) reads the "
+                     f"LLM's hidden states at its answer and speaks codec frames (at most {t.max_frames}) of {codec}.")
     return lines
 
 
@@ -149,6 +159,17 @@ print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special
 ```'''
 
 
+SPEECH_USAGE = '''Speaking an answer (the conversation with the answer as its last turn; labels mark it):
+
+```python
+answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+said = processor(messages=messages + [{{"role": "assistant", "content": answer}}],
+                 images=[Image.open("photo.jpg")], audio=[waveform_16khz_mono_float32], return_labels=True)
+waves, sample_rate = model.generate_speech(**said)   # one float32 mono wave per conversation
+codes = model.speech_codes(**said)                   # or the codec codes [codebooks, frames]
+```'''
+
+
 def model_card(model, prov: Provenance, license: str, name: str, files: list[str]) -> str:
     """README.md text: YAML metadata (license, library, tags, base model) + the sections below.
     `name`: the Hub repo id, or the export folder's name."""
@@ -161,11 +182,12 @@ def model_card(model, prov: Provenance, license: str, name: str, files: list[str
         base_model=cfg.llm.pretrained if _is_hub_id(cfg.llm.pretrained) else None,
     )
     params = _parameter_table(model)
+    speaks = model.talker is not None
     lines = [
         "---", data.to_yaml(), "---", "",
         f"# {name.split('/')[-1]}", "",
-        ("An omni-modal LLM (image, video, audio and text in; text out) trained with "
-         "omni following the Baichuan-Omni recipe, exported for transformers. "
+        (f"An omni-modal LLM (image, video, audio and text in; {'text and speech' if speaks else 'text'} out) "
+         "trained with omni following the Baichuan-Omni recipe, exported for transformers. "
          f"Preset `{cfg.name}`, {params[-1][1]:,} parameters."), "",
         "## Architecture", "", *_architecture(model), "",
         "| part | parameters |", "|---|---|", *[f"| {p} | {n:,} |" for p, n in params], "",
@@ -175,6 +197,7 @@ def model_card(model, prov: Provenance, license: str, name: str, files: list[str
         USAGE.format(repo=name), "",
         ("`generate` returns prompt + new tokens. Media are flat lists in placeholder order; videos are paths, "
          "bytes or lists of PIL frames; audio is float32 mono at 16 kHz."), "",
+        *([SPEECH_USAGE.format(), "", _speech_needs(cfg), ""] if speaks else []),
         "## Training", "",
         f"Exported from `{prov.source}` ({prov.kind}). Stages, oldest first:", "", *_stage_rows(prov), "",
         "### Data manifests", "", *_manifest_rows(prov), "",
@@ -182,7 +205,9 @@ def model_card(model, prov: Provenance, license: str, name: str, files: list[str
         "## Intended use and limitations", "",
         "Research on omni-modal understanding: answering questions about images, short videos and speech or "
         "sounds, and the mix of them. The model inherits the biases and failure modes of its base LLM, towers "
-        "and training data, produces text only, and has not been evaluated for safety-critical use. "
+        "and training data, "
+        + ("speaks through a small talker whose voice is its training speech's, " if speaks else "produces text only, ")
+        + "and has not been evaluated for safety-critical use. "
         + ("This is a tiny model trained on a synthetic corpus: it demonstrates the pipeline and is not "
            "useful for real inputs." if cfg.name == "tiny" else ""), "",
         "## License", "",
@@ -192,6 +217,12 @@ def model_card(model, prov: Provenance, license: str, name: str, files: list[str
         *[f"- `{f}`" for f in files], "",
     ]
     return "\n".join(lines)
+
+
+def _speech_needs(cfg) -> str:
+    if cfg.talker.codec == "mimi":
+        return f"The codec is loaded by `from_pretrained` from `{cfg.talker.codec_pretrained}`."
+    return "Speaking needs `librosa` too (the tiny codec's decoder); `from_pretrained` reads its codebooks."
 
 
 def read_eval(path: Path) -> dict:

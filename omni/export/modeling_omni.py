@@ -26,20 +26,52 @@ engine's own kernel registered with `AttentionInterface.register`, as vLLM's Tra
 `generate` embeds the prompt (media included) once and hands `inputs_embeds` to the LM's own
 `generate`, exactly as OmniModel.generate does; it returns prompt + new tokens, the usual
 transformers convention for decoder-only models.
+
+Speech out (`config.talker_config`, docs/speech_out.md): `talker` is omni.speech.talker.Talker under
+the same parameter names, and `from_pretrained` loads its codec (the tiny codec's fitted codebooks,
+decoded with librosa, or transformers' MimiModel by name). `speech_codes` / `generate_speech` speak a
+reply as `omni chat --speak` does (omni/model/talking.py: the thinker teacher-forced on the
+conversation with its answer, the talker greedy).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+from pathlib import Path
 
 import torch
+from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.utils import cached_file
 
 from encoders.audio import AudioTowerConfig
 from encoders.image import ImageTowerConfig
 from omni.hf.configuration_omni import OmniConfig
 from omni.model.batch import MediaBatch
 from omni.model.composition import OmniComposition
+from omni.model.processor import last_span
+from omni.model.talking import speak, thinker_states
+from omni.speech.mimi_codec import MimiCodec
+from omni.speech.talker import Talker, TalkerConfig
+from omni.speech.tiny_codebook import CODEBOOKS_FILE, CONFIG_FILE, TinyCodebooks, TinyCodecConfig
+
+HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def load_codec(talker: dict, fetch):
+    """The talker's codec from `talker_config`: Mimi by name, or the tiny codec's two files
+    (`fetch(name)`: a local path to that file of the export)."""
+    if talker["codec"] == "mimi":
+        codec = MimiCodec(talker["codec_pretrained"], talker["codebooks"])
+    else:
+        config = TinyCodecConfig(**json.loads(Path(fetch(CONFIG_FILE)).read_text()))
+        codec = TinyCodebooks(config, load_file(fetch(CODEBOOKS_FILE))["centroids"])
+    if (codec.codebooks, codec.codebook_size) != (talker["codebooks"], talker["codebook_size"]):
+        raise ValueError(f"the codec has {codec.codebooks} codebooks of {codec.codebook_size}, the talker speaks "
+                         f"{talker['codebooks']} of {talker['codebook_size']}: the export is inconsistent")
+    return codec
 
 
 class OmniPreTrainedModel(PreTrainedModel):
@@ -66,7 +98,24 @@ class OmniForCausalLM(OmniPreTrainedModel, GenerationMixin, OmniComposition):
         token_ids = {"image": config.image_token_id, "video": config.video_token_id, "audio": config.audio_token_id}
         self.compose(AutoModelForCausalLM.from_config(config.text_config), image_cfg, audio_cfg,
                      config.projectors, token_ids, config.norm_head)
+        talker = config.talker_config  # speech out, as OmniModel builds it (omni/model/speech.py)
+        self.talker = Talker(TalkerConfig(**{f.name: talker[f.name] for f in dataclasses.fields(TalkerConfig)}),
+                             config.text_config.hidden_size) if talker else None
+        self.codec = None  # the talker's codec: `from_pretrained` loads it
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, then the talker's codec when the model speaks: the tiny
+        codec's files from the same folder or Hub repo (same download options), or the transformers
+        Mimi that `talker_config.codec_pretrained` names."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        if model.talker is not None:
+            hub = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}
+            model.codec = load_codec(model.config.talker_config,
+                                     lambda name: cached_file(pretrained_model_name_or_path, name, **hub))
+        return loaded
 
     # ---- transformers plumbing ------------------------------------------------------------
     def get_input_embeddings(self):
@@ -110,6 +159,33 @@ class OmniForCausalLM(OmniPreTrainedModel, GenerationMixin, OmniComposition):
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                        labels=labels, **kwargs)
         return self.add_max_z_loss(out, labels, self.config.max_z_loss, kwargs.get("num_items_in_batch"))
+
+    # ---- speech out (omni/model/talking.py) -----------------------------------------------------
+    @torch.no_grad()
+    def speech_codes(self, input_ids, attention_mask, labels, pixel_values=None, image_tiles=None,
+                     pixel_values_videos=None, video_frames=None, input_features=None, audio_valid=None,
+                     max_frames=None) -> list[torch.Tensor]:
+        """The talker's greedy codec codes [codebooks, frames] for each row's last reply: the
+        processor's output (`return_labels=True`) for the conversation that ends with the answer as
+        an assistant turn. The thinker runs teacher-forced on it and hands the talker its states at
+        the reply's tokens, as in training; speech stops where the talker says so, or at `max_frames`
+        (default: `talker_config.max_frames`)."""
+        if self.talker is None:
+            raise ValueError("this model has no talker (config.json talker_config is null): it answers in text only")
+        media = self.media_batch(pixel_values, image_tiles, pixel_values_videos, video_frames,
+                                 input_features, audio_valid)
+        labels = torch.stack([last_span(row) for row in labels])  # earlier replies are context
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left or right padding alike
+        states = thinker_states(self, input_ids, attention_mask, labels, media, positions)
+        return speak(self, states, max_frames or self.config.talker_config["max_frames"])
+
+    def generate_speech(self, input_ids, attention_mask, labels, max_frames=None, **media):
+        """Each row's last reply spoken (inputs as for `speech_codes`): (a float32 mono wave per row,
+        the codec's sample rate)."""
+        if self.codec is None:
+            raise ValueError("no codec loaded: load the model with from_pretrained, which reads it")
+        codes = self.speech_codes(input_ids, attention_mask, labels, max_frames=max_frames, **media)
+        return [self.codec.decode(c.cpu()) for c in codes], self.codec.sample_rate
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_tiles=None,

@@ -13,6 +13,7 @@ the newest `checkpoints/step-*` of an unfinished stage), a model folder itself (
     model.safetensors              or model-0000i-of-0000n.safetensors + model.safetensors.index.json
     tokenizer.json, tokenizer_config.json, chat_template.jinja    tokenizer with modality tokens + ChatML
     processor_config.json          image (open_clip preprocess, AnyRes), video (fps, cap), audio (whisper dims)
+    tiny_codec.json, tiny_codec.safetensors    a model that speaks with the tiny codec: its fitted codebooks
     configuration_omni.py, modeling_omni.py, processing_omni.py, omni_*.py    remote code (remote_code.py)
     README.md                      model card (card.py)
 
@@ -244,9 +245,12 @@ def _check_no_pickles(out: Path) -> None:
         if not f.is_file():
             continue
         with open(f, "rb") as fh:
-            head = fh.read(4)
-        # pickle protocol >= 2 starts with 0x80; torch.save writes a zip archive (PK\x03\x04)
-        if f.suffix in PICKLE_SUFFIXES or head[:1] == b"\x80" or head == b"PK\x03\x04":
+            head = fh.read(9)
+        # pickle protocol >= 2 starts with 0x80; torch.save writes a zip archive (PK\x03\x04). A
+        # safetensors file starts with its header's length (8 bytes, little-endian: 0x80 when that is
+        # 128 mod 256), then the JSON header itself
+        pickled = head[8:9] != b"{" if f.suffix == ".safetensors" else head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"
+        if f.suffix in PICKLE_SUFFIXES or pickled:
             raise ExportError(f"{f.name}: looks like a pickle / torch.save file; exports never contain one")
 
 
@@ -273,6 +277,8 @@ def write_export(model, tokenizer, out: Path, prov: Provenance, name: str, licen
                      bos_token_id=tokenizer.bos_token_id, do_sample=False,
                      max_new_tokens=256).save_pretrained(out)
     _record_checksums(out, _write_weights(_state_dict(model, torch_dtype), out, max_shard_size))
+    if model.talker is not None and hasattr(model.codec, "save"):  # a fitted codec; a pretrained one is named
+        model.codec.save(out)
     core = OmniProcessorCore.from_config(model.config, tokenizer, model.token_ids,
                                          model.llm.config.max_position_embeddings)
     processor = OmniProcessor(tokenizer, chat_template=tokenizer.chat_template, **core.configs())
@@ -323,9 +329,11 @@ def export_model(ckpt: str | Path, out: str | Path | None, force: bool = False, 
             write_adapter(model_dir, tmp)
     else:
         model, tokenizer = load_model(model_dir)
-        if model.talker is not None:  # the export's remote code has no talker yet (docs/speech_out.md)
-            raise ExportError(f"{model_dir} has a talker (speech out), which omni export does not write yet; "
-                              "export the stage before speech_out (its init_from folder) for text out")
+        if model.talker is not None and model.codec is None:
+            from omni.speech.tiny_codebook import CONFIG_FILE
+
+            raise ExportError(f"{model_dir} has a talker but no fitted codec ({CONFIG_FILE}) to speak with; "
+                              "export the stage's final/ (or `omni consolidate` the checkpoint, which copies it)")
         model.eval()
         with atomic_dir(out) as tmp:
             write_export(model, tokenizer, tmp, prov, name=push_to_hub or out.name, license=license,

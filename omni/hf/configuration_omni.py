@@ -7,7 +7,8 @@
 - `text_config`: the causal LM's own transformers config (any AutoModelForCausalLM type).
 Plus the projectors (`{modality: {"kind", "options"}}`), the placeholder token ids, the Baichuan 2
 options (`norm_head`, `max_z_loss`), and the processor-side settings the model keeps for a
-round trip back into omni (`video_config`, `anyres_config`) and provenance (`origin`).
+round trip back into omni (`video_config`, `anyres_config`), provenance (`origin`) and, for a
+model that speaks, its talker (`talker_config`).
 
 This file imports only transformers: the consumer of an export does not have omni installed.
 """
@@ -71,6 +72,9 @@ class OmniConfig(PreTrainedConfig):
     video_config: dict | None = None   # {"fps", "max_frames"} (the processor samples frames)
     anyres_config: dict | None = None  # {"max_tiles", "thumbnail"} (the processor tiles images)
     origin: dict | None = None  # provenance: omni preset, initial LM/tower weights, tokenizer spec
+    # speech out: the talker's dims, codec ("tiny": tiny_codec.* files beside the weights; "mimi":
+    # `codec_pretrained`, a transformers MimiModel) and max_frames; None: text out only
+    talker_config: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -19,6 +19,7 @@ Config: `ModelConfig` (omni/presets.py) <-> `OmniConfig` (configuration_omni.py)
 | video.{fps,max_frames}, anyres.*            | video_config, anyres_config                           |
 | token ids of <image>/<video>/<audio>        | image_token_id, video_token_id, audio_token_id        |
 | name, llm.pretrained, image.pretrained, audio.checkpoint, tokenizer | origin.{preset, llm, image, audio, tokenizer} |
+| talker.* (when talker.enabled)             | talker_config (every field but `enabled`; null: no talker) |
 
 `origin` is provenance (where the initial weights came from); the HF model never reads it, and
 `omni.model.load.load_model` keeps it as metadata without loading anything from it: all weights come from
@@ -62,11 +63,18 @@ def hf_config_from_model_config(cfg: ModelConfig, text_config: dict, token_ids: 
         anyres_config=dataclasses.asdict(cfg.anyres),
         origin={"preset": cfg.name, "llm": cfg.llm.pretrained, "image": cfg.image.pretrained,
                 "audio": cfg.audio.checkpoint, "tokenizer": cfg.tokenizer},
+        talker_config=_talker_config(cfg),
     )
     config.architectures = ["OmniForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
     config.dtype = dtype
     return config
+
+
+def _talker_config(cfg: ModelConfig) -> dict | None:
+    if not cfg.talker.enabled:
+        return None
+    return {k: v for k, v in dataclasses.asdict(cfg.talker).items() if k != "enabled"}
 
 
 def model_config_from_hf(config: dict) -> tuple[ModelConfig, dict, dict[str, int]]:
@@ -87,6 +95,7 @@ def model_config_from_hf(config: dict) -> tuple[ModelConfig, dict, dict[str, int
         "anyres": config["anyres_config"],
         "projectors": config["projectors"],
         "tokenizer": origin.get("tokenizer") or "export",
+        **({"talker": {"enabled": True, **config["talker_config"]}} if config.get("talker_config") else {}),
     }
     token_ids = {m: config[f"{m}_token_id"] for m in MODALITIES}
     return model_config_from_dict(data), text, token_ids

@@ -1,7 +1,7 @@
 """The talker part of an OmniModel (docs/speech_out.md): building it from the preset's `talker:`
 section, its codec (fitted and kept in the model folder for the tiny codec, loaded by name for
-Mimi), what the thinker hands it (hidden states and embeddings of the answer tokens), its training
-loss and its spoken answers."""
+Mimi), what the thinker hands it (hidden states and embeddings of the answer tokens; the torch-only
+steps, which exports ship, are in talking.py), its training loss and its spoken answers."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,12 +16,12 @@ from omni.config import ConfigError
 from omni.model.fusion import IGNORE
 from omni.model.processor import collate as collate_examples
 from omni.model.processor import last_span
+from omni.model.talking import speak, talker_batch, thinker_states
 from omni.presets import ModelConfig, TalkerSection
 from omni.speech.codec import Codec
 from omni.speech.delay import delay, pad_id
-from omni.speech.talker import Talker, TalkerBatch, TalkerConfig, collate
-
-TINY_CODEC_CONFIG = "tiny_codec.json"  # TinyCodec.save writes it (and its codebooks) beside the model's weights
+from omni.speech.talker import Talker, TalkerConfig
+from omni.speech.tiny_codebook import CONFIG_FILE
 
 
 def build_talker(section: TalkerSection, thinker_hidden_size: int) -> Talker:
@@ -39,11 +39,17 @@ def load_codec(cfg: ModelConfig, folder: str | Path | None) -> Codec | None:
         from omni.speech.mimi_codec import MimiCodec
 
         return check_codec(MimiCodec(section.codec_pretrained, section.codebooks), section)
-    if folder is None or not (Path(folder) / TINY_CODEC_CONFIG).is_file():
+    codec = fitted_codec(folder)
+    return None if codec is None else check_codec(codec, section)
+
+
+def fitted_codec(folder: str | Path | None) -> Codec | None:
+    """The tiny codec saved in `folder` (`TinyCodec.save`), or None when it holds none."""
+    if folder is None or not (Path(folder) / CONFIG_FILE).is_file():
         return None
     from omni.speech.tiny_codec import TinyCodec
 
-    return check_codec(TinyCodec.load(folder), section)
+    return TinyCodec.load(folder)
 
 
 def fit_codec(section: TalkerSection, spoken: list[bytes], seed: int) -> Codec:
@@ -80,34 +86,6 @@ def code_count(codes: list[torch.Tensor], codebook_size: int) -> int:
     return sum(int((delay(c, codebook_size) != pad_id(codebook_size)).sum()) for c in codes)
 
 
-def thinker_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                   media, position_ids=None, blank: tuple[str, ...] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per row, (hidden states [N, H], input embeddings [N, H]) of the thinker at its answer tokens
-    (labels != IGNORE), the thinker run teacher-forced on the whole sequence."""
-    embeds = model.embed(input_ids, media, blank)
-    hidden = model.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                     use_cache=False).last_hidden_state
-    text = model.llm.get_input_embeddings()(input_ids)
-    answer = labels != IGNORE
-    return [(hidden[i][answer[i]], text[i][answer[i]]) for i in range(input_ids.shape[0])]
-
-
-def talker_batch(states: list[tuple[torch.Tensor, torch.Tensor]], codes: list[torch.Tensor], codebook_size: int,
-                 blank_thinker: bool = False) -> TalkerBatch:
-    """The talker's batch for these answers (`collate`'s layout), keeping the conditioning's autograd
-    graph so that a jointly trained thinker gets gradients. `blank_thinker`: everything the thinker
-    gives is zero (the control showing that the talker speaks what the thinker says, not a prior)."""
-    if blank_thinker:
-        states = [(torch.zeros_like(h), torch.zeros_like(t)) for h, t in states]
-    device, n = states[0][0].device, max(h.shape[0] for h, _ in states)
-    layout = collate([(torch.zeros(h.shape[0], 1), torch.zeros(h.shape[0], 1), c.cpu())
-                      for (h, _), c in zip(states, codes, strict=True)], codebook_size)
-    pad = lambda x: torch.cat([x.new_zeros(n - x.shape[0], x.shape[1]), x])  # noqa: E731 - left padding
-    return TalkerBatch(hidden=torch.stack([pad(h) for h, _ in states]), text=torch.stack([pad(t) for _, t in states]),
-                       text_mask=layout.text_mask.to(device), steps=layout.steps.to(device),
-                       steps_mask=layout.steps_mask.to(device))
-
-
 def speech_loss(model, input_ids, attention_mask, labels, media, codes: list[torch.Tensor], position_ids=None,
                 num_items_in_batch: float | None = None, blank: tuple[str, ...] = ()) -> torch.Tensor:
     """The talker's cross-entropy over every code of these spoken answers, summed and divided by
@@ -128,14 +106,6 @@ def teacher_forced_scores(model, states, codes: list[torch.Tensor]) -> tuple[flo
                            reduction="sum")
     scored = labels != IGNORE
     return float(loss), int((logits.argmax(-1)[scored] == labels[scored]).sum()), int(scored.sum())
-
-
-@torch.no_grad()
-def speak(model, states, max_frames: int, blank_thinker: bool = False) -> list[torch.Tensor]:
-    """Greedy codec codes [K, T] the talker speaks for each answer's thinker states."""
-    dummy = [torch.zeros(model.talker.config.codebooks, 0, dtype=torch.long)] * len(states)
-    batch = talker_batch(states, dummy, model.talker.config.codebook_size, blank_thinker)
-    return model.talker.generate(batch, max_frames)
 
 
 @torch.no_grad()

@@ -90,11 +90,13 @@ class Talker(nn.Module):
         self.from_hidden = nn.Linear(thinker_hidden_size, config.hidden_size)
         self.from_text = nn.Linear(thinker_hidden_size, config.hidden_size)
         self.head = nn.Linear(config.hidden_size, config.codebooks * self.vocab, bias=False)
-        self.register_buffer("offsets", torch.arange(config.codebooks) * self.vocab, persistent=False)
 
     def embed_steps(self, steps: torch.Tensor) -> torch.Tensor:
         """[B, K, S] delayed codes -> [B, S, hidden]: the sum of the K codebooks' embeddings."""
-        return self.decoder.embed_tokens(steps + self.offsets[None, :, None]).sum(dim=1)
+        # each codebook's ids start at its own offset; computed here, not a buffer, which transformers'
+        # from_pretrained (an export's remote code) would leave uninitialised
+        offsets = torch.arange(self.config.codebooks, device=steps.device) * self.vocab
+        return self.decoder.embed_tokens(steps + offsets[None, :, None]).sum(dim=1)
 
     def prefix(self, batch: TalkerBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditioning + speech-start embeddings [B, N + 1, hidden] and their mask."""

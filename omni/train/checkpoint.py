@@ -69,6 +69,9 @@ def save_resumable(engine, tokenizer, step: int, samples: list, ckpt_root: str |
     extra = engine.save(tmp, tokenizer)
     world.barrier()
     if world.main:
+        codec = getattr(engine.model, "codec", None)
+        if hasattr(codec, "save"):  # speech out's fitted codec, kept by every engine (a ddp model folder has it)
+            codec.save(tmp)
         torch.save({"engine": engine.description, "world_size": world.size, "step": step, "samples": samples,
                     "scheduler": engine.scheduler.state_dict(), "rng": rngs, "counters": counters,
                     "config": config, **extra}, tmp / STATE)

@@ -9,10 +9,12 @@ state dict, DeepSpeed's `zero_to_fp32`. Both hold the fp32 master weights, as th
 config the checkpoint holds (`trainer_state.pt`) the way ranks other than 0 build it: on the meta
 device, no weights read (the stage's `init_from` folder or preset gives the architecture and the
 tokenizer). The folder is written by `save_model_dir`, exactly as a stage's `final/`, so `omni
-export`, `omni chat`, `omni eval` and `init_from` read it.
+export`, `omni chat`, `omni eval` and `init_from` read it; a speech_out checkpoint's fitted tiny codec
+(which the checkpoint keeps beside the weights) is written with it, as into `final/`.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -23,12 +25,16 @@ from omni.align.objectives import OBJECTIVES
 from omni.config import ConfigError, from_dict
 from omni.model.load import WEIGHTS, load_model, save_model_dir
 from omni.model.omni_model import PRECISION_DTYPE
+from omni.model.speech import fitted_codec
+from omni.speech.tiny_codebook import CONFIG_FILE
 from omni.train.checkpoint import read_state
 from omni.train.config import StageConfig
 from omni.train.engines import retie
 from omni.train.lora import apply_lora, merge
 from omni.train.qlora import dequantized_state, quantize_base
 from omni.train.trainer import init_model
+
+log = logging.getLogger(__name__)
 
 
 def consolidate(ckpt: str | Path, out: str | Path) -> Path:
@@ -44,11 +50,24 @@ def consolidate(ckpt: str | Path, out: str | Path) -> Path:
         return _merged_lora(cfg, objective, ckpt, engine, out)
     if engine == "ddp":
         model, tokenizer = load_model(ckpt, weights=False)
-        module = objective.wrap(model)
+        module = _with_codec(objective.wrap(model), ckpt)
         module.load_weights(ckpt)  # a wrapper's own files too (the reward head)
         return save_model_dir(module, tokenizer, out)
     module, tokenizer = _skeleton(cfg, objective, ckpt)
     return save_model_dir(module, tokenizer, out, _checked(ckpt, module, _read_sharded(ckpt, module, engine)))
+
+
+def _with_codec(module: torch.nn.Module, ckpt: Path) -> torch.nn.Module:
+    """A talker's fitted codec from the checkpoint (every engine's keeps it, omni/train/checkpoint.py)
+    onto the module, so the folder written has it as a stage's final/ does: the talker speaks only
+    with the codebooks it learned."""
+    if getattr(module, "talker", None) is None:
+        return module
+    module.codec = fitted_codec(ckpt)
+    if module.codec is None and module.config.talker.codec == "tiny":
+        log.warning("%s has a talker but no fitted codec (%s): the consolidated model cannot speak until the "
+                    "stage's tiny_codec.json and tiny_codec.safetensors are copied into it", ckpt, CONFIG_FILE)
+    return module
 
 
 def _merged_lora(cfg: StageConfig, objective, ckpt: Path, engine: str, out: Path) -> Path:
@@ -68,14 +87,15 @@ def _merged_lora(cfg: StageConfig, objective, ckpt: Path, engine: str, out: Path
 
 
 def _skeleton(cfg: StageConfig, objective, ckpt: Path):
-    """The trained module (the objective's wrapper included) on the meta device, and the tokenizer."""
+    """The trained module (the objective's wrapper included, with a talker's fitted codec) on the meta
+    device, and the tokenizer."""
     try:
         model, tokenizer = init_model(cfg, skeleton=True)
     except FileNotFoundError as e:
         raise ConfigError(f"{ckpt}: its model is rebuilt from the stage's init_from {cfg.init_from}, which is "
                           f"gone ({e}); pass init_from=... pointing at that model folder again") from None
     with torch.device("meta"):
-        return objective.wrap(model), tokenizer
+        return _with_codec(objective.wrap(model), ckpt), tokenizer
 
 
 def _read_sharded(ckpt: Path, module: torch.nn.Module, engine: str) -> dict:

@@ -4,7 +4,8 @@ Run by tests/integration/test_export.py as `CONSUMER_PYTHON -I export_consumer.p
 temporary cwd, where CONSUMER_PYTHON belongs to a virtualenv that sees torch, transformers,
 open_clip, whisper, decord and PyAV but in which omni is not installed. This file imports nothing
 from omni; it checks that omni, encoders and projectors cannot be found at start and were never
-imported at the end, then writes what the Auto classes produced for the test to compare.
+imported at the end, then writes what the Auto classes produced for the test to compare (for an
+export that speaks, also the talker's codes and waves for the generated answers).
 """
 import importlib.util
 import json
@@ -45,13 +46,23 @@ def main(spec_path: str, out_dir: str) -> None:
         arrays = {k: v.numpy() for k, v in batch.items()}
         arrays |= {"logits": logits.numpy(), "new_tokens": new_tokens.numpy(), "prompt_echo":
                    generated[:, : batch["input_ids"].shape[1]].numpy()}
-        np.savez(out / f"{case['name']}.npz", **arrays)
+        decoded = processor.batch_decode(new_tokens, skip_special_tokens=True)
         report["exports"][case["name"]] = {
             "model_class": f"{type(model).__module__}.{type(model).__name__}",
             "processor_class": f"{type(processor).__module__}.{type(processor).__name__}",
             "loading_info": {k: sorted(map(str, v)) for k, v in info.items()},
-            "decoded": processor.batch_decode(new_tokens, skip_special_tokens=True),
+            "decoded": decoded,
         }
+        if case.get("speak"):  # each conversation with its generated answer, spoken by the talker
+            said = [conv + [{"role": "assistant", "content": text}] for conv, text in zip(inputs["messages"], decoded)]
+            spoken = processor(messages=said, images=images, videos=inputs["videos"], audio=audio,
+                               return_labels=True, padding_side="right")
+            codes = model.speech_codes(**spoken)
+            waves, rate = model.generate_speech(**spoken)
+            arrays |= {f"codes_{i}": c.numpy() for i, c in enumerate(codes)}
+            arrays |= {f"wave_{i}": w for i, w in enumerate(waves)}
+            report["exports"][case["name"]] |= {"sample_rate": rate, "codec_class": type(model.codec).__name__}
+        np.savez(out / f"{case['name']}.npz", **arrays)
     report["project_modules_imported"] = sorted(
         m for m in sys.modules if m.split(".")[0] in PROJECT)
     report["remote_modules"] = sorted(m for m in sys.modules if m.startswith("transformers_modules."))

@@ -120,3 +120,31 @@ def test_bad_input_gets_one_line(fsdp2_checkpoint, tmp_path):
     assert (tmp_path / "busy/keep.txt").read_text() == "mine"
     with pytest.raises(SystemExit, match="no trainer_state.pt; not a checkpoint omni wrote"):
         main(["-q", "consolidate", str(tmp_path), "--out", str(tmp_path / "model")])
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_a_mid_run_speech_out_checkpoint_consolidates_with_its_fitted_codec(engine, tmp_path_factory):
+    """A speech_out stage fits the tiny codec its talker learns to speak; a checkpoint of any engine
+    keeps it, and the consolidated folder has it as final/ does: same codebooks, and it exports."""
+    import numpy as np
+
+    from omni.data import synth
+    from omni.model.load import load_model
+    from omni.train.config import load_stage
+    from omni.train.trainer import train_stage
+
+    tmp = tmp_path_factory.mktemp(f"speech-{engine}")
+    voiced = synth.write_corpus(synth.SynthConfig(out_dir=str(tmp / "synth"), voice="en", train_per_task=6,
+                                                  val_per_task=2, samples_per_shard=4, seed=0), False)
+    train_stage(load_stage(ROOT / "stages/tiny/3_speech_out.yaml", [
+        "init_from=null", f"data.manifest={voiced}", "data.datasets={audio_note: 1.0}", "steps=2",
+        "checkpoint.interval=1", "batch.micro_batch=4", f"engine={engine}"]), tmp / "run", progress=False)
+    ckpt = tmp / "run/checkpoints/step-00000001"
+    assert (ckpt / "tiny_codec.json").is_file()
+    main(["-q", "consolidate", str(ckpt), "--out", str(tmp / "model")])
+    model, _ = load_model(tmp / "model")
+    final, _ = load_model(tmp / "run/final")
+    assert model.talker is not None and model.codec is not None
+    assert np.array_equal(model.codec.centroids, final.codec.centroids) and model.codec.config == final.codec.config
+    main(["-q", "export", "--ckpt", str(tmp / "model"), "--out", str(tmp / "export")])
+    assert (tmp / "export/tiny_codec.safetensors").is_file()

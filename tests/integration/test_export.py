@@ -41,6 +41,7 @@ from omni.train.trainer import train_stage
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["batch.micro_batch=4", "log.interval=1", "data.shuffle_buffer=20"]
 MAX_NEW = 8
+SPEECH_FRAMES = 12  # the most codec frames a spoken answer gets (talker.max_frames; decoding 30 takes ~10 s)
 MESSAGES = [[{"role": "user", "content": "<image> <video> <audio> What colour is the shape?"}],
             [{"role": "user", "content": "<audio> <image> Which note is played?"}]]
 
@@ -83,6 +84,35 @@ def variant(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def speaking(run, tmp_path_factory):
+    """The run's model with a random-init talker (speech out), saved and exported twice: speaking
+    with a tiny codec fitted on tones, and with a random-init Mimi of the real class (a local folder
+    standing in for kyutai/mimi). The check is parity, not quality. {codec: (model dir, export dir)}"""
+    from transformers import MimiConfig, MimiModel
+
+    from omni.speech.tiny_codec import TinyCodec, TinyCodecConfig
+    from tests.helpers import TINY_MIMI
+
+    d = tmp_path_factory.mktemp("speaking")
+    torch.manual_seed(2)
+    MimiModel(MimiConfig(**TINY_MIMI)).save_pretrained(d / "mimi")
+    t = np.arange(2 * 16_000) / 16_000
+    tones = [(0.3 * np.sin(2 * np.pi * f * t * (1 + 0.3 * t))).astype(np.float32) for f in (220, 330, 440, 660)]
+    out = {}
+    for codec, overrides in (("tiny", []), ("mimi", ["talker.codec=mimi", f"talker.codec_pretrained={d / 'mimi'}",
+                                                     "talker.codebooks=2"])):
+        torch.manual_seed(2)
+        model, tok = load_model(run / "final", ["talker.enabled=true", f"talker.max_frames={SPEECH_FRAMES}",
+                                                *overrides])
+        if codec == "tiny":
+            model.codec = TinyCodec.fit(tones, TinyCodecConfig(codebooks=4, codebook_size=64))
+        model.save_pretrained(d / f"{codec}-model", tok)
+        export_model(d / f"{codec}-model", d / f"{codec}-export")
+        out[codec] = (d / f"{codec}-model", d / f"{codec}-export")
+    return out
+
+
+@pytest.fixture(scope="module")
 def media(tmp_path_factory):
     """Files for 2 images (one elongated, so AnyRes tiles it), 1 mp4 (3 s at 2 fps), 2 waveforms (one > 1 window)."""
     from omni.data.synth import _mp4
@@ -114,13 +144,15 @@ def consumer_python(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def consumer(consumer_python, exported, variant, media, tmp_path_factory):
-    """Run export_consumer.py once over both exports; returns (report, {name: arrays})."""
+def consumer(consumer_python, exported, variant, speaking, media, tmp_path_factory):
+    """Run export_consumer.py once over every export; returns (report, {name: arrays})."""
     work = tmp_path_factory.mktemp("consumer-run")
     spec = {"inputs": media, "max_new_tokens": MAX_NEW, "exports": [
         {"name": "main", "dir": str(exported), "auto": "AutoModelForCausalLM"},
         {"name": "main_automodel", "dir": str(exported), "auto": "AutoModel"},
-        {"name": "variant", "dir": str(variant[1]), "auto": "AutoModelForCausalLM"}]}
+        {"name": "variant", "dir": str(variant[1]), "auto": "AutoModelForCausalLM"},
+        *[{"name": f"speech_{codec}", "dir": str(dirs[1]), "auto": "AutoModelForCausalLM", "speak": True}
+          for codec, dirs in speaking.items()]]}
     (work / "spec.json").write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS"))}
     env |= {"HF_MODULES_CACHE": str(work / "hf_modules"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(work / "hf_home"),
@@ -134,15 +166,20 @@ def consumer(consumer_python, exported, variant, media, tmp_path_factory):
     return report, arrays
 
 
+def _per_sample(media) -> list[dict]:
+    """The consumer's flat media lists as each conversation's own (omni's processor takes them so)."""
+    images = [Image.open(p) for p in media["images"]]
+    audio = [np.load(p) for p in media["audio"]]
+    return [{"image": [images[0]], "video": media["videos"], "audio": [audio[0]]},
+            {"image": [images[1]], "audio": [audio[1]]}]
+
+
 def _reference(model_dir, media):
     """The training model's processor, logits and greedy continuation for the same inputs."""
     model, tok = load_model(model_dir)
     model.eval()
     proc = OmniProcessor.from_config(model.config, tok, model.token_ids)
-    images = [Image.open(p) for p in media["images"]]
-    audio = [np.load(p) for p in media["audio"]]
-    per_sample = [{"image": [images[0]], "video": media["videos"], "audio": [audio[0]]},
-                  {"image": [images[1]], "audio": [audio[1]]}]
+    per_sample = _per_sample(media)
     examples = [proc(m, s, add_generation_prompt=True) for m, s in zip(media["messages"], per_sample)]
     batch = collate(examples, tok.pad_token_id, left_pad=True)
     with torch.no_grad():
@@ -201,6 +238,45 @@ def test_norm_head_tied_embeddings_and_anyres_survive_the_export(consumer, varia
     original, _ = load_model(variant[0])
     for k, v in original.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("codec", ["tiny", "mimi"])
+def test_an_export_speaks_as_omni_does(consumer, speaking, media, codec):
+    """Text and speech without omni: the greedy answers are omni's, the talker's greedy codes for
+    them are omni's own (`omni chat --speak`'s path) code for code, and the waves omni's codec gives."""
+    from omni.model.generate import LocalGenerator
+    from omni.model.speech import answer_states, speak
+
+    report, arrays = consumer
+    name, (model_dir, export_dir) = f"speech_{codec}", speaking[codec]
+    batch, logits, new = _reference(model_dir, media)
+    _assert_parity(name, arrays, batch, logits, new)
+    model, tok = load_model(model_dir)
+    answers = tok.batch_decode(new, skip_special_tokens=True)
+    assert report["exports"][name]["decoded"] == answers
+    states = answer_states(LocalGenerator(model, tok), media["messages"], _per_sample(media), answers)
+    codes = speak(model, states, model.config.talker.max_frames)
+    assert report["exports"][name]["sample_rate"] == model.codec.sample_rate
+    assert report["exports"][name]["codec_class"].endswith(("TinyCodebooks", "MimiCodec"))
+    got = arrays[name]
+    for i, c in enumerate(codes):
+        assert c.shape[0] == model.config.talker.codebooks and 0 < c.shape[1] <= SPEECH_FRAMES
+        assert np.array_equal(got[f"codes_{i}"], c.numpy()), i
+        wave = model.codec.decode(c)
+        assert got[f"wave_{i}"].shape == wave.shape and np.abs(wave).max() > 0
+        np.testing.assert_allclose(got[f"wave_{i}"], wave, rtol=0, atol=1e-5)
+        print(f"[{name}] answer {answers[i]!r}: {c.shape[1]} frames equal; wave {wave.shape[0]} samples, "
+              f"max abs diff {float(np.abs(got[f'wave_{i}'] - wave).max()):.3g}")
+    files = {p.name for p in export_dir.iterdir()}
+    assert ({"tiny_codec.json", "tiny_codec.safetensors"} <= files) == (codec == "tiny")
+    config = json.loads((export_dir / "config.json").read_text())["talker_config"]
+    assert config["codec"] == codec and config["max_frames"] == SPEECH_FRAMES
+    card = (export_dir / "README.md").read_text()
+    assert "text and speech out" in card and "| talker (speech out) |" in card and "generate_speech" in card
+    again, _ = load_model(export_dir)  # omni reads the export back with its talker and codec
+    assert type(again.codec) is type(model.codec)
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
 
 
 # ---- 1: what the folder holds -------------------------------------------------------------

@@ -50,7 +50,8 @@ def test_remote_code_closure_is_the_entry_points_and_leaf_modules():
             "omni_model_baichuan2.py", "omni_model_composition.py", "omni_model_processor.py", "omni_model_media_policy.py",
             "omni_model_batch.py", "omni_errors.py", "omni_modalities.py", "omni_encoders_image.py", "omni_encoders_audio.py", "omni_encoders_video.py",
             "omni_encoders_anyres.py", "omni_projectors.py", "omni_projectors_mlp.py",
-            "omni_projectors_conv_gmlp.py"} == set(files)
+            "omni_projectors_conv_gmlp.py", "omni_model_talking.py", "omni_speech_talker.py", "omni_speech_delay.py",
+            "omni_speech_tiny_codebook.py", "omni_speech_mimi_codec.py"} == set(files)
     for name, text in files.items():
         compile(text, name, "exec")
 
@@ -71,6 +72,20 @@ def test_config_round_trip(tiny_model):
     for key, value in model.llm.config.to_dict().items():
         if key not in ("transformers_version", "architectures", "dtype", "_name_or_path"):
             assert rebuilt.to_dict()[key] == value, key
+    assert json.loads(config.to_json_string())["talker_config"] is None  # text out: no talker
+
+
+def test_config_round_trip_keeps_the_talker(tiny_model):
+    from omni.presets import build_preset
+
+    model, _ = tiny_model
+    want = build_preset("tiny", ["talker.enabled=true", "talker.codec=mimi", "talker.codec_pretrained=kyutai/mimi",
+                                 "talker.codebooks=8", "talker.codebook_size=2048", "talker.max_frames=40"])
+    config = hf_config_from_model_config(want, model.llm.config.to_dict(), model.token_ids, torch.float32)
+    saved = json.loads(config.to_json_string())
+    assert saved["talker_config"]["codec_pretrained"] == "kyutai/mimi" and "enabled" not in saved["talker_config"]
+    cfg, _, _ = model_config_from_hf(saved)
+    assert cfg.talker == want.talker and cfg.talker.enabled
 
 
 def _hf_pair(*overrides):
@@ -150,3 +165,23 @@ def test_7b_transformers_model_has_omnimodel_keys_and_shapes(qwen2_7b):
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert ours == {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     assert sum(v.numel() for v in model.parameters()) == sum(v.numel() for v in hf.parameters())
+
+
+def test_the_pickle_check_takes_a_safetensors_header_length_of_128_mod_256(tmp_path):
+    """A safetensors file starts with its header's length: 0x80, pickle's first byte, one time in 32."""
+    import pickle
+
+    from safetensors.torch import save_file
+
+    from omni.export.writer import ExportError, _check_no_pickles
+
+    weights = tmp_path / "model.safetensors"
+    for pad in range(300):
+        save_file({"w": torch.zeros(2)}, str(weights), metadata={"pad": "x" * pad})
+        if weights.read_bytes()[0] == 0x80:
+            break
+    assert weights.read_bytes()[0] == 0x80
+    _check_no_pickles(tmp_path)
+    weights.write_bytes(pickle.dumps({"w": [0.0, 0.0]}))
+    with pytest.raises(ExportError, match="model.safetensors: looks like a pickle"):
+        _check_no_pickles(tmp_path)
