@@ -4,6 +4,8 @@ Mimi), what the thinker hands it (hidden states and embeddings of the answer tok
 loss and its spoken answers."""
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from omni.model.processor import last_span
 from omni.presets import ModelConfig, TalkerSection
 from omni.speech.codec import Codec
 from omni.speech.delay import delay, pad_id
+from omni.speech.stream import ChunkDecoder
 from omni.speech.talker import Talker, TalkerBatch, TalkerConfig, collate
 
 TINY_CODEC_CONFIG = "tiny_codec.json"  # TinyCodec.save writes it (and its codebooks) beside the model's weights
@@ -136,6 +139,33 @@ def speak(model, states, max_frames: int, blank_thinker: bool = False) -> list[t
     dummy = [torch.zeros(model.talker.config.codebooks, 0, dtype=torch.long)] * len(states)
     batch = talker_batch(states, dummy, model.talker.config.codebook_size, blank_thinker)
     return model.talker.generate(batch, max_frames)
+
+
+@dataclasses.dataclass
+class SpeechChunk:
+    codes: torch.Tensor  # [K, n] the talker's frames new in this chunk
+    wave: np.ndarray     # float32 at the codec's rate; the chunks concatenated are the answer's speech
+
+
+@torch.no_grad()
+def stream_speech(model, states, max_frames: int, first: int, every: int) -> Iterator[SpeechChunk]:
+    """`speak`'s codes of one answer (its thinker `states`) as the talker produces them, with their
+    audio: the first chunk after `first` frames, then every `every` frames, then the rest (omni/speech/stream.py)."""
+    if len(states) != 1:
+        raise ValueError(f"stream_speech: one answer at a time, got {len(states)}")
+    dummy = [torch.zeros(model.talker.config.codebooks, 0, dtype=torch.long)]
+    frames = model.talker.stream(talker_batch(states, dummy, model.talker.config.codebook_size), max_frames)
+    decoder = ChunkDecoder(model.codec)
+    pending: list[torch.Tensor] = []
+    for frame in frames:
+        pending.append(frame.cpu())
+        if len(pending) == (first if decoder.grid.shape[1] == 0 else every):
+            codes = torch.stack(pending, dim=1)
+            pending = []
+            yield SpeechChunk(codes, decoder.push(codes))
+    codes = torch.stack(pending, dim=1) if pending else torch.zeros(model.talker.config.codebooks, 0, dtype=torch.long)
+    wave = decoder.push(codes) if pending else np.zeros(0, np.float32)
+    yield SpeechChunk(codes, np.concatenate([wave, decoder.flush()]))
 
 
 @torch.no_grad()
