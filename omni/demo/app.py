@@ -9,8 +9,10 @@ run through the image tower as it arrives), and a live microphone (chunks stream
 server; an energy VAD ends an utterance after a pause, or push-to-talk ends it on stop). A turn
 carries the typed text, the uploads, the camera window as one `<video>` and the utterance as one
 `<audio>`; the answer streams token by token from `omni.model.generate.LocalGenerator`, the same generator
-`omni chat` makes, and the chat shows what the model was given. TTFT and tokens/s of every turn
-are shown under the chat and logged. See docs/demo.md.
+`omni chat` makes, and the chat shows what the model was given. A model with a talker also speaks
+the answer: its audio streams in chunks to a streaming audio player once the text is complete
+(`DemoEngine.speak`). TTFT, tokens/s and the first audio chunk's time of every turn are shown under
+the chat and logged. See docs/demo.md.
 """
 from __future__ import annotations
 
