@@ -157,11 +157,11 @@ def stream_speech(model, states, max_frames: int, first: int, every: int) -> Ite
     frames = model.talker.stream(talker_batch(states, dummy, model.talker.config.codebook_size), max_frames)
     decoder = ChunkDecoder(model.codec)
     pending: list[torch.Tensor] = []
+    size = first
     for frame in frames:
         pending.append(frame.cpu())
-        if len(pending) == (first if decoder.grid.shape[1] == 0 else every):
-            codes = torch.stack(pending, dim=1)
-            pending = []
+        if len(pending) == size:
+            codes, pending, size = torch.stack(pending, dim=1), [], every
             yield SpeechChunk(codes, decoder.push(codes))
     codes = torch.stack(pending, dim=1) if pending else torch.zeros(model.talker.config.codebooks, 0, dtype=torch.long)
     wave = decoder.push(codes) if pending else np.zeros(0, np.float32)

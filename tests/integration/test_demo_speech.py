@@ -51,7 +51,7 @@ def test_streamed_chunks_are_the_talkers_codes_and_its_audio(speaking_tiny):
     first, every = engine.speech_chunks
     assert len(chunks) >= 3 and codes.shape[1] > first + every
     assert [c.codes.shape[1] for c in chunks[:-1]] == [first] + [every] * (len(chunks) - 2)
-    assert 0 < chunks[-1].codes.shape[1] <= every
+    assert chunks[-1].codes.shape[1] <= every
     assert all(c.wave.size for c in chunks)
 
     streamed = np.concatenate([c.wave for c in chunks])
