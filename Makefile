@@ -20,6 +20,7 @@ unexport PYTHONDONTWRITEBYTECODE
 
 BROWSER = /usr/bin/chromium
 ESPEAK  = /usr/bin/espeak-ng
+FFMPEG  = /usr/bin/ffmpeg
 
 .PHONY: setup eval-env browser speech-synth quickstart test lock lock-eval clean
 
@@ -41,10 +42,13 @@ $(EVAL_STAMP): requirements-eval.lock pyproject.toml
 	touch $(EVAL_STAMP)
 
 # Debian's Chromium drives the demo's browser tests (Playwright's own browser download does not
-# work offline); without it those tests skip and say why.
+# work offline); without it those tests skip and say why. Gradio encodes the demo's streamed speech
+# with the ffmpeg CLI (AAC for the browser); without it the demo does not speak and says why.
 browser:
 	@test -x $(BROWSER) || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "warning: could not install Debian's chromium; the browser tests will be skipped"
+	@test -x $(FFMPEG) || (apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null) \
+		|| echo "warning: could not install Debian's ffmpeg; the demo will not stream speech"
 
 # Debian's espeak-ng speaks the tiny world's words for the speech-out codec and talker (omni/speech/synth.py);
 # without it those tests fail with a line that says to run `make speech-synth`.

@@ -126,13 +126,49 @@ MODES = {"after": (False, False, False, False), "frames ahead": (True, False, Fa
          "+ VAD pause": (True, True, True, True)}
 
 
-def demo_speech_to_first_token(folder: Path, args) -> None:
-    engine = DemoEngine(folder, max_new_tokens=8)
-    side = engine.processor.image_config["image_size"]
-    frames = [shrink(image(10 + i, 320), side) for i in range(engine.video.max_frames)]  # as the app keeps them
-    wav = speech(args.speech_s)
+def fresh_turn(engine: DemoEngine) -> None:
+    """Forget every frame, audio window and preprocessing the engine kept: a new camera window and utterance."""
+    engine.frame_cache._cache.clear()  # noqa: SLF001
+    engine.audio_cache._cache.clear()  # noqa: SLF001
+    engine.processor._memo["picture"].clear()  # noqa: SLF001
+    engine.processor._memo["window"].clear()  # noqa: SLF001
+
+
+def spoken_turn(engine: DemoEngine, shot: list, wav: np.ndarray, mode: tuple[bool, bool, bool, bool],
+                cache: PromptCache | None) -> tuple[Conversation, float]:
+    """What the app does while the user speaks (`mode`, one of MODES), then the turn it sends: a
+    chat whose one user turn holds the camera window `shot` and the utterance `wav`; and the
+    seconds spent while speaking."""
+    frames_ahead, audio_ahead, llm_ahead, pause = mode
     window = engine.audio_cache.tower.window_samples
     chunk = 1600  # the microphone's 100 ms chunks
+    spent = 0.0  # while the user speaks: frames arrive, windows of speech fill
+    if llm_ahead:  # what the app does on each microphone chunk that completes an audio window
+        spent += engine.prefill_ahead(cache, Conversation(), shot, wav[:0])
+        spent += sum(engine.prefill_ahead(cache, Conversation(), shot, wav[:end])
+                     for end in range(chunk, wav.size + 1, chunk) if end % window < chunk)
+        if pause:  # the VAD's pause began: the utterance it would end is known whole
+            spent += engine.prefill_ahead(cache, Conversation(), shot, wav, partial=True)
+    else:
+        if frames_ahead:
+            spent += sum(engine.encode_ahead(f) for f in shot)
+        if audio_ahead:
+            spent += sum(engine.encode_audio_ahead(wav[:end]) for end in range(window, wav.size + 1, window))
+    chat = Conversation()
+    chat.add_user("what do you see and hear?", [MediaItem("video", shot, "camera"), MediaItem("audio", wav, "microphone")])
+    return chat, spent
+
+
+def camera_frames(engine: DemoEngine) -> list[Image.Image]:
+    side = engine.processor.image_config["image_size"]
+    return [shrink(image(10 + i, 320), side) for i in range(engine.video.max_frames)]  # as the app keeps them
+
+
+def demo_speech_to_first_token(folder: Path, args) -> None:
+    engine = DemoEngine(folder, max_new_tokens=8)
+    frames = camera_frames(engine)
+    wav = speech(args.speech_s)
+    window = engine.audio_cache.tower.window_samples
     got: dict[str, list[float]] = {m: [] for m in MODES}
     cpu: dict[str, list[float]] = {m: [] for m in MODES}
     answers: dict[str, set[str]] = {m: set() for m in MODES}
@@ -142,27 +178,10 @@ def demo_speech_to_first_token(folder: Path, args) -> None:
     prefilled: dict[str, int] = {}
     for r in range(args.rounds + 1):  # round 0 warms up, not counted
         for mode, (frames_ahead, audio_ahead, llm_ahead, pause) in MODES.items():
-            engine.frame_cache._cache.clear()  # noqa: SLF001 - a fresh camera window and utterance each turn
-            engine.audio_cache._cache.clear()  # noqa: SLF001
-            engine.processor._memo["picture"].clear()  # noqa: SLF001
-            engine.processor._memo["window"].clear()  # noqa: SLF001
+            fresh_turn(engine)
             shot = [f.rotate(r * 7) for f in frames]  # new pixels each round; the same for every mode
             cache = PromptCache() if llm_ahead else None
-            spent = 0.0  # while the user speaks: frames arrive, windows of speech fill
-            if llm_ahead:  # what the app does on each microphone chunk that completes an audio window
-                spent += engine.prefill_ahead(cache, Conversation(), shot, wav[:0])
-                spent += sum(engine.prefill_ahead(cache, Conversation(), shot, wav[:end])
-                             for end in range(chunk, wav.size + 1, chunk) if end % window < chunk)
-                if pause:  # the VAD's pause began: the utterance it would end is known whole
-                    spent += engine.prefill_ahead(cache, Conversation(), shot, wav, partial=True)
-            else:
-                if frames_ahead:
-                    spent += sum(engine.encode_ahead(f) for f in shot)
-                if audio_ahead:
-                    spent += sum(engine.encode_audio_ahead(wav[:end]) for end in range(window, wav.size + 1, window))
-            chat = Conversation()
-            chat.add_user("what do you see and hear?", [MediaItem("video", shot, "camera"),
-                                                         MediaItem("audio", wav, "microphone")])
+            chat, spent = spoken_turn(engine, shot, wav, MODES[mode], cache)
             stats = TurnStats()
             hits, misses = engine.audio_cache.hits, engine.audio_cache.misses
             first_cpu.clear()
@@ -193,6 +212,85 @@ def demo_speech_to_first_token(folder: Path, args) -> None:
               f"{statistics.median(during[mode]) * 1000:>24.1f}")
 
 
+# the random thinker's 8 tokens are mostly outside the tiny tokenizer's 60 words (no text); the talker speaks
+# what a trained tiny model answers, one word
+SPOKEN = "orange"
+VOICE_WORDS = ("orange", "purple", "seven", "green", "three", "yellow")  # the tiny codec is fitted on these
+
+
+def give_voice(folder: Path, out: Path, messages: list[dict], media: dict, answer: str, word: str = SPOKEN,
+               steps: int = 80) -> Path:
+    """The model in `folder` with a talker, saved to `out`: the tiny codec fitted on espeak-ng's
+    renderings of VOICE_WORDS, and the talker (random init) fitted `steps` steps to say `word` for
+    `answer` to `messages` + `media`. Not a trained voice (docs/speech_out.md trains one): a talker
+    that speaks real codec frames, decoded to real audio, for timing the path and testing its plumbing."""
+    from omni.model.load import load_model
+    from omni.model.speech import answer_states, talker_batch
+    from omni.speech.synth import speak
+    from omni.speech.tiny_codec import TinyCodec, TinyCodecConfig
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(folder, ["talker.enabled=true"])
+    section = model.config.talker
+    config = TinyCodecConfig(codebooks=section.codebooks, codebook_size=section.codebook_size)
+    waves = {w: speak(w, config.sample_rate) for w in dict.fromkeys((word, *VOICE_WORDS))}
+    model.codec = TinyCodec.fit(list(waves.values()), config)
+    states = answer_states(LocalGenerator(model, tokenizer, batch_size=1), [messages], [media], [answer])
+    batch = talker_batch(states, [model.codec.encode(waves[word])], section.codebook_size)
+    model.talker.train()
+    opt = torch.optim.AdamW(model.talker.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model.talker(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return save_model_dir(model, tokenizer, out)
+
+
+def demo_speech_to_first_audio(folder: Path, args) -> None:
+    """End of speech -> first chunk of the spoken answer, through the demo's path (`DemoEngine.answer`,
+    then `DemoEngine.speak`), for the spoken camera turn of measurement 2, with everything after
+    speech and with everything prepared while speaking (the VAD mode)."""
+    modes = {m: MODES[m] for m in ("after", "+ VAD pause")}
+    plain = DemoEngine(folder, max_new_tokens=8)
+    frames, wav = camera_frames(plain), speech(args.speech_s)
+    chat, _ = spoken_turn(plain, frames, wav, modes["after"], None)
+    voiced = give_voice(folder, folder.parent / "voiced", chat.messages(), chat.media(), SPOKEN)
+    engine = DemoEngine(voiced, max_new_tokens=8)
+    rows: dict[str, list[tuple[float, ...]]] = {m: [] for m in modes}
+    for r in range(args.rounds + 1):  # round 0 warms up, not counted
+        for mode, flags in modes.items():
+            fresh_turn(engine)
+            cache = PromptCache() if flags[2] else None
+            chat, _ = spoken_turn(engine, [f.rotate(r * 7) for f in frames], wav, flags, cache)
+            stats = TurnStats()
+            c_input, t_input = time.process_time(), time.perf_counter()  # end of speech
+            for _piece in engine.answer(chat, stats, t_input, prompt_cache=cache):
+                pass
+            text_done = time.perf_counter() - t_input
+            first_cpu = None
+            for _chunk in engine.speak(chat.messages(), chat.media(), SPOKEN, stats, t_input):
+                first_cpu = first_cpu or time.process_time() - c_input
+            assert stats.audio_chunks >= 2 and stats.audio_s > 0, stats.line()  # real audio, in chunks
+            if r:
+                rows[mode].append((stats.ttft_s, text_done, stats.first_audio_s, first_cpu,
+                                   time.perf_counter() - t_input, stats.audio_s, stats.audio_chunks))
+    med = {m: [statistics.median(col) for col in zip(*rows[m])] for m in modes}
+    codec = engine.model.codec
+    print(f"\n3. demo: end of speech -> first audio chunk, the turn of 2. ({stats.tokens} answer tokens, then "
+          f"{SPOKEN!r} spoken), a tiny "
+          f"talker ({sum(p.numel() for p in engine.model.talker.parameters()) / 1e6:.2f} M parameters) and the "
+          f"tiny codec ({codec.frame_rate:g} frames/s, Griffin-Lim); first chunk "
+          f"{engine.speech_chunks[0]} frames, then {engine.speech_chunks[1]}")
+    print(f"{'while speaking':<14} {'TTFT ms':>8} {'text done ms':>13} {'first audio ms':>15} {'CPU ms':>7} "
+          f"{'all audio ms':>13} {'speech s':>9} {'chunks':>7}")
+    for mode in modes:
+        ttft, done, first, cpu, total, seconds, chunks = med[mode]
+        print(f"{mode:<14} {ttft * 1000:>8.1f} {done * 1000:>13.1f} {first * 1000:>15.1f} {cpu * 1000:>7.1f} "
+              f"{total * 1000:>13.1f} {seconds:>9.2f} {chunks:>7.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -206,6 +304,7 @@ def main() -> None:
         print(f"tiny model, random weights, CPU fp32, {torch.get_num_threads()} threads, {args.rounds} rounds (medians)")
         kv_cache_vs_none(LocalGenerator.load(folder, batch_size=1, device="cpu"), args)
         demo_speech_to_first_token(folder, args)
+        demo_speech_to_first_audio(folder, args)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,27 @@ def trained_tiny(tiny_corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def speaking_tiny(trained_tiny, tmp_path_factory):
+    """`trained_tiny` with a talker fitted briefly to say one word (bench/inference.py `give_voice`)
+    for its answer to QUESTION about the test image: (model folder, image path, the answer)."""
+    from omni.inference import load_media, with_placeholders
+    from omni.model.generate import LocalGenerator
+    from tests.helpers import image_and_tone, load_bench
+
+    tmp = tmp_path_factory.mktemp("speaking-tiny")
+    img, _ = image_and_tone(tmp)
+    messages = [{"role": "user", "content": with_placeholders(SPEAKING_QUESTION, {"image": 1})}]
+    media = load_media(images=[img])
+    gen = LocalGenerator.load(trained_tiny, device="cpu")
+    answer = "".join(gen.stream(gen.prompt(messages, media), 6)).strip()
+    assert answer, "the trained tiny model answered nothing: its talker would have nothing to say"
+    return load_bench("inference").give_voice(trained_tiny, tmp / "voiced", messages, media, answer), img, answer
+
+
+SPEAKING_QUESTION = "what colour is the shape?"
+
+
+@pytest.fixture(scope="session")
 def qwen2_7b(tmp_path_factory) -> list[str]:
     """Model overrides that point the 7B preset's LLM at a local folder holding Qwen2-7B's published
     config.json (bench/qwen2_7b_config.json), for tests that need the 7B architecture where the hub is

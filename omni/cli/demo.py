@@ -10,7 +10,8 @@ def _demo(args) -> None:
     from omni.demo.app import launch
 
     launch(args.model, args.host, args.port, args.share, args.max_new_tokens, pas=args.pas,
-           pas_endpoint_model=args.pas_endpoint_model, idle_min=args.idle_min, device=args.device, dtype=args.dtype)
+           pas_endpoint_model=args.pas_endpoint_model, idle_min=args.idle_min, device=args.device, dtype=args.dtype,
+           speak=not args.no_speak)
 
 
 def add_demo_command(subparsers) -> argparse.ArgumentParser:
@@ -30,6 +31,9 @@ def add_demo_command(subparsers) -> argparse.ArgumentParser:
                    help="prompt augmentation in front of the model: a PAS model folder (`omni align pas train`) or "
                         "an endpoint serving one; a checkbox in the page turns it off")
     p.add_argument("--pas-endpoint-model", default="default", help="model name to ask a --pas endpoint for")
+    p.add_argument("--no-speak", action="store_true",
+                   help="a model with a talker speaks its answers by default (a switch in the page); start with "
+                        "the switch off")
     add_placement_arguments(p)
     p.set_defaults(func=_demo)
     return p

@@ -9,8 +9,10 @@ run through the image tower as it arrives), and a live microphone (chunks stream
 server; an energy VAD ends an utterance after a pause, or push-to-talk ends it on stop). A turn
 carries the typed text, the uploads, the camera window as one `<video>` and the utterance as one
 `<audio>`; the answer streams token by token from `omni.model.generate.LocalGenerator`, the same generator
-`omni chat` makes, and the chat shows what the model was given. TTFT and tokens/s of every turn
-are shown under the chat and logged. See docs/demo.md.
+`omni chat` makes, and the chat shows what the model was given. A model with a talker also speaks
+the answer: its audio streams in chunks to a streaming audio player once the text is complete
+(`DemoEngine.speak`). TTFT, tokens/s and the first audio chunk's time of every turn are shown under
+the chat and logged. See docs/demo.md.
 """
 from __future__ import annotations
 
@@ -59,14 +61,15 @@ def _fmt_ms(seconds: float) -> str:
 
 def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, engine=None,
               pas: str | None = None, pas_endpoint_model: str = "default", idle_min: float = 30.0,
-              max_sessions: int = 64, device: str | None = None, dtype: str | None = None):
+              max_sessions: int = 64, device: str | None = None, dtype: str | None = None, speak: bool = True):
     """The Gradio Blocks of the demo (not launched). `engine` lets a caller share a loaded model.
     A session is freed when its tab closes, after `idle_min` minutes without an event, or when
-    more than `max_sessions` are open (omni/demo/sessions.py)."""
+    more than `max_sessions` are open (omni/demo/sessions.py). `speak`: whether the "speak the
+    answer" switch starts on (shown only for a model with a talker)."""
     import gradio as gr
 
     from omni.demo.engine import DemoEngine, TurnStats
-    from omni.demo.session import Listener, MediaError, decode_wav_chunk
+    from omni.demo.session import Listener, MediaError, decode_wav_chunk, wav_bytes
     from omni.demo.sessions import Session, SessionClosed, Sessions
     from omni.errors import SampleError
 
@@ -79,6 +82,11 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
                         max_sessions=max_sessions)
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     fps, max_frames = engine.video.fps, engine.video.max_frames
+    # gradio encodes streamed audio for the browser with the ffmpeg CLI
+    no_ffmpeg = engine.speaks and shutil.which("ffmpeg") is None
+    if no_ffmpeg:
+        log.warning("this model speaks, but ffmpeg is not installed: answers are text only "
+                    "(`make browser` or `apt-get install -y ffmpeg` installs it)")
 
     def new_session(request: gr.Request):
         return sessions.open(request.session_hash or "local", time.monotonic())
@@ -169,10 +177,10 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
         return "microphone: stopped", gr.skip()
 
     # ---- a turn -----------------------------------------------------------------------------
-    def _turn(session: Session, box, max_tokens, use_camera, use_pas, utterance, t_input: float,
+    def _turn(session: Session, box, max_tokens, use_camera, use_pas, speak, utterance, t_input: float,
               spoken_lag: float):
         if not usable(session):
-            yield gr.skip(), gr.skip(), "session closed: reload the page"
+            yield gr.skip(), gr.skip(), "session closed: reload the page", gr.skip()
             return
         text = ((box or {}).get("text") or "").strip()
         files = list((box or {}).get("files") or [])
@@ -180,7 +188,7 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
         note = f"camera: the last {len(frames)} frames ({session.window.span_s():.0f} s at {fps:g} fps)"
         items, errors = session.items(files, frames, note, utterance)
         if not text and not items and not errors:
-            yield session.shown, gr.skip(), gr.skip()
+            yield session.shown, gr.skip(), gr.skip(), gr.skip()
             return
         notes = [n for item in items for n in item.notes]
         model_text, complement = engine.augment(text) if use_pas and not errors else (text, "")
@@ -195,7 +203,7 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
                 gr.Warning(e)
             session.shown.append({"role": "assistant", "content": "⚠ " + "\n\n⚠ ".join(errors)
                                   + "\n\nNothing was sent to the model; fix the input and send again."})
-            yield session.shown, {"text": text, "files": []}, "input refused: " + "; ".join(errors)
+            yield session.shown, {"text": text, "files": []}, "input refused: " + "; ".join(errors), gr.skip()
             return
         session.turns += 1
         n = session.turns
@@ -205,47 +213,54 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
                     f"{session.max_bytes / 2**20:.0f} MB memory budget.")
         answer_msg = {"role": "assistant", "content": ""}
         session.shown.append(answer_msg)
-        yield session.shown, {"text": "", "files": []}, f"turn {n} · generating…"
+        yield session.shown, {"text": "", "files": []}, f"turn {n} · generating…", gr.skip()
         stats = TurnStats()
         answer = ""
         try:
             for piece in engine.answer(session.chat, stats, t_input, int(max_tokens), session.prompt_cache):
                 answer += piece
                 answer_msg["content"] = answer.strip()
-                yield session.shown, gr.skip(), gr.skip()
+                yield session.shown, gr.skip(), gr.skip(), gr.skip()
         except SampleError as e:
             session.chat.turns.pop()  # the turn just added (dropping never takes the last)
             answer_msg["content"] = f"⚠ the model cannot take this turn: {e}. Nothing was sent."
-            yield session.shown, gr.skip(), f"turn {n} · refused: {e}"
+            yield session.shown, gr.skip(), f"turn {n} · refused: {e}", gr.skip()
             return
+        if speak and engine.speaks and answer.strip():  # the talker reads the chat up to this turn, then the answer
+            messages, media = session.chat.messages(), session.chat.media()
+            for chunk in engine.speak(messages, media, answer, stats, t_input):
+                if chunk.wave.size:
+                    yield session.shown, gr.skip(), gr.skip(), wav_bytes(chunk.wave, engine.model.codec.sample_rate)
         turn.answer = answer.strip()
         if not turn.answer:
             answer_msg["content"] = "*(empty answer: the model emitted its end token first)*"
         line = f"turn {n} · {stats.line()}"
         if spoken_lag:
             line += f" · end of speech → first token {_fmt_ms(stats.ttft_s + spoken_lag)}"
+            if stats.audio_chunks:
+                line += f" · end of speech → first audio {_fmt_ms(stats.first_audio_s + spoken_lag)}"
         if stats.dropped:
             line += f" · {stats.dropped} oldest turn(s) dropped to fit the context"
             gr.Info(f"The conversation no longer fit the model's context: dropped the {stats.dropped} oldest turn(s).")
         log.info("session %s %s", session.id, line)
-        yield session.shown, gr.skip(), line
+        yield session.shown, gr.skip(), line, gr.skip()
 
-    def respond(session: Session, box, max_tokens, use_camera, use_pas):
-        yield from _turn(session, box, max_tokens, use_camera, use_pas, None, time.perf_counter(), 0.0)
+    def respond(session: Session, box, max_tokens, use_camera, use_pas, speak):
+        yield from _turn(session, box, max_tokens, use_camera, use_pas, speak, None, time.perf_counter(), 0.0)
 
-    def respond_voice(session: Session, box, max_tokens, use_camera, use_pas):
+    def respond_voice(session: Session, box, max_tokens, use_camera, use_pas, speak):
         if not usable(session):
-            yield gr.skip(), gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         with session.lock:
             if not session.pending:
-                yield session.shown, gr.skip(), gr.skip()
+                yield session.shown, gr.skip(), gr.skip(), gr.skip()
                 return
             utterance, t_end = session.pending.pop(0)
         # TTFT counts from when the VAD / stop closed the utterance; the pause it waited for is
         # added for "end of speech -> first token"
         lag = max(0.0, utterance.detected_s - utterance.end_s)
-        yield from _turn(session, box, max_tokens, use_camera, use_pas, utterance, t_end, lag)
+        yield from _turn(session, box, max_tokens, use_camera, use_pas, speak, utterance, t_end, lag)
 
     def clear(session: Session):
         if usable(session):
@@ -266,12 +281,18 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
                                            placeholder="Ask something (Enter sends); the clip attaches images, videos, audio",
                                            show_label=False)
                 metrics = gr.Markdown(elem_id="omni-metrics")
+                speech = gr.Audio(streaming=True, autoplay=True, interactive=False, label="spoken answer",
+                                  elem_id="omni-speech", visible=engine.speaks)
                 with gr.Row():
                     max_tokens = gr.Slider(1, 512, value=engine.max_new_tokens, step=1, label="max new tokens")
                     clear_btn = gr.Button("Clear chat", elem_id="omni-clear")
                 use_pas = gr.Checkbox(value=engine.augmenter is not None, visible=engine.augmenter is not None,
                                       label="PAS: add the prompt-augmentation model's complement to each typed turn",
                                       elem_id="omni-pas")
+                speak_switch = gr.Checkbox(
+                    value=speak and not no_ffmpeg, visible=engine.speaks, interactive=not no_ffmpeg,
+                    label="speak the answer (ffmpeg is missing: `make browser` installs it)" if no_ffmpeg else
+                    "speak the answer: the model's talker, streamed as it speaks", elem_id="omni-speak")
             with gr.Column(scale=2):
                 cam = gr.Image(sources=["webcam"], streaming=True, type="pil", label="camera", height=300,
                                elem_id="omni-camera", webcam_options=gr.WebcamOptions(mirror=False))
@@ -286,9 +307,10 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
         demo.load(new_session, None, session)
         demo.unload(end_session)
         outputs = [chatbot, box, metrics]
-        inputs = [session, box, max_tokens, use_camera, use_pas]
-        box.submit(respond, inputs, outputs, concurrency_id="generate", concurrency_limit=1)
-        utterance_ready.change(respond_voice, inputs, outputs, concurrency_id="generate", concurrency_limit=1)
+        inputs = [session, box, max_tokens, use_camera, use_pas, speak_switch]
+        box.submit(respond, inputs, [*outputs, speech], concurrency_id="generate", concurrency_limit=1)
+        utterance_ready.change(respond_voice, inputs, [*outputs, speech], concurrency_id="generate",
+                               concurrency_limit=1)
         cam.stream(on_frame, [session, cam], [cam_status], stream_every=WEBCAM_EVERY_S, concurrency_limit=None,
                    show_progress="hidden")
         mic.start_recording(on_start, [session, mode], [mic_status], concurrency_limit=None,
@@ -309,13 +331,13 @@ def build_app(model_dir: str | Path | None = None, max_new_tokens: int = 64, eng
 def launch(model_dir: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
            share: bool = False, max_new_tokens: int = 64, queue_size: int = 64,
            pas: str | None = None, pas_endpoint_model: str = "default", idle_min: float = 30.0,
-           device: str | None = None, dtype: str | None = None):
+           device: str | None = None, dtype: str | None = None, speak: bool = True):
     """Build and serve the demo (blocks). Generation runs one turn at a time; other sessions wait
     in Gradio's queue (at most `queue_size`, then they are told the queue is full)."""
     import gradio as gr
 
     demo = build_app(model_dir, max_new_tokens, pas=pas, pas_endpoint_model=pas_endpoint_model, idle_min=idle_min,
-                     device=device, dtype=dtype)
+                     device=device, dtype=dtype, speak=speak)
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts to fetch

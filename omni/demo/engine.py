@@ -26,6 +26,12 @@ per-window log-mel, so the turn's processor call does not redo them. After the u
 runs is the processor's template, the projectors, the LLM over the positions not prefilled (the
 last, partial audio window unless the VAD's pause already took it, the typed text, the closing
 template tokens) and decoding.
+
+A model with a talker (docs/speech_out.md) also speaks its answers (`speak`): once the text answer
+is complete, the thinker runs teacher-forced on prompt + answer (the talker reads every answer
+token's state, as it was trained to) and the talker's frames are decoded and handed on a chunk at
+a time (`omni.model.speech.stream_speech`): the first after `FIRST_CHUNK_S` of speech, then every
+`CHUNK_S`.
 """
 from __future__ import annotations
 
@@ -48,8 +54,11 @@ from omni.errors import SampleError
 from omni.model.generate import ContextError, LocalGenerator
 from omni.model.processor import OmniProcessor
 from omni.model.prompt_cache import PromptCache
+from omni.model.speech import answer_states, stream_speech
 
 log = logging.getLogger("omni.demo")
+FIRST_CHUNK_S = 0.16  # speech in the first audio chunk (the tiny codec: 10 frames, 112 ms of them played at once)
+CHUNK_S = 0.48        # speech in each later chunk (fewer codec calls; still far ahead of playback)
 
 
 class FrameFeatureCache(nn.Module):
@@ -167,6 +176,9 @@ class TurnStats:
     frames_ahead: int = 0              # video frames whose tower features were ready in advance
     frames: int = 0                    # video frames in the prompt
     dropped: int = 0                   # oldest turns forgotten to fit the model's context
+    first_audio_s: float = float("nan")  # input complete -> first chunk of the spoken answer decoded
+    audio_s: float = 0.0               # seconds of spoken answer
+    audio_chunks: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -180,6 +192,9 @@ class TurnStats:
                  f"prompt {self.prompt_tokens} tokens" + (f" ({ahead} prefilled ahead)" if ahead else "")]
         if self.frames:
             parts.append(f"{self.frames_ahead}/{self.frames} frames encoded ahead")
+        if self.audio_chunks:
+            parts.append(f"first audio {self.first_audio_s * 1000:.0f} ms ({self.audio_s:.2f} s of speech in "
+                         f"{self.audio_chunks} chunks)")
         return " · ".join(parts)
 
 
@@ -199,6 +214,10 @@ class DemoEngine:
         # a final/, a checkpoint or an export, on `device` in `dtype` (omni.model.generate.resolve_placement)
         self.generator = LocalGenerator.load(model_dir, batch_size=1, device=device, dtype=dtype)
         self.model, self.tokenizer = self.generator.model, self.generator.tokenizer
+        self.speaks = self.model.talker is not None and self.model.codec is not None
+        if self.speaks:  # codec frames in the first audio chunk, and in each later one
+            rate = self.model.codec.frame_rate
+            self.speech_chunks = (max(4, round(FIRST_CHUNK_S * rate)), max(4, round(CHUNK_S * rate)))
         self.video = self.model.config.video
         max_windows = self.model.config.audio.max_windows
         self.processor = self.generator.processor = MemoProcessor(
@@ -330,6 +349,26 @@ class DemoEngine:
             stats.decode_s = self._steps[-1] - self._steps[0] if len(self._steps) > 1 else 0.0
             stats.frames_ahead = min(stats.frames, self.frame_cache.hits - hits0)
             stats.prefilled = self._prompt_len
+
+    def speak(self, messages: list[dict], media: dict[str, list], answer: str, stats: TurnStats,
+              t_input: float):
+        """Yield the model's spoken `answer` to the conversation `messages` (ending with the user's
+        turn) as `SpeechChunk`s; fill `stats`' audio fields (timed from `t_input`). A model without
+        a talker (`speaks` False) yields nothing."""
+        if not self.speaks or not answer.strip():
+            return
+        with self._lock:
+            states = answer_states(self.generator, [messages], [media], [answer.strip()])
+            chunks = stream_speech(self.model, states, self.model.config.talker.max_frames, *self.speech_chunks)
+            try:  # closed here, under the lock, when the reader stops early: the talker stops with it
+                for chunk in chunks:
+                    if not stats.audio_chunks:
+                        stats.first_audio_s = time.perf_counter() - t_input
+                    stats.audio_chunks += 1
+                    stats.audio_s += chunk.wave.size / self.model.codec.sample_rate
+                    yield chunk
+            finally:
+                chunks.close()
 
     def answer(self, chat, stats: TurnStats, t_input: float, max_new_tokens: int | None = None,
                prompt_cache: PromptCache | None = None):

@@ -4,6 +4,8 @@ Mimi), what the thinker hands it (hidden states and embeddings of the answer tok
 steps, which exports ship, are in talking.py), its training loss and its spoken answers."""
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from omni.model.talking import speak, talker_batch, thinker_states
 from omni.presets import ModelConfig, TalkerSection
 from omni.speech.codec import Codec
 from omni.speech.delay import delay, pad_id
+from omni.speech.stream import ChunkDecoder
 from omni.speech.talker import Talker, TalkerConfig
 from omni.speech.tiny_codebook import CONFIG_FILE
 
@@ -106,6 +109,33 @@ def teacher_forced_scores(model, states, codes: list[torch.Tensor]) -> tuple[flo
                            reduction="sum")
     scored = labels != IGNORE
     return float(loss), int((logits.argmax(-1)[scored] == labels[scored]).sum()), int(scored.sum())
+
+
+@dataclasses.dataclass
+class SpeechChunk:
+    codes: torch.Tensor  # [K, n] the talker's frames new in this chunk
+    wave: np.ndarray     # float32 at the codec's rate; the chunks concatenated are the answer's speech
+
+
+@torch.no_grad()
+def stream_speech(model, states, max_frames: int, first: int, every: int) -> Iterator[SpeechChunk]:
+    """`speak`'s codes of one answer (its thinker `states`) as the talker produces them, with their
+    audio: the first chunk after `first` frames, then every `every` frames, then the rest (omni/speech/stream.py)."""
+    if len(states) != 1:
+        raise ValueError(f"stream_speech: one answer at a time, got {len(states)}")
+    dummy = [torch.zeros(model.talker.config.codebooks, 0, dtype=torch.long)]
+    frames = model.talker.stream(talker_batch(states, dummy, model.talker.config.codebook_size), max_frames)
+    decoder = ChunkDecoder(model.codec)
+    pending: list[torch.Tensor] = []
+    size = first
+    for frame in frames:
+        pending.append(frame.cpu())
+        if len(pending) == size:
+            codes, pending, size = torch.stack(pending, dim=1), [], every
+            yield SpeechChunk(codes, decoder.push(codes))
+    codes = torch.stack(pending, dim=1) if pending else torch.zeros(model.talker.config.codebooks, 0, dtype=torch.long)
+    wave = decoder.push(codes) if pending else np.zeros(0, np.float32)
+    yield SpeechChunk(codes, np.concatenate([wave, decoder.flush()]))
 
 
 @torch.no_grad()

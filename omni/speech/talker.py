@@ -10,6 +10,7 @@ left-padded, so speech starts at the same position in every row of a batch.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -132,11 +133,34 @@ class Talker(nn.Module):
     def generate(self, batch: TalkerBatch, max_frames: int) -> list[torch.Tensor]:
         """Greedy codes [K, T_i] per answer. The pattern's fixed ids are forced (PAD before a codebook
         starts, EOS after it ends); codebook 0 decides the end, at `max_frames` at the latest."""
+        steps = torch.stack(list(self.steps(batch, max_frames)), dim=2)
+        return [undelay(steps[i], self.config.codebook_size) for i in range(steps.shape[0])]
+
+    @torch.no_grad()
+    def stream(self, batch: TalkerBatch, max_frames: int) -> Iterator[torch.Tensor]:
+        """`generate`'s codes of one answer, frame by frame: each frame [K] as soon as its last
+        codebook is out (the delay pattern puts it K - 1 steps after its first)."""
+        if batch.hidden.shape[0] != 1:
+            raise ValueError(f"Talker.stream: one answer at a time, got a batch of {batch.hidden.shape[0]}")
+        k, eos = self.config.codebooks, eos_id(self.config.codebook_size)
+        recent: list[torch.Tensor] = []  # the last K steps' columns [K]
+        for step, col in enumerate(self.steps(batch, max_frames)):
+            recent = [*recent[-(k - 1):], col[0]] if k > 1 else [col[0]]
+            if step < k - 1:
+                continue
+            if recent[0][0] == eos:  # codebook 0 of this frame says the speech has ended
+                return
+            yield torch.stack([recent[book][book] for book in range(k)])
+
+    @torch.no_grad()
+    def steps(self, batch: TalkerBatch, max_frames: int) -> Iterator[torch.Tensor]:
+        """The greedy delayed steps [B, K], one per decoder call (KV-cached), until every answer's
+        last codebook has said EOS."""
         k, size = self.config.codebooks, self.config.codebook_size
         embeds, mask = self.prefix(batch)
         b = embeds.shape[0]
         end = torch.full((b,), max_frames, device=embeds.device)  # frames per answer, once codebook 0 says EOS
-        taken, cache = [], DynamicCache()
+        cache = DynamicCache()
         for step in range(max_frames + k):
             scores = self.logits(embeds, mask, cache)[:, -1]  # [B, K, vocab]; embeds: the positions not cached
             scores[:, :, pad_id(size)] = -torch.inf
@@ -148,10 +172,8 @@ class Talker(nn.Module):
             books = torch.arange(k, device=embeds.device)
             col[books[None, :].expand(b, k) > step] = pad_id(size)
             col[(step >= end[:, None] + books[None, :])] = eos_id(size)
-            taken.append(col)
+            yield col
             if bool((step >= end + k - 1).all()):
-                break
+                return
             embeds = self.embed_steps(col[:, :, None])
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        steps = torch.stack(taken, dim=2)
-        return [undelay(steps[i], size) for i in range(b)]

@@ -10,12 +10,16 @@ One server (`omni demo` as `python -m omni.cli demo`, a tiny model trained a few
    with the frames encoded ahead;
 3. a second server with `--pas` (a loopback endpoint plays the PAS model): a typed turn reaches
    the model with its complement (the answer equals the generator's for question + complement),
-   the complement is shown under the turn, and unticking the switch sends the next turn as typed.
+   the complement is shown under the turn, and unticking the switch sends the next turn as typed;
+4. a server whose model has a talker (fitted briefly to say one word, bench/inference.py
+   `give_voice`): the text answer streams, then the spoken answer arrives in the page's audio
+   player in chunks and plays.
 Screenshots land in the tests' tmp dirs.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import SPEAKING_QUESTION
 from tests.helpers import image_and_tone
 
 try:
@@ -267,3 +272,35 @@ def test_the_pas_switch_adds_the_complement_before_the_model_reads_the_turn(pas_
         assert "PAS:" not in users.last.inner_text()
         context.close()
     assert [r["messages"] for r in pas.requests] == [[{"role": "user", "content": question}]]
+
+
+@pytest.fixture(scope="module")
+def speaking_server(speaking_tiny, tmp_path_factory):
+    """The demo serving `speaking_tiny` (a talker fitted to say one word); yields (URL, its text answer)."""
+    folder, _, answer = speaking_tiny
+    for url in _serve(folder, tmp_path_factory.mktemp("speaking-server")):
+        yield url, answer
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is missing (gradio encodes streamed audio with "
+                                                         "it); `make browser` installs it")
+def test_the_spoken_answer_streams_into_the_page_and_plays(speaking_server, tmp_path):
+    url, answer = speaking_server
+    img, _ = image_and_tone(tmp_path)  # the picture the talker was fitted on (the same pixels)
+    with sync_playwright() as p:
+        context = _browser(p, tmp_path, ["--autoplay-policy=no-user-gesture-required"])
+        page = _open(context, url)
+        assert page.is_checked("#omni-speak input[type=checkbox]")  # on by default for a model with a talker
+        _ask(page, SPEAKING_QUESTION, [img])
+        page.wait_for_function("() => document.querySelector('#omni-metrics').innerText.includes('first audio')",
+                               timeout=60_000)
+        assert _bot_messages(page) == [answer]  # the text answer, as without speech
+        # the player got the stream and plays it: its played time ranges grow, its duration is known
+        page.wait_for_function(
+            "() => { const a = document.querySelector('#omni-speech audio');"
+            " return a && a.played.length > 0 && a.played.end(a.played.length - 1) > 0.1; }", timeout=30_000)
+        duration = page.evaluate("() => document.querySelector('#omni-speech audio').duration")
+        assert duration > 0.1, duration
+        page.screenshot(path=str(tmp_path / "demo-speech.png"), full_page=True)
+        context.close()
+    assert (tmp_path / "demo-speech.png").stat().st_size > 10_000

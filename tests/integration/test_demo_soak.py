@@ -74,7 +74,8 @@ def test_many_sessions_with_12mp_uploads_and_webcam_frames_keep_memory_flat(tiny
         now = time.monotonic()
         for k in range(4):  # the camera's last 4 s, one frame a second
             session.offer_frame(webcam.copy(), now - 3 + k, engine.encode_ahead)
-        *_, (_, _, status) = respond(session, {"text": "what colour is the shape?", "files": [photo]}, 2, True, False)
+        *_, (_, _, status, _) = respond(session, {"text": "what colour is the shape?", "files": [photo]}, 2, True, False,
+                                        False)
         shown.append(status)
         assert session.chat.nbytes() < 2**20  # the photo is a file; 4 camera frames at 32 px
         if i % 4:

@@ -85,6 +85,9 @@ def test_talker_overfits_one_spoken_answer_and_speaks_it_back():
     assert short.shape == (CONFIG.codebooks, 5)
     for k in range(CONFIG.codebooks):
         assert torch.equal(short[k, :6 - k], codes[k, :6 - k][:5])
+    # streamed frame by frame (the demo's spoken answers): the same codes, whole and cut short
+    for max_frames, want in ((codes.shape[1] + 4, codes), (5, short)):
+        assert torch.equal(torch.stack(list(talker.stream(batch, max_frames)), dim=1), want)
 
 
 def test_cached_generation_is_the_step_by_step_argmax_of_the_whole_sequence():
