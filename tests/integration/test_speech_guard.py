@@ -78,7 +78,8 @@ def test_a_thinker_stage_that_breaks_the_voice_stops_the_schedule(guarded_run, s
     line = cli_error("-q", "schedule", str(sched), "--out", str(guarded_run), f"data.manifest={spoken_corpus}")
     before = json.loads((guarded_run / "stage3-speech-out" / GUARD_FILE).read_text())["datasets"]["image_colour"]
     after = json.loads((guarded_run / "stage4-thinker" / GUARD_FILE).read_text())["datasets"]["image_colour"]
-    print(f"\n{line}\nafter the thinker stage: spoken {after['spoken_accuracy']:.3f} text {after['text_accuracy']:.3f}")
+    print(f"\n{line}\nafter the thinker stage: spoken {after['spoken_accuracy']:.3f} text {after['text_accuracy']:.3f} "
+          f"frames {after['frame_accuracy']:.3f}")
     assert before["spoken_accuracy"] - after["spoken_accuracy"] > GUARD["max_drop"]  # the voice really broke
     assert "\n" not in line and line.startswith("omni schedule: speech_eval after stage4-thinker: image_colour")
     assert f"{after['spoken_accuracy']:.3f}" in line and f"{before['spoken_accuracy']:.3f}" in line
