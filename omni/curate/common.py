@@ -19,7 +19,7 @@ import yaml
 
 from omni.data.manifest import DatasetEntry
 from omni.errors import SampleError
-from omni.modalities import EXTENSIONS, PLACEHOLDERS, SPOKEN_ANSWER, input_member
+from omni.modalities import EXTENSIONS, PLACEHOLDERS, input_member
 
 KIND_OF_EXT = {ext: kind for kind, exts in EXTENSIONS.items() for ext in exts}
 ROLES = ("system", "user", "assistant")
