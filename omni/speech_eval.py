@@ -101,7 +101,7 @@ def evaluate_speech(model_dir: str | Path, manifest_path: str | Path, split: str
                                       max_frames).items():
                 totals[k] = totals.get(k, 0) + int(v)
         n = len(samples)
-        results[key] = {"task": entry.task or entry.name, "n": n, "candidates": len(candidates),
+        results[key] = {"dataset": entry.name, "task": entry.task or entry.name, "n": n, "candidates": len(candidates),
                         "chance": 1.0 / len(candidates), "spoken_accuracy": totals["spoken"] / n,
                         "blanked_accuracy": totals["blanked"] / n, "text_accuracy": totals["text"] / n,
                         "spoken_matches_text": totals["agree"] / n,

@@ -59,6 +59,44 @@ def trained_tiny(tiny_corpus, tmp_path_factory):
     return train_stage(cfg, tmp_path_factory.mktemp("trained-tiny"), progress=False)
 
 
+SPOKEN_MIX = "{image_colour: 1.0, video_colour_change: 1.0, audio_note: 1.0, image_audio_side: 2.0}"
+THINKER = dict(train_per_task=400, steps=250, lr="2e-3", micro_batch=32)
+SPEECH = dict(steps=150, lr="3e-3", micro_batch=32)
+
+
+@pytest.fixture(scope="session")
+def spoken_corpus(tmp_path_factory):
+    """A synthetic corpus with spoken answers (`answer.wav`, espeak-ng's `en`), 24 held-out per task."""
+    from omni.data.synth import SynthConfig, write_corpus
+
+    out = tmp_path_factory.mktemp("spoken-synth")
+    return write_corpus(SynthConfig(out_dir=str(out), train_per_task=THINKER["train_per_task"],
+                                    val_per_task=24, samples_per_shard=200, voice="en"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def speaking_model(spoken_corpus, tmp_path_factory):
+    """A tiny thinker trained briefly (2_sft.yaml from scratch) on four tasks, then its talker trained by
+    the speech_out stage (thinker frozen): `ROOT/speech/final`, with the stage's held-out eval.json. Shared
+    by the speech-out and voice-guard tests (trained once per session: minutes on two cores)."""
+    from pathlib import Path
+
+    from omni.train.config import load_stage
+    from omni.train.trainer import train_stage
+
+    stages = Path(__file__).resolve().parents[1] / "stages/tiny"
+    root = tmp_path_factory.mktemp("speech-out")
+    thinker = train_stage(load_stage(stages / "2_sft.yaml", [
+        f"data.manifest={spoken_corpus}", "init_from=null", f"steps={THINKER['steps']}",
+        f"optim.lr={THINKER['lr']}", f"batch.micro_batch={THINKER['micro_batch']}", f"data.datasets={SPOKEN_MIX}"]),
+        root / "thinker", progress=False)
+    cfg = load_stage(stages / "3_speech_out.yaml", [
+        f"data.manifest={spoken_corpus}", f"init_from={thinker}", f"steps={SPEECH['steps']}",
+        f"optim.lr={SPEECH['lr']}", f"batch.micro_batch={SPEECH['micro_batch']}", f"data.datasets={SPOKEN_MIX}",
+        f"data.eval={spoken_corpus}", "data.eval_limit=0"])
+    return train_stage(cfg, root / "speech", progress=False)
+
+
 @pytest.fixture(scope="session")
 def speaking_tiny(trained_tiny, tmp_path_factory):
     """`trained_tiny` with a talker fitted briefly to say one word (bench/inference.py `give_voice`)

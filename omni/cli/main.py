@@ -51,12 +51,16 @@ def _train(args) -> None:
 def _schedule(args) -> None:
     from omni.plan import refuse_if_it_cannot_fit
     from omni.train.config import load_schedule, load_stage
-    from omni.train.schedule import run_schedule
+    from omni.schedule import run_schedule
+    from omni.speech_guard import SpeechRegression
 
     for stage in load_schedule(args.schedule)[1]:  # every stage, before the first one trains
         refuse_if_it_cannot_fit(load_stage(stage, args.overrides))
-    final = run_schedule(args.schedule, args.out, args.overrides, progress=not args.quiet,
-                         resume_with_changes=args.resume_with_changes)
+    try:
+        final = run_schedule(args.schedule, args.out, args.overrides, progress=not args.quiet,
+                             resume_with_changes=args.resume_with_changes)
+    except SpeechRegression as e:
+        sys.exit(f"omni schedule: {e}")
     print(f"final model: {final}")
 
 
@@ -250,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("schedule", help="run a list of stages, each from the previous one's model")
+    p = sub.add_parser("schedule", help="run a list of stages, each from the previous one's model, and the "
+                                        "speech_eval checks between them")
     p.add_argument("schedule", help="schedule YAML, e.g. stages/tiny/schedule.yaml")
     p.add_argument("overrides", nargs="*", help=overrides_help + " (applied to every stage)")
     p.add_argument("--out", required=True, type=out_folder,

@@ -34,6 +34,7 @@ from omni.curate.common import (
     ShardSink,
     check_name,
     drop_manifest_entry,
+    media_members,
     strip_placeholders,
     write_json,
     write_manifest,
@@ -168,8 +169,8 @@ def check_media(raw: dict) -> None:
         decode_sample(raw)
     except SampleError as e:
         raise Reject("undecodable_media", str(e)) from None
-    for key, value in raw.items():
-        if key.rpartition(".")[2] in EXTENSIONS["video"]:
+    for kind, _, key, value in media_members(raw):
+        if kind == "video":
             try:
                 read_video(value, _PROBE_VIDEO)
             except ValueError as e:
@@ -218,7 +219,7 @@ def convert_record(rec, where: str, root: Path, key: str, cfg: BuildConfig) -> d
 
 
 def modalities_of(raw: dict) -> set[str]:
-    return {KIND_OF_EXT[k.rpartition(".")[2]] for k in raw if k.rpartition(".")[2] in KIND_OF_EXT}
+    return {kind for kind, _, _, _ in media_members(raw)}
 
 
 # ---------------------------------------------------------------- the verb

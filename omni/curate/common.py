@@ -19,7 +19,7 @@ import yaml
 
 from omni.data.manifest import DatasetEntry
 from omni.errors import SampleError
-from omni.modalities import EXTENSIONS, PLACEHOLDERS
+from omni.modalities import EXTENSIONS, PLACEHOLDERS, input_member
 
 KIND_OF_EXT = {ext: kind for kind, exts in EXTENSIONS.items() for ext in exts}
 ROLES = ("system", "user", "assistant")
@@ -80,16 +80,10 @@ def digest(*parts: bytes) -> bytes:
 
 # ---------------------------------------------------------------- samples in shards
 def media_members(raw: dict) -> list[tuple[str, int, str, bytes]]:
-    """(kind, index, member name, bytes) of every media member, per kind in placeholder order
-    (the same rule as `omni.data.loader.decode_sample`: `0.jpg`, `1.jpg`, ...; a bare `jpg` is 0)."""
-    out = []
-    for key, value in raw.items():
-        if key.startswith("_"):
-            continue
-        stem, _, ext = key.rpartition(".") if "." in key else ("", "", key)
-        kind = KIND_OF_EXT.get(ext.lower())
-        if kind:
-            out.append((kind, int(stem) if stem.isdigit() else 0, key, value))
+    """(kind, index, member name, bytes) of every input medium, per kind in placeholder order (the
+    loader's rule, `omni.modalities.input_member`: the spoken answer `answer.wav` is not one of them)."""
+    out = [(kind[0], kind[1], key, value) for key, value in raw.items()
+           if not key.startswith("_") and (kind := input_member(key))]
     order = {k: i for i, k in enumerate(EXTENSIONS)}
     return sorted(out, key=lambda m: (order[m[0]], m[1], m[2]))
 

@@ -44,7 +44,7 @@ from omni.curate.common import (
 from omni.data.loader import read_meta
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
-from omni.modalities import PLACEHOLDERS
+from omni.modalities import PLACEHOLDERS, SPOKEN_ANSWER
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class SampleStats:
     text: int
     media: int
     kinds: dict[str, int]           # media count per kind
+    spoken: bool = False            # has a spoken answer (answer.wav): an output, not a medium
 
     @property
     def total(self) -> int:
@@ -139,7 +140,7 @@ def sample_stats(meta: dict, raw: dict, counter: TokenCounter) -> SampleStats:
         except Exception as e:  # noqa: BLE001 - any decoder failure means a bad member
             raise SampleError(f"field {key!r} does not decode ({e})") from None
         kinds[kind] += 1
-    return SampleStats(counter.text(meta["messages"]), media, dict(kinds))
+    return SampleStats(counter.text(meta["messages"]), media, dict(kinds), SPOKEN_ANSWER in raw)
 
 
 @dataclass
@@ -151,6 +152,7 @@ class DatasetStats:
     bad: int = 0
     mix: Counter = field(default_factory=Counter)
     media_files: Counter = field(default_factory=Counter)
+    spoken_answers: int = 0
     hist: dict = field(default_factory=lambda: {m: np.zeros(len(EDGES), np.int64) for m in METRICS})
     sums: Counter = field(default_factory=Counter)
     maxima: Counter = field(default_factory=Counter)
@@ -159,6 +161,7 @@ class DatasetStats:
         self.samples += 1
         self.mix[s.mix] += 1
         self.media_files.update(s.kinds)
+        self.spoken_answers += s.spoken
         for m, v in (("text", s.text), ("media", s.media), ("total", s.total)):
             self.hist[m][np.searchsorted(EDGES, v, side="right") - 1] += 1
             self.sums[m] += v
@@ -169,6 +172,7 @@ class DatasetStats:
         self.bad += other.bad
         self.mix.update(other.mix)
         self.media_files.update(other.media_files)
+        self.spoken_answers += other.spoken_answers
         for m in METRICS:
             self.hist[m] += other.hist[m]
             self.sums[m] += other.sums[m]
@@ -193,6 +197,7 @@ class DatasetStats:
             "manifest_samples": self.manifest_samples,
             "modality_mix": dict(self.mix.most_common()),
             "media_files": {k: self.media_files[k] for k in PLACEHOLDERS if self.media_files.get(k)},
+            "spoken_answers": self.spoken_answers,
             "tokens": {m: {"sum": int(self.sums[m]), "mean": round(self.mean(m), 2), "max": int(self.maxima[m]),
                            "p50": self.quantile(m, 0.5), "p90": self.quantile(m, 0.9), "p99": self.quantile(m, 0.99),
                            "histogram": {"edges": EDGES.tolist(), "counts": self.hist[m].tolist()}}
@@ -253,16 +258,16 @@ def collect(manifest: str | Path, counter: TokenCounter, split: str | None = Non
 
 
 def format_table(stats: list[DatasetStats], counter_name: str, text_unit: str) -> str:
-    head = ("| dataset | split | samples | bad | modality mix | media files | text tok mean / p50 / p90 / max "
-            "| media tok mean / max | total tok mean / p90 / max | total tokens |")
+    head = ("| dataset | split | samples | bad | modality mix | media files | spoken answers "
+            "| text tok mean / p50 / p90 / max | media tok mean / max | total tok mean / p90 / max | total tokens |")
     lines = [f"Token counts: text = {text_unit}; media = `{counter_name}` token arithmetic.", "", head,
-             "|" + "---|" * 10]
+             "|" + "---|" * 11]
     for s in stats:
         mix = ", ".join(f"{k} {100 * v / max(s.samples, 1):.0f}%" for k, v in s.mix.most_common()) or "-"
         files = ", ".join(f"{k} {s.media_files[k]}" for k in PLACEHOLDERS if s.media_files.get(k)) or "-"
         flag = "" if s.samples + s.bad == s.manifest_samples else f" (manifest: {s.manifest_samples})"
         lines.append(
-            f"| {s.name} | {s.split} | {s.samples}{flag} | {s.bad} | {mix} | {files} "
+            f"| {s.name} | {s.split} | {s.samples}{flag} | {s.bad} | {mix} | {files} | {s.spoken_answers} "
             f"| {s.mean('text'):.1f} / {s.quantile('text', .5)} / {s.quantile('text', .9)} / {s.maxima['text']} "
             f"| {s.mean('media'):.1f} / {s.maxima['media']} "
             f"| {s.mean('total'):.1f} / {s.quantile('total', .9)} / {s.maxima['total']} | {s.sums['total']:,} |")

@@ -21,7 +21,7 @@ from PIL import Image
 from encoders import load_audio
 from omni.data.manifest import DatasetEntry
 from omni.errors import SampleError
-from omni.modalities import EXTENSIONS, PLACEHOLDERS, SPOKEN_ANSWER
+from omni.modalities import EXTENSIONS, PLACEHOLDERS, input_member
 
 ROLES = ("system", "user", "assistant")
 # typed content parts (OpenAI / transformers chat format) -> the modality whose placeholder they stand for
@@ -159,16 +159,10 @@ def decode_media(members: dict, place: str) -> dict[str, list]:
     (the processor samples frames). `place` names the sample in errors. Other members, and the
     spoken answer (`answer.wav`, an output, not an input), are ignored."""
     media: dict[str, list] = {}
-    for modality, exts in EXTENSIONS.items():
-        found = []
-        for key, value in members.items():
-            if key == SPOKEN_ANSWER:
-                continue
-            stem, _, ext = key.rpartition(".") if "." in key else ("", "", key)
-            if ext.lower() in exts:
-                index = int(stem) if stem.isdigit() else 0
-                found.append((index, key, value))
-        for _, key, value in sorted(found):
+    for modality in EXTENSIONS:
+        found = sorted((kind[1], key, value) for key, value in members.items()
+                       if (kind := input_member(key)) and kind[0] == modality)
+        for _, key, value in found:
             try:
                 if modality == "image":
                     item = Image.open(io.BytesIO(value)).convert("RGB")

@@ -29,11 +29,9 @@ from omni.data.loader import SkipCounter, chat_turns, decode_media, read_json, s
 from omni.data.loader import where as sample_where
 from omni.data.manifest import load_manifest
 from omni.errors import SampleError
-from omni.modalities import EXTENSIONS, SPOKEN_ANSWER
+from omni.modalities import SPOKEN_ANSWER, input_member
 from omni.model.fusion import IGNORE
 from omni.model.processor import Example, last_span
-
-_MEDIA_EXTS = {e for exts in EXTENSIONS.values() for e in exts}
 
 
 class AlignDataError(SampleError):
@@ -78,7 +76,7 @@ def record_from_raw(raw: dict) -> dict:
     kept as undecoded bytes under `__media__`, its spoken answer's bytes (if any) under
     `__speech__`, and where it came from (`__where__`)."""
     rec = read_json(raw)
-    media = {k: v for k, v in raw.items() if k.rpartition(".")[2].lower() in _MEDIA_EXTS and k != SPOKEN_ANSWER}
+    media = {k: v for k, v in raw.items() if input_member(k)}
     if media:
         rec["__media__"] = media
     if SPOKEN_ANSWER in raw:

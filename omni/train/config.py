@@ -14,7 +14,7 @@ from typing import Literal
 
 from omni.align.config import DPOSection, RMSection, SFTSection
 from omni.align.objectives import OBJECTIVES
-from omni.config import ConfigError, load_config
+from omni.config import ConfigError, from_dict, load_config
 from omni.data.config import DataConfig
 from omni.presets import PRESETS
 from omni.train.engines import ENGINES, ZERO_STAGES
@@ -118,13 +118,53 @@ class StageConfig:
 
 
 @dataclass
+class SpeechEvalStep:
+    """A schedule step between stages that scores the model's spoken answers (omni/speech_guard.py) and
+    stops the schedule when they fall below `min_spoken` or more than `max_drop` below the score of the
+    last speech_out stage before it: a thinker stage can break a talker it never touched."""
+    datasets: list[str]                 # held-out sets (with spoken answers) of the speech_out stage's manifest
+    min_spoken: float | None = None     # lowest spoken accuracy allowed on each dataset
+    max_drop: float | None = None       # largest fall allowed below the score after the last speech_out stage
+    limit: int = 48                     # held-out samples per dataset
+
+    def __post_init__(self):
+        if not self.datasets:
+            raise ConfigError("datasets: list at least one dataset to score")
+        if self.min_spoken is None and self.max_drop is None:
+            raise ConfigError("give min_spoken, max_drop or both (spoken accuracy, 0..1)")
+        for key in ("min_spoken", "max_drop"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key}: {value} is not an accuracy between 0 and 1")
+        if self.limit < 1:
+            raise ConfigError(f"limit: {self.limit} must be at least 1")
+
+
+@dataclass
+class ScheduleStep:
+    """A non-training entry of a schedule's `stages:` list (its one key names its kind)."""
+    speech_eval: SpeechEvalStep
+
+
+@dataclass
 class ScheduleConfig:
     name: str
-    stages: list[str]                   # stage YAML paths, relative to the schedule file, in order
+    # in order: stage YAML paths (relative to the schedule file) and steps such as {speech_eval: {...}}
+    stages: list[str | dict]
 
     def __post_init__(self):
         if not self.stages:
             raise ConfigError("stages: list at least one stage file")
+        self.stages = [s if isinstance(s, str) else _step(s, f"stages[{i}]") for i, s in enumerate(self.stages)]
+        if not isinstance(self.stages[0], str):
+            raise ConfigError("stages[0]: a schedule starts with a stage file (a step checks the stage before it)")
+
+
+def _step(entry: dict, where: str) -> SpeechEvalStep:
+    try:
+        return from_dict(ScheduleStep, entry, where).speech_eval
+    except ConfigError as e:  # a step's own checks name their key, not where the step is
+        raise ConfigError(str(e) if str(e).startswith(where) else f"{where}.speech_eval: {e}") from None
 
 
 def load_stage(path: str | Path, overrides: list[str] = ()) -> StageConfig:
@@ -132,10 +172,10 @@ def load_stage(path: str | Path, overrides: list[str] = ()) -> StageConfig:
 
 
 def load_schedule(path: str | Path) -> tuple[ScheduleConfig, list[Path]]:
-    """The schedule and its stage files resolved against the schedule's folder."""
+    """The schedule and its stage files (in order, without its steps) resolved against its folder."""
     path = Path(path)
     sched = load_config(ScheduleConfig, path)
-    files = [(path.parent / s) for s in sched.stages]
+    files = [(path.parent / s) for s in sched.stages if isinstance(s, str)]
     for f in files:
         if not f.is_file():
             raise ConfigError(f"{path}: stage file {f} does not exist")

@@ -35,7 +35,7 @@ from omni.model.load import is_exported_dir, load_model
 from omni.model.omni_model import OmniModel
 from omni.model.processor import OmniProcessor, collate
 from omni.train.config import load_stage
-from omni.train.schedule import run_schedule
+from omni.schedule import run_schedule
 from omni.train.trainer import train_stage
 
 ROOT = Path(__file__).resolve().parents[2]

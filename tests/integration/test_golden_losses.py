@@ -23,7 +23,7 @@ import torch
 
 from omni.align.synth import AlignSynthConfig, write_align_corpus
 from omni.train.config import load_stage
-from omni.train.schedule import run_schedule
+from omni.schedule import run_schedule
 from omni.train.trainer import train_stage
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from omni import tiny_world as world
 from omni.eval import evaluate
 from omni.train.config import load_stage
-from omni.train.schedule import run_schedule
+from omni.schedule import run_schedule
 from omni.train.trainer import train_stage
 
 ROOT = Path(__file__).resolve().parents[2]

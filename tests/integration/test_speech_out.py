@@ -11,47 +11,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import soundfile
 import webdataset as wds
 
-from omni.data.synth import SynthConfig, write_corpus
 from omni.modalities import SPOKEN_ANSWER
 from omni.speech_eval import evaluate_speech, format_speech_table
-from omni.train.config import load_stage
-from omni.train.trainer import train_stage
 from tests.helpers import cli_error
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = {"image": "image_colour", "video": "video_colour_change", "audio": "audio_note",
          "image+audio": "image_audio_side"}
-MIX = "{image_colour: 1.0, video_colour_change: 1.0, audio_note: 1.0, image_audio_side: 2.0}"
-
-
-@pytest.fixture(scope="module")
-def spoken_corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("spoken-synth")
-    return write_corpus(SynthConfig(out_dir=str(out), train_per_task=THINKER["train_per_task"],
-                                    val_per_task=24, samples_per_shard=200, voice="en"), progress=False)
-
-
-THINKER = dict(train_per_task=400, steps=250, lr="2e-3", micro_batch=32)
-SPEECH = dict(steps=150, lr="3e-3", micro_batch=32)
-
-
-@pytest.fixture(scope="module")
-def speaking_model(spoken_corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("speech-out")
-    thinker = train_stage(load_stage(ROOT / "stages/tiny/2_sft.yaml", [
-        f"data.manifest={spoken_corpus}", "init_from=null", f"steps={THINKER['steps']}",
-        f"optim.lr={THINKER['lr']}", f"batch.micro_batch={THINKER['micro_batch']}", f"data.datasets={MIX}"]),
-        root / "thinker", progress=False)
-    cfg = load_stage(ROOT / "stages/tiny/3_speech_out.yaml", [
-        f"data.manifest={spoken_corpus}", f"init_from={thinker}", f"steps={SPEECH['steps']}",
-        f"optim.lr={SPEECH['lr']}", f"batch.micro_batch={SPEECH['micro_batch']}", f"data.datasets={MIX}",
-        f"data.eval={spoken_corpus}", "data.eval_limit=0"])
-    return train_stage(cfg, root / "speech", progress=False)
-
 
 def test_held_out_questions_are_answered_with_the_right_spoken_words(speaking_model, spoken_corpus):
     results = evaluate_speech(speaking_model, spoken_corpus, datasets=list(TASKS.values()), progress=False)

@@ -8,7 +8,7 @@ import pytest
 from omni.config import ConfigError
 from omni.data.manifest import load_manifest
 from omni.presets import PRESETS, build_preset
-from omni.train.config import load_schedule, load_stage
+from omni.train.config import SpeechEvalStep, load_schedule, load_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE_FILES = sorted(p for p in (ROOT / "stages").rglob("*.yaml") if not p.name.startswith("schedule"))
@@ -28,6 +28,16 @@ def test_schedules_list_existing_stages_with_the_same_keys(size):
     first, *rest = [load_stage(f) for f in files]
     assert first.init_from is None and all(s.init_from == "previous" for s in rest)
     assert rest[-1].name == "stage2-sft"
+
+
+@pytest.mark.parametrize("size", ["tiny", "7b"])
+def test_speech_schedules_add_the_speech_out_stage(size):
+    sched, files = load_schedule(ROOT / "stages" / size / "schedule_speech.yaml")
+    assert [f.name for f in files] == [f.name for f in load_schedule(ROOT / "stages" / size / "schedule.yaml")[1]] \
+        + ["3_speech_out.yaml"]
+    steps = [s for s in sched.stages if isinstance(s, SpeechEvalStep)]
+    if size == "tiny":  # scored after speech_out (the 7B set's free-form replies have no candidate words)
+        assert sched.stages[-2:] == ["3_speech_out.yaml", steps[0]] and steps[0].min_spoken == 0.9
 
 
 def test_tiny_and_7b_stage_twins_train_the_same_parts():

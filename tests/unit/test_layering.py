@@ -24,7 +24,7 @@ LAYERS = [
     ("omni.curate",),
     ("omni.align",),
     ("omni.train",),
-    ("omni.inference", "omni.eval", "omni.speech_eval", "omni.plan"),
+    ("omni.inference", "omni.eval", "omni.speech_eval", "omni.speech_guard", "omni.schedule", "omni.plan"),
     ("omni.export", "omni.demo", "omni.integrations"),
     ("omni.cli",),
 ]
