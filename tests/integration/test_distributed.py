@@ -209,13 +209,13 @@ def test_resuming_with_another_engine_or_world_size_is_refused(tiny_corpus, tmp_
     from omni.train.trainer import train_stage
 
     args = [f"data.manifest={tiny_corpus}", "init_from=null", "steps=2", "checkpoint.interval=1",
-            "batch.micro_batch=2", "data.shuffle_buffer=20"]
+            "batch.micro_batch=2", "data.shuffle_buffer=20", "optim.lr=3e-4"]
     train_stage(load_stage(ROOT / "stages/tiny/2_sft.yaml", args), tmp_path, progress=False)
     (tmp_path / "final").rename(tmp_path / "done")
     with pytest.raises(ConfigError, match="engine ddp with 1 process.*this run is fsdp2 with 1"):
         train_stage(load_stage(ROOT / "stages/tiny/2_sft.yaml", [*args, "engine=fsdp2"]), tmp_path, progress=False)
     # another number of processes is fine for ddp (tests/integration/test_elastic_resume.py), another global batch is not
-    done = subprocess.run(_command(tmp_path, tiny_corpus, *args[2:], "steps=2", "optim.lr=3e-4", nproc=2), check=False,
+    done = subprocess.run(_command(tmp_path, tiny_corpus, *args[2:], nproc=2), check=False,
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert done.returncode != 0
     assert "(global batch (processes x batch.micro_batch x batch.grad_accum): 1 x 2 x 1 = 2 -> 2 x 2 x 1 = 4)" \

@@ -41,7 +41,7 @@ def _cfg(manifest, *extra):
     return load_stage(ROOT / "stages/tiny/2_sft.yaml",
                       [f"data.manifest={manifest}", "init_from=null", "data.datasets={}", "steps=10",
                        "batch.micro_batch=32", "data.shuffle_buffer=20", "log.interval=1", "data.max_bad_fraction=0.1",
-                       "checkpoint.interval=6", *extra])
+                       "checkpoint.interval=6", "optim.lr=3e-4", *extra])
 
 
 def test_resume_over_shards_with_read_errors_keeps_the_budget_and_the_metrics(tmp_path, tiny_corpus):
@@ -72,7 +72,8 @@ def test_a_changed_config_is_refused_on_resume_unless_asked(tmp_path, tiny_corpu
     done = subprocess.run([sys.executable, "-m", "omni.cli", "-q", "train", str(ROOT / "stages/tiny/2_sft.yaml"),
                            "--out", str(tmp_path / "run"), f"data.manifest={tiny_corpus}", "init_from=null", "steps=10",
                            "batch.micro_batch=32", "data.shuffle_buffer=20", "data.datasets={text_arith: 1.0}",
-                           "log.interval=1", "data.max_bad_fraction=0.1", "checkpoint.interval=6", "seed=1"],
+                           "log.interval=1", "data.max_bad_fraction=0.1", "checkpoint.interval=6", "optim.lr=3e-4",
+                           "seed=1"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "seed: 0 -> 1" in done.stderr and "Traceback" not in done.stderr
     # logging and checkpointing may change; with the flag, so may the rest, and it is logged
