@@ -147,7 +147,9 @@ def test_a_killed_two_process_run_resumes_step_for_step(tiny_corpus, tmp_path):
 
 
 # data.partition: shard — each rank and decode worker reads its own shards (docs/data.md)
-SHARD = ("batch.micro_batch=2", "steps=12", "checkpoint.interval=4", "checkpoint.keep=2", "data.partition=shard",
+# (20 steps: by the step-16 checkpoint each decode worker has handed over 16 items, so the checkpoint
+# holds every worker's pipeline state and the resume seeks; omni/data/sharded.py STATE_EVERY)
+SHARD = ("batch.micro_batch=2", "steps=20", "checkpoint.interval=8", "checkpoint.keep=2", "data.partition=shard",
          "data.workers=2")
 
 
@@ -155,10 +157,11 @@ def test_shard_partition_with_decode_workers_resumes_step_for_step(tiny_corpus, 
     """2 processes x 2 DataLoader decode workers, each reading its own resampled shards: a SIGKILLed
     run resumes every worker's stream where it stopped (loss curve and weights step for step)."""
     _train(tmp_path / "straight", tiny_corpus, *SHARD, nproc=2)
-    killed = _kill_and_resume(tiny_corpus, tmp_path, *SHARD, straight=tmp_path / "straight", kill_after=4)
-    state = torch.load(killed / "checkpoints/step-00000008/trainer_state.pt", weights_only=True)
+    killed = _kill_and_resume(tiny_corpus, tmp_path, *SHARD, straight=tmp_path / "straight", kill_after=16)
+    state = torch.load(killed / "checkpoints/step-00000016/trainer_state.pt", weights_only=True)
     assert [s["workers"] for s in state["samples"]] == [2, 2]  # per rank: per-worker positions
-    assert all(sum(s["consumed"]) >= 8 * 2 for s in state["samples"])
+    assert [s["consumed"] for s in state["samples"]] == [[16, 16], [16, 16]]
+    assert all(r is not None for s in state["samples"] for r in s["readers"])  # resumed by seeking, not replay
     losses = _losses(tmp_path / "straight")
     assert losses[-1] < losses[0]
 
