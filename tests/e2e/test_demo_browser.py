@@ -282,9 +282,8 @@ def speaking_server(speaking_tiny, tmp_path_factory):
         yield url, answer
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is missing (gradio encodes streamed audio with "
-                                                         "it); `make browser` installs it")
 def test_the_spoken_answer_streams_into_the_page_and_plays(speaking_server, tmp_path):
+    assert shutil.which("ffmpeg"), "ffmpeg is missing (gradio encodes streamed audio with it): run `make browser`"
     url, answer = speaking_server
     img, _ = image_and_tone(tmp_path)  # the picture the talker was fitted on (the same pixels)
     with sync_playwright() as p:
